@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine:
+#   make run    install (if needed) and run the whole pipeline with `dvc repro`
+#   make test   install (if needed) and run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+
+.PHONY: setup run test flow lock clean
+
+setup: $(STAMP)
+
+# The venv is (re)built from the lock whenever the lock or pyproject changes.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9
+	$(BIN)/uv pip sync --python $(PY) requirements.lock
+	$(BIN)/uv pip install --python $(PY) --no-deps -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/resnet-pipeline registry show $$($(PY) -c "import yaml; print(yaml.safe_load(open('params.yaml'))['register']['model_name'])")
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+
+flow: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) flows/pipeline.py
+
+# Re-resolve the lock from requirements.in (needs the package index; seconds with uv).
+lock:
+	$(BIN)/uv pip compile requirements.in -o requirements.lock --python-version 3.11
+
+clean:
+	rm -rf data artifacts registry .dvc-remote

@@ -1,0 +1,205 @@
+"""Typed configuration: `params.yaml` is read once, validated, and handed down as `Config`.
+
+Every error names the key (`train.lr`), the value received and what is allowed, and is raised
+before any stage starts work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("digits",)
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) holds a key or value the pipeline cannot use."""
+
+
+def _choice(*allowed: str) -> dict:
+    return {"choices": allowed}
+
+
+def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict:
+    return {"low": low, "high": high, "low_open": low_open}
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    seed: int = 42
+    data_dir: str = "data"
+    artifacts_dir: str = "artifacts"
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    dataset: str = field(default="digits", metadata=_choice(*DATASETS))
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train: float = field(default=0.8, metadata=_range(0.0, 1.0, low_open=True))
+    val: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    test: float = field(default=0.1, metadata=_range(0.0, 1.0, low_open=True))
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    records_per_shard: int = field(default=512, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    variant: str = field(default="cifar", metadata=_choice("cifar", "v1"))
+    depth: int = 20
+    image_size: int = field(default=32, metadata=_range(8, 1024))
+    epochs: int = field(default=30, metadata=_range(1))
+    global_batch_size: int = field(default=64, metadata=_range(1))
+    optimizer: str = field(default="sgd", metadata=_choice("sgd", "adam"))
+    lr: float = field(default=0.1, metadata=_range(0.0, low_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    weight_decay: float = field(default=1e-4, metadata=_range(0.0))
+    lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "constant"))
+    warmup_epochs: int = field(default=1, metadata=_range(0))
+    pad_crop: int = field(default=4, metadata=_range(0))
+    random_flip: bool = False
+    strategy: str = field(default="one_device", metadata=_choice("one_device", "mirrored"))
+    checkpoint_every_steps: int = field(default=100, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    top_k: int = field(default=3, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    registry: str = "registry"
+    model_name: str = "resnet-digits"
+
+
+@dataclass(frozen=True)
+class Config:
+    base: BaseConfig = BaseConfig()
+    download: DownloadConfig = DownloadConfig()
+    split: SplitConfig = SplitConfig()
+    shard: ShardConfig = ShardConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, received {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, received {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a number, received {value!r}")
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty string, received {value!r}")
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: received {value!r}; allowed: {', '.join(map(repr, meta['choices']))}")
+    if "low" in meta:
+        low, high = meta["low"], meta["high"]
+        too_low = low is not None and (value <= low if meta["low_open"] else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            lo = "" if low is None else (f"> {low}" if meta["low_open"] else f">= {low}")
+            hi = "" if high is None else f"<= {high}"
+            raise ConfigError(f"{key}: received {value!r}; allowed: {' and '.join(p for p in (lo, hi) if p)}")
+    return value
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, received {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key; allowed keys in {name}: {', '.join(fields)}")
+    return cls(**{k: _check_value(f"{name}.{k}", v, fields[k]) for k, v in raw.items()})
+
+
+def _check_cross_fields(cfg: Config) -> None:
+    from resnet_pipeline.models.resnet import allowed_depths  # the depth table lives with the model
+
+    s = cfg.split
+    total = s.train + s.val + s.test
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"split: train + val + test must sum to 1, received {s.train} + {s.val} + {s.test} = {total:g}")
+    t = cfg.train
+    depths = allowed_depths(t.variant)
+    if t.depth not in depths:
+        raise ConfigError(
+            f"train.depth: received {t.depth} for variant {t.variant!r}; allowed: {', '.join(map(str, depths))}"
+        )
+
+
+def from_dict(raw: Any, source: str = "params") -> Config:
+    """Validate a params mapping and return the typed config."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of stage groups, received {type(raw).__name__}")
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    classes = {name: type(getattr(Config(), name)) for name in sections}
+    unknown = sorted(set(raw) - set(classes))
+    if unknown:
+        raise ConfigError(f"{source}: unknown group {unknown[0]!r}; allowed groups: {', '.join(classes)}")
+    try:
+        cfg = Config(**{name: _build_section(name, classes[name], raw.get(name)) for name in classes})
+        _check_cross_fields(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Return a copy of a params mapping with dotted overrides (`{"train.epochs": 3}`) applied."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    for dotted, value in overrides.items():
+        group, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r}: expected GROUP.KEY, such as train.epochs")
+        out.setdefault(group, {})
+        if not isinstance(out[group], dict):
+            raise ConfigError(f"override {dotted!r}: {group} is not a group")
+        out[group][key] = value
+    return out
+
+
+def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read, override and validate a params file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return from_dict(raw, source=str(path))
