@@ -1,0 +1,147 @@
+"""End to end on the embedded digits: real `dvc repro`, a real Prefect flow run, a killed training run.
+
+These run the pipeline with 1-2 training epochs so that they stay fast; `make run` trains the
+default 30 epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore", "resnet_pipeline", "flows"]
+STAGES = ("download", "split", "shard", "train", "evaluate", "register")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _ran_stages(output: str) -> set[str]:
+    return {s for s in STAGES if f"Running stage '{s}'" in output}
+
+
+def _write_params(project: Path, **train) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(train)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory) -> Path:
+    """A git + DVC copy of the project with a 1-epoch params.yaml, reproduced once."""
+    project = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        src, dst = REPO / name, project / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    _write_params(project, epochs=1)
+    _run(["git", "init", "-q"], project)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], project)
+    proc = _run([str(BIN / "dvc"), "repro"], project, timeout=900)
+    assert _ran_stages(proc.stdout) == set(STAGES), proc.stdout
+    _run(["git", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], project)
+    return project
+
+
+def test_dvc_repro_writes_every_stage_and_registers_version_1(dvc_project: Path):
+    registered = json.loads((dvc_project / "artifacts/registered.json").read_text())
+    assert registered["version"] == 1
+    versions = dvc_project / "registry/models/resnet-digits/versions"
+    assert sorted(p.name for p in versions.iterdir()) == ["1"]
+    manifest = json.loads((versions / "1/manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.keras", "params.yaml", "labels.json", "metrics.json"}
+    metrics = json.loads((dvc_project / "artifacts/eval/metrics.json").read_text())
+    assert metrics["test"]["examples"] == json.loads((dvc_project / "data/shards/index.json").read_text())["splits"]["test"]["records"]
+
+
+def test_dvc_repro_again_runs_nothing_and_train_param_reruns_only_downstream(dvc_project: Path):
+    again = _run([str(BIN / "dvc"), "repro"], dvc_project)
+    assert _ran_stages(again.stdout) == set(), again.stdout
+    exp = _run([str(BIN / "dvc"), "exp", "run", "-S", "train.epochs=2"], dvc_project, timeout=900)
+    assert _ran_stages(exp.stdout) == {"train", "evaluate", "register"}, exp.stdout
+    versions = dvc_project / "registry/models/resnet-digits/versions"
+    assert sorted(p.name for p in versions.iterdir()) == ["1", "2"]
+    assert json.loads((dvc_project / "artifacts/model/train.json").read_text())["epochs"] == 2
+
+
+def test_prefect_flow_writes_the_same_manifest_and_shards_as_dvc(dvc_project: Path, tmp_path: Path):
+    root = tmp_path / "flow"
+    root.mkdir()
+    shutil.copy(dvc_project / "params.yaml", root / "params.yaml")
+    proc = _run([sys.executable, str(REPO / "flows/pipeline.py"), "--root", str(root)], REPO, timeout=900)
+    log = proc.stdout + proc.stderr
+    for stage in STAGES:
+        assert f"Task run '{stage}-" in log, log[-3000:]
+    assert "Flow run" in log and "Finished in state Completed()" in log
+    assert (root / "data/manifest.parquet").read_bytes() == (dvc_project / "data/manifest.parquet").read_bytes()
+    dvc_shards = sorted(p.name for p in (dvc_project / "data/shards").iterdir())
+    assert dvc_shards == sorted(p.name for p in (root / "data/shards").iterdir())
+    for name in dvc_shards:
+        assert (root / "data/shards" / name).read_bytes() == (dvc_project / "data/shards" / name).read_bytes(), name
+    assert json.loads((root / "artifacts/registered.json").read_text())["version"] == 1
+
+
+def _train_cmd(extra: list[str]) -> list[str]:
+    return [str(BIN / "resnet-pipeline"), "train", "--set", "train.epochs=3", "--set", "train.checkpoint_every_steps=4", *extra]
+
+
+def test_training_killed_midway_resumes_and_ends_with_the_same_steps(dvc_project: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copytree(dvc_project / "data/shards", work / "data/shards")
+    shutil.copy(dvc_project / "data/labels.json", work / "data/labels.json")
+    shutil.copy(dvc_project / "params.yaml", work / "params.yaml")
+
+    # Uninterrupted reference run, in its own artifacts folder.
+    _run(_train_cmd(["--set", "base.artifacts_dir=reference"]), work)
+    reference = json.loads((work / "reference/model/train.json").read_text())
+    assert reference["steps"] == 3 * reference["steps_per_epoch"]
+
+    proc = subprocess.Popen(_train_cmd([]), cwd=work, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt_root = work / "artifacts/checkpoints"
+    deadline = time.monotonic() + 300
+    target = random.randint(2, 5)  # kill after this many checkpoints exist: a random step, always midway
+    while time.monotonic() < deadline and proc.poll() is None:
+        saved = list(ckpt_root.glob("*/ckpt-*.index"))
+        if saved and max(int(p.name.split("-")[1].split(".")[0]) for p in saved) >= target * 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (work / "artifacts/model").exists()
+
+    resumed = _run(_train_cmd([]), work)
+    assert "resuming from" in resumed.stderr
+    summary = json.loads((work / "artifacts/model/train.json").read_text())
+    assert summary["steps"] == reference["steps"]
+    history = (work / "artifacts/model/history.csv").read_text().strip().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]
