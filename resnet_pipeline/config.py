@@ -109,6 +109,11 @@ def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, received {value!r}")
     elif kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, received {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{key}: expected a number, received {value!r}")
         value = float(value)
@@ -137,12 +142,15 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{name}.{unknown[0]}: unknown key; allowed keys in {name}: {', '.join(fields)}")
+        raise ConfigError(
+            f"{name}.{unknown[0]}: unknown key (received {unknown[0]}: {raw[unknown[0]]!r}); "
+            f"allowed keys in {name}: {', '.join(fields)}"
+        )
     return cls(**{k: _check_value(f"{name}.{k}", v, fields[k]) for k, v in raw.items()})
 
 
 def _check_cross_fields(cfg: Config) -> None:
-    from resnet_pipeline.models.resnet import allowed_depths  # the depth table lives with the model
+    from resnet_pipeline.models.resnet import allowed_depths, total_stride  # the depth table lives with the model
 
     s = cfg.split
     total = s.train + s.val + s.test
@@ -153,6 +161,11 @@ def _check_cross_fields(cfg: Config) -> None:
     if t.depth not in depths:
         raise ConfigError(
             f"train.depth: received {t.depth} for variant {t.variant!r}; allowed: {', '.join(map(str, depths))}"
+        )
+    stride = total_stride(t.variant, t.depth)
+    if t.image_size < stride:
+        raise ConfigError(
+            f"train.image_size: received {t.image_size}; ResNet-{t.depth} ({t.variant}) needs at least {stride}, its total stride"
         )
 
 

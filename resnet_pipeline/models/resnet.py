@@ -52,6 +52,12 @@ def allowed_depths(variant: str) -> tuple[int, ...]:
     return tuple(SPECS.get(variant, {}))
 
 
+def total_stride(variant: str, depth: int) -> int:
+    """How much the network downsamples: the smallest input side it can take."""
+    spec = SPECS[variant][depth]
+    return (4 if spec.stem == "imagenet" else 1) * 2 ** sum(s.stride == 2 for s in spec.stages)
+
+
 @keras.saving.register_keras_serializable(package="resnet_pipeline")
 class ZeroPadShortcut(layers.Layer):
     """Option A shortcut of the paper's CIFAR nets: subsample by `stride`, zero-pad the channels."""
@@ -132,28 +138,34 @@ def build_resnet(
     *,
     input_shape: tuple[int, int, int] = (32, 32, 3),
     num_classes: int = 10,
-    shortcut: str = "A",
+    shortcut: str | None = None,
     weight_decay: float = 0.0,
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
 ) -> keras.Model:
-    """Build ResNet-`depth` of `variant` ("cifar" or "v1") with a softmax-free logits head."""
+    """Build ResNet-`depth` of `variant` ("cifar" or "v1") with a softmax-free logits head.
+
+    `shortcut` where shapes change: "A" zero-pads an identity (the paper's CIFAR choice, the
+    default for "cifar"), "B" projects with a 1x1 convolution (the default for "v1").
+    """
     if variant not in SPECS:
         raise ValueError(f"variant: received {variant!r}; allowed: {', '.join(SPECS)}")
     if depth not in SPECS[variant]:
         raise ValueError(
             f"depth: received {depth} for variant {variant!r}; allowed: {', '.join(map(str, SPECS[variant]))}"
         )
+    if shortcut is None:
+        shortcut = "A" if variant == "cifar" else "B"
     if shortcut not in ("A", "B"):
         raise ValueError(f"shortcut: received {shortcut!r}; allowed: 'A' (zero-padded identity) or 'B' (projection)")
     if num_classes < 2:
         raise ValueError(f"num_classes: received {num_classes}; allowed: 2 or more")
     spec = SPECS[variant][depth]
-    total_stride = (4 if spec.stem == "imagenet" else 1) * 2 ** sum(s.stride == 2 for s in spec.stages)
-    if len(input_shape) != 3 or min(input_shape[:2]) < total_stride:
+    stride = total_stride(variant, depth)
+    if len(input_shape) != 3 or min(input_shape[:2]) < stride:
         raise ValueError(
             f"input_shape: received {tuple(input_shape)}; ResNet-{depth} ({variant}) needs (height, width, channels) "
-            f"with height and width of at least its total stride, {total_stride}"
+            f"with height and width of at least its total stride, {stride}"
         )
 
     ops = _Ops(weight_decay, bn_momentum, bn_epsilon)

@@ -1,0 +1,39 @@
+"""Shared fixtures: the repository root and the digits dataset taken through download -> split -> shard."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # before anything imports TensorFlow
+
+from pathlib import Path
+
+import pytest
+
+SEED = 42
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory):
+    """Paths of a data folder holding the embedded digits: raw PNGs, manifest, labels and shards.
+
+    Built once per session with the default configs and seed 42. Tests must not modify it; those
+    that alter data work on their own copy.
+    """
+    from resnet_pipeline.config import Config
+    from resnet_pipeline.data.download import download
+    from resnet_pipeline.data.shard import shard
+    from resnet_pipeline.data.split import split
+    from resnet_pipeline.paths import Paths
+
+    cfg = Config()
+    paths = Paths.from_config(cfg, root=tmp_path_factory.mktemp("digits"))
+    image_folder = download(cfg.download, paths.raw)
+    split(cfg.split, SEED, image_folder, paths.manifest, paths.labels)
+    shard(cfg.shard, paths.manifest, paths.raw, paths.shards)
+    return paths

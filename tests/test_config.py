@@ -1,0 +1,229 @@
+"""params.yaml -> Config: the repo's file loads, every bad key or value is refused with a message
+naming the key and the value received, and the CLI refuses bad params before any stage writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from resnet_pipeline import cli
+from resnet_pipeline.config import Config, ConfigError, TrainConfig, from_dict, load
+
+
+def _repo_params(repo_root: Path) -> dict:
+    return yaml.safe_load((repo_root / "params.yaml").read_text())
+
+
+def _write(tmp_path: Path, raw, name: str = "params.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _with(repo_root: Path, group: str, key: str, value) -> dict:
+    raw = _repo_params(repo_root)
+    raw.setdefault(group, {})[key] = value
+    return raw
+
+
+# --- the repository's params.yaml ------------------------------------------------------------
+
+
+def test_repo_params_load_into_typed_config(repo_root):
+    cfg = load(repo_root / "params.yaml")
+    assert isinstance(cfg, Config)
+    raw = _repo_params(repo_root)
+    as_dict = cfg.to_dict()
+    assert set(raw) == set(as_dict), "every group of params.yaml is a Config group"
+    for group, values in raw.items():
+        for key, value in values.items():
+            assert as_dict[group][key] == value, f"{group}.{key}"
+    assert isinstance(cfg.train, TrainConfig)
+    assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.epochs, int)
+
+
+def test_overrides_apply_and_are_validated(repo_root):
+    cfg = load(repo_root / "params.yaml", {"train.epochs": 3, "train.lr": 1})
+    assert cfg.train.epochs == 3
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    with pytest.raises(ConfigError, match=r"train\.epochs.*'three'"):
+        load(repo_root / "params.yaml", {"train.epochs": "three"})
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = Config()
+    assert load(_write(tmp_path, cfg.to_yaml())) == cfg
+
+
+# --- each error names the key and the value received ----------------------------------------
+
+BAD_VALUES = [
+    pytest.param("train", "epochs", "ten", ["train.epochs", "'ten'"], id="epochs-string"),
+    pytest.param("train", "random_flip", 1, ["train.random_flip", "1"], id="random_flip-int"),
+    pytest.param("train", "depth", 42, ["train.depth", "42"], id="depth-not-in-table"),
+    pytest.param("train", "lr", 0, ["train.lr", "0"], id="lr-zero"),
+    pytest.param("train", "lr", -1, ["train.lr", "-1"], id="lr-negative"),
+    pytest.param("train", "variant", "v3", ["train.variant", "'v3'"], id="variant"),
+    pytest.param("download", "dataset", "imagenet", ["download.dataset", "'imagenet'"], id="dataset"),
+    pytest.param("shard", "records_per_shard", 0, ["shard.records_per_shard", "0"], id="records_per_shard"),
+]
+
+
+@pytest.mark.parametrize("group, key, value, expected", BAD_VALUES)
+def test_bad_value_is_refused_naming_key_and_value(tmp_path, repo_root, group, key, value, expected):
+    path = _write(tmp_path, _with(repo_root, group, key, value))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    message = str(err.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_lr_message_shows_the_received_value_not_another(tmp_path, repo_root):
+    with pytest.raises(ConfigError) as err:
+        load(_write(tmp_path, _with(repo_root, "train", "lr", -1)))
+    assert "-1" in str(err.value)
+    assert "> 0" in str(err.value), "the message says what is allowed"
+
+
+def test_depth_error_lists_allowed_depths(tmp_path, repo_root):
+    with pytest.raises(ConfigError) as err:
+        load(_write(tmp_path, _with(repo_root, "train", "depth", 42)))
+    message = str(err.value)
+    assert "42" in message and "'cifar'" in message
+    for depth in ("20", "32", "44", "56", "110"):
+        assert depth in message
+
+
+def test_depth_is_checked_against_the_variant(tmp_path, repo_root):
+    raw = _with(repo_root, "train", "variant", "v1")
+    raw["train"]["depth"] = 20  # a CIFAR depth, not a v1 one
+    with pytest.raises(ConfigError, match=r"train\.depth.*20.*'v1'"):
+        load(_write(tmp_path, raw))
+    raw["train"]["depth"] = 50
+    assert load(_write(tmp_path, raw)).train.depth == 50
+
+
+def test_unknown_key_is_refused(tmp_path, repo_root):
+    with pytest.raises(ConfigError) as err:
+        load(_write(tmp_path, _with(repo_root, "train", "foo", 3)))
+    assert "train.foo" in str(err.value)
+    assert "epochs" in str(err.value), "the message lists the allowed keys"
+
+
+def test_unknown_group_is_refused(tmp_path, repo_root):
+    raw = _repo_params(repo_root)
+    raw["trian"] = {"epochs": 3}
+    with pytest.raises(ConfigError) as err:
+        load(_write(tmp_path, raw))
+    assert "trian" in str(err.value)
+
+
+@pytest.mark.parametrize("ratios", [(0.5, 0.1, 0.1), (0.8, 0.2, 0.1)], ids=["sum-0.7", "sum-1.1"])
+def test_split_ratios_must_sum_to_one(tmp_path, repo_root, ratios):
+    raw = _repo_params(repo_root)
+    raw["split"] = dict(zip(("train", "val", "test"), ratios))
+    with pytest.raises(ConfigError) as err:
+        load(_write(tmp_path, raw))
+    message = str(err.value)
+    assert "split" in message
+    for r in ratios:
+        assert str(r) in message
+    assert f"{sum(ratios):g}" in message
+
+
+def test_missing_params_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(path) in str(err.value)
+    assert "not found" in str(err.value)
+
+
+def test_invalid_yaml(tmp_path):
+    path = _write(tmp_path, "train:\n  epochs: [1, 2\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(path) in str(err.value)
+    assert "YAML" in str(err.value)
+
+
+def test_non_mapping_is_refused():
+    with pytest.raises(ConfigError, match="mapping"):
+        from_dict([1, 2, 3])
+    with pytest.raises(ConfigError, match=r"train.*mapping.*5"):
+        from_dict({"train": 5})
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# --- the CLI refuses before any stage runs ---------------------------------------------------
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_cli_train_with_bad_params_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, repo_root):
+    monkeypatch.chdir(tmp_path)
+    bad = _write(tmp_path, _with(repo_root, "train", "epochs", "ten"), "bad.yaml")
+    before = _tree(tmp_path)
+    assert cli.main(["train", "--params", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs" in err and "'ten'" in err
+    assert not (tmp_path / "artifacts").exists()
+    assert not (tmp_path / "data").exists()
+    assert _tree(tmp_path) == before
+
+
+def test_cli_set_override_is_validated(tmp_path, monkeypatch, capsys, repo_root):
+    monkeypatch.chdir(tmp_path)
+    good = _write(tmp_path, _repo_params(repo_root))
+    before = _tree(tmp_path)
+    assert cli.main(["train", "--params", str(good), "--set", "train.lr=0"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "received 0" in err
+    assert _tree(tmp_path) == before
+
+
+def test_cli_set_without_equals_is_refused(tmp_path, monkeypatch, capsys, repo_root):
+    monkeypatch.chdir(tmp_path)
+    good = _write(tmp_path, _repo_params(repo_root))
+    assert cli.main(["train", "--params", str(good), "--set", "train.lr"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_cli_missing_params_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["download", "--params", "missing.yaml"]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert _tree(tmp_path) == []
+
+
+def test_cli_set_with_malformed_yaml_value_exits_2(tmp_path, monkeypatch, capsys, repo_root):
+    monkeypatch.chdir(tmp_path)
+    good = _write(tmp_path, _repo_params(repo_root))
+    assert cli.main(["train", "--params", str(good), "--set", "train.variant=[v1"]) == 2
+    assert "train.variant=[v1" in capsys.readouterr().err
+
+
+def test_exponent_without_dot_is_a_number(tmp_path, repo_root):
+    # YAML 1.1 reads `1e-4` as a string; a float key takes it as the number it means.
+    cfg = load(_write(tmp_path, _with(repo_root, "train", "weight_decay", "1e-4")))
+    assert cfg.train.weight_decay == pytest.approx(1e-4)
+
+
+def test_image_size_below_the_total_stride_fails_before_training(tmp_path, repo_root):
+    raw = _repo_params(repo_root)
+    raw["train"].update(variant="v1", depth=18, image_size=16)
+    with pytest.raises(ConfigError, match=r"train\.image_size: received 16.*at least 32"):
+        load(_write(tmp_path, raw))
+
+
+def test_unknown_key_message_names_the_value(tmp_path, repo_root):
+    with pytest.raises(ConfigError, match=r"train\.foo.*3"):
+        load(_write(tmp_path, _with(repo_root, "train", "foo", 3)))
