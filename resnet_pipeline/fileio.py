@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +56,22 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise FileNotFoundError(f"{path}: {what} not found; run the stage that writes it first") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
+
+
+@contextmanager
+def staged_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty folder beside `dest`; when the block succeeds it replaces `dest` as a whole.
+
+    If the block fails, the staged folder is removed and `dest` is left as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

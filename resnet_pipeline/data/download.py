@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from resnet_pipeline.config import DownloadConfig
+from resnet_pipeline.fileio import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +55,8 @@ def download(cfg: DownloadConfig, raw_dir: str | Path) -> Path:
     if (dest / COMPLETE).exists():
         log.info("download: %s already complete at %s", cfg.dataset, dest)
         return dest
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=raw_dir, prefix=f".{cfg.dataset}."))
-    try:
+    with staged_dir(dest) as tmp:
         count = WRITERS[cfg.dataset](tmp)
         (tmp / COMPLETE).write_text(f"{count}\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("download: wrote %d images of %s to %s", count, cfg.dataset, dest)
     return dest

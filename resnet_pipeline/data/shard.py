@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import tensorflow as tf
@@ -19,7 +17,7 @@ from tqdm import tqdm
 
 from resnet_pipeline.config import ShardConfig
 from resnet_pipeline.data.split import read_manifest
-from resnet_pipeline.fileio import atomic_write_json, sha256_bytes, sha256_file
+from resnet_pipeline.fileio import atomic_write_json, sha256_bytes, sha256_file, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +56,28 @@ def shard(cfg: ShardConfig, manifest_path: str | Path, raw_dir: str | Path, out_
     """Write the shards of every split; return the index (also written to `out_dir/index.json`)."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     rows = [r for r in read_manifest(manifest_path).to_pylist() if r["status"] == "ok"]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     index: dict = {"splits": {}, "shards": []}
-    try:
-        with tqdm(total=len(rows), desc="shard", unit="img", disable=None) as bar:
-            for split in SPLITS:
-                records = sorted((r for r in rows if r["split"] == split), key=lambda r: (r["sha256"], r["path"]))
-                total = max(1, math.ceil(len(records) / cfg.records_per_shard))
-                index["splits"][split] = {"records": len(records), "shards": total}
-                for i in range(total):
-                    chunk = records[i * cfg.records_per_shard : (i + 1) * cfg.records_per_shard]
-                    name = shard_name(split, i, total)
-                    with tf.io.TFRecordWriter(str(tmp / name)) as writer:
-                        for row in chunk:
-                            data = (raw_dir / row["path"]).read_bytes()
-                            if sha256_bytes(data) != row["sha256"]:
-                                raise ValueError(
-                                    f"{raw_dir / row['path']}: content changed since the manifest was written "
-                                    f"(sha256 differs from the manifest's); rerun the split stage"
-                                )
-                            writer.write(make_example(data, row))
-                            bar.update()
-                    index["shards"].append(
-                        {"file": name, "split": split, "records": len(chunk), "sha256": sha256_file(tmp / name)}
-                    )
+    with staged_dir(out_dir) as tmp, tqdm(total=len(rows), desc="shard", unit="img", disable=None) as bar:
+        for split in SPLITS:
+            records = sorted((r for r in rows if r["split"] == split), key=lambda r: (r["sha256"], r["path"]))
+            total = max(1, math.ceil(len(records) / cfg.records_per_shard))
+            index["splits"][split] = {"records": len(records), "shards": total}
+            for i in range(total):
+                chunk = records[i * cfg.records_per_shard : (i + 1) * cfg.records_per_shard]
+                name = shard_name(split, i, total)
+                with tf.io.TFRecordWriter(str(tmp / name)) as writer:
+                    for row in chunk:
+                        data = (raw_dir / row["path"]).read_bytes()
+                        if sha256_bytes(data) != row["sha256"]:
+                            raise ValueError(
+                                f"{raw_dir / row['path']}: content changed since the manifest was written "
+                                f"(sha256 differs from the manifest's); rerun the split stage"
+                            )
+                        writer.write(make_example(data, row))
+                        bar.update()
+                index["shards"].append(
+                    {"file": name, "split": split, "records": len(chunk), "sha256": sha256_file(tmp / name)}
+                )
         atomic_write_json(tmp / INDEX, index)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("shard: %s", {s: v["records"] for s, v in index["splits"].items()})
     return index

@@ -20,8 +20,6 @@ import csv
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +30,7 @@ import tensorflow as tf
 from resnet_pipeline.config import Config, TrainConfig
 from resnet_pipeline.data.pipeline import make_dataset, shard_files
 from resnet_pipeline.data.shard import INDEX
-from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file
+from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
 from resnet_pipeline.models.resnet import build_resnet
 
 log = logging.getLogger(__name__)
@@ -208,9 +206,7 @@ def _interactive() -> bool:
 
 def _write_model_dir(model, full_config: Config, history, summary, classes, model_dir: Path) -> None:
     """model.keras, the resolved config, history.csv and train.json, swapped in as a whole."""
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
-    try:
+    with staged_dir(model_dir) as tmp:
         model.save(tmp / "model.keras")
         (tmp / "config.yaml").write_text(full_config.to_yaml())
         atomic_write_json(tmp / "labels.json", {"classes": classes})
@@ -220,9 +216,3 @@ def _write_model_dir(model, full_config: Config, history, summary, classes, mode
             writer.writeheader()
             for row in history:
                 writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        tmp.rename(model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
