@@ -55,7 +55,7 @@ class ShardConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    variant: str = field(default="cifar", metadata=_choice("cifar", "v1"))
+    variant: str = field(default="cifar", metadata=_choice("cifar", "v1", "v2"))
     depth: int = 20
     image_size: int = field(default=32, metadata=_range(8, 1024))
     epochs: int = field(default=30, metadata=_range(1))

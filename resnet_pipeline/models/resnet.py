@@ -1,12 +1,27 @@
-"""ResNets of He et al. (2015) from one depth table.
+"""ResNets of He et al. from one depth table.
 
-`SPECS[variant][depth]` names the block and the number of blocks per stage; one loop builds every
-model. Layer names follow the paper's stages (`conv2_block1_1_conv`, ...), as keras.applications
-does, so a summary reads against Table 1 of the paper.
+`SPECS[variant][depth]` names the block, the blocks per stage and whether the block is
+pre-activated; one loop builds every model:
+
+- "cifar": the CIFAR-10 nets of the 2015 paper (3x3 stem, 16/32/64 filters, depth 6n+2).
+- "v1": the ImageNet nets of the 2015 paper (Table 1). By default the stride of a bottleneck sits
+  on its 3x3 convolution ("v1.5", as torchvision); `stride_in_1x1=True` puts it on the first 1x1
+  as the paper's Caffe models and keras.applications.ResNet50/101/152 do.
+- "v2": the pre-activation nets of "Identity Mappings in Deep Residual Networks" (2016): BN-ReLU
+  before each convolution, a final BN-ReLU (`post_bn`, `post_relu`) before pooling.
+  `v2_stride_last=True` is the layout of keras.applications.ResNet50V2/101V2/152V2.
+
+Layer names follow keras.applications (`conv1_conv`, `pool1_pool`, `conv2_block1_1_conv`, `_bn`,
+`_relu`, `_add`, `_out`, `post_bn`), so a summary reads against Table 1 of the paper and weights
+copy over by name. A strided convolution wider than 1x1 is an explicit symmetric `ZeroPadding2D`
+(`<name>_pad`) and a "valid" convolution, as in keras.applications and torchvision: TensorFlow's
+"same" pads a strided convolution of an even-sized input on the bottom and right only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import NamedTuple
 
 import keras
@@ -23,10 +38,26 @@ class Spec(NamedTuple):
     block: str  # "basic" (two 3x3) or "bottleneck" (1x1, 3x3, 1x1 with 4x expansion)
     stages: tuple[Stage, ...]
     stem: str  # "cifar": 3x3/1 conv; "imagenet": 7x7/2 conv and 3x3/2 max-pool
+    preact: bool = False  # v2: BN-ReLU before each convolution instead of after
 
 
-def _imagenet(block: str, repeats: tuple[int, int, int, int]) -> Spec:
-    return Spec(block, tuple(Stage(f, n, s) for f, n, s in zip((64, 128, 256, 512), repeats, (1, 2, 2, 2))), "imagenet")
+BOTTLENECK_EXPANSION = 4
+
+# depth: (block, blocks per stage conv2..conv5) -- Table 1 of the 2015 paper; 200 from the 2016 one.
+_IMAGENET = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+
+
+def _imagenet(depth: int, preact: bool) -> Spec:
+    block, repeats = _IMAGENET[depth]
+    stages = tuple(Stage(f, n, s) for f, n, s in zip((64, 128, 256, 512), repeats, (1, 2, 2, 2)))
+    return Spec(block, stages, "imagenet", preact)
 
 
 def _cifar(depth: int) -> Spec:
@@ -35,17 +66,12 @@ def _cifar(depth: int) -> Spec:
 
 
 SPECS: dict[str, dict[int, Spec]] = {
-    "v1": {
-        18: _imagenet("basic", (2, 2, 2, 2)),
-        34: _imagenet("basic", (3, 4, 6, 3)),
-        50: _imagenet("bottleneck", (3, 4, 6, 3)),
-        101: _imagenet("bottleneck", (3, 4, 23, 3)),
-        152: _imagenet("bottleneck", (3, 8, 36, 3)),
-    },
-    "cifar": {depth: _cifar(depth) for depth in (20, 32, 44, 56, 110)},
+    "cifar": {depth: _cifar(depth) for depth in (20, 32, 44, 56, 110, 1202)},
+    "v1": {depth: _imagenet(depth, preact=False) for depth in (18, 34, 50, 101, 152)},
+    "v2": {depth: _imagenet(depth, preact=True) for depth in (18, 34, 50, 101, 152, 200)},
 }
 
-BOTTLENECK_EXPANSION = 4
+POOLINGS = ("avg", "max", None)
 
 
 def allowed_depths(variant: str) -> tuple[int, ...]:
@@ -56,6 +82,19 @@ def total_stride(variant: str, depth: int) -> int:
     """How much the network downsamples: the smallest input side it can take."""
     spec = SPECS[variant][depth]
     return (4 if spec.stem == "imagenet" else 1) * 2 ** sum(s.stride == 2 for s in spec.stages)
+
+
+def block_strides(spec: Spec, stride_last: bool = False) -> list[list[int]]:
+    """The stride of every block, stage by stage.
+
+    A stage's stride sits on its first block; with `stride_last` (keras.applications ResNetV2) it
+    moves to the last block of the stage before, so conv2..conv4 end with a stride-2 block and
+    conv5 has none. The total stride is the same.
+    """
+    if not stride_last:
+        return [[stage.stride] + [1] * (stage.blocks - 1) for stage in spec.stages]
+    moved = [stage.stride for stage in spec.stages[1:]] + [1]
+    return [[1] * (stage.blocks - 1) + [stride] for stage, stride in zip(spec.stages, moved)]
 
 
 @keras.saving.register_keras_serializable(package="resnet_pipeline")
@@ -81,104 +120,221 @@ class ZeroPadShortcut(layers.Layer):
         return {**super().get_config(), "filters": self.filters, "stride": self.stride}
 
 
-class _Ops:
-    """Conv and BN factories sharing the regularizer and BN settings of one model."""
+class _Builder:
+    """Layer factories and the stem, block and head of one model, sharing its settings."""
 
-    def __init__(self, weight_decay: float, bn_momentum: float, bn_epsilon: float):
+    def __init__(self, spec: Spec, *, shortcut: str, stride_in_1x1: bool, zero_init_residual: bool,
+                 bias_before_bn: bool, bias_elsewhere: bool, weight_decay: float, bn_momentum: float,
+                 bn_epsilon: float):
+        self.spec, self.shortcut = spec, shortcut
+        self.stride_in_1x1, self.zero_init_residual = stride_in_1x1, zero_init_residual
+        self.bias_before_bn, self.bias_elsewhere = bias_before_bn, bias_elsewhere
         self.reg = keras.regularizers.L2(weight_decay) if weight_decay > 0 else None
         self.bn_momentum, self.bn_epsilon = bn_momentum, bn_epsilon
 
-    def conv(self, x, filters: int, kernel: int, stride: int, name: str):
+    # --- layers -----------------------------------------------------------------------------
+
+    def conv(self, x, filters: int, kernel: int, stride: int, name: str, before_bn: bool = True):
+        padding = "same"  # symmetric for odd kernels at stride 1
+        if kernel > 1 and stride > 1:
+            x, padding = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x), "valid"
         return layers.Conv2D(
-            filters, kernel, strides=stride, padding="same", use_bias=False,
-            kernel_initializer="he_normal", kernel_regularizer=self.reg, name=name,
+            filters, kernel, strides=stride, padding=padding,
+            use_bias=self.bias_before_bn if before_bn else self.bias_elsewhere,
+            kernel_initializer="he_normal", kernel_regularizer=self.reg, name=f"{name}_conv",
         )(x)
 
-    def bn(self, x, name: str):
-        return layers.BatchNormalization(momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name)(x)
+    def bn(self, x, name: str, zero_gamma: bool = False):
+        return layers.BatchNormalization(
+            momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+            gamma_initializer="zeros" if zero_gamma else "ones", name=f"{name}_bn",
+        )(x)
 
-    def conv_bn(self, x, filters, kernel, stride, name, relu=True):
-        x = self.bn(self.conv(x, filters, kernel, stride, f"{name}_conv"), f"{name}_bn")
-        return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
+    @staticmethod
+    def relu(x, name: str):
+        return layers.Activation("relu", name=name)(x)
 
+    # --- network parts ----------------------------------------------------------------------
 
-def _basic_block(ops: _Ops, x, filters: int, stride: int, shortcut: str, name: str):
-    if stride != 1 or x.shape[-1] != filters:
-        if shortcut == "A":
-            short = ZeroPadShortcut(filters, stride, name=f"{name}_0_pad")(x)
+    def stem(self, x):
+        """conv1 (3x3/1 for CIFAR, 7x7/2 and a 3x3/2 max-pool for ImageNet); v2 leaves the BN-ReLU
+        to the first block's pre-activation."""
+        preact, imagenet = self.spec.preact, self.spec.stem == "imagenet"
+        kernel, stride = (7, 2) if imagenet else (3, 1)
+        x = self.conv(x, self.spec.stages[0].filters, kernel, stride, "conv1", before_bn=not preact)
+        if not preact:
+            x = self.relu(self.bn(x, "conv1"), "conv1_relu")
+        if imagenet:
+            # zeros pad as -inf would after a ReLU; v2 pads with zeros too, as keras.applications
+            x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+            x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+        return x
+
+    def block(self, x, filters: int, stride: int, name: str):
+        """One residual block: shortcut + convolutions, v1 (conv-BN-ReLU) or v2 (BN-ReLU-conv)."""
+        preact = self.spec.preact
+        bottleneck = self.spec.block == "bottleneck"
+        out_filters = filters * BOTTLENECK_EXPANSION if bottleneck else filters
+        branch = self.relu(self.bn(x, f"{name}_preact"), f"{name}_preact_relu") if preact else x
+
+        if x.shape[-1] != out_filters and self.shortcut == "A":
+            short = ZeroPadShortcut(out_filters, stride, name=f"{name}_0_pad")(x)
+        elif x.shape[-1] != out_filters:  # option B: 1x1 projection (v2: of the pre-activation)
+            short = self.conv(branch, out_filters, 1, stride, f"{name}_0", before_bn=not preact)
+            short = short if preact else self.bn(short, f"{name}_0")
+        elif stride > 1:  # same channels, smaller map: subsample (v2 with the stride last)
+            short = layers.MaxPooling2D(1, strides=stride, name=f"{name}_0_pool")(x)
         else:
-            short = ops.conv_bn(x, filters, 1, stride, f"{name}_0", relu=False)
-    else:
-        short = x
-    y = ops.conv_bn(x, filters, 3, stride, f"{name}_1")
-    y = ops.conv_bn(y, filters, 3, 1, f"{name}_2", relu=False)
-    y = layers.Add(name=f"{name}_add")([short, y])
-    return layers.Activation("relu", name=f"{name}_out")(y)
+            short = x
+
+        if bottleneck:
+            first, middle = (stride, 1) if self.stride_in_1x1 else (1, stride)
+            convs = [(filters, 1, first), (filters, 3, middle), (out_filters, 1, 1)]
+        else:
+            convs = [(filters, 3, stride), (filters, 3, 1)]
+        y = branch
+        for i, (f, kernel, s) in enumerate(convs, start=1):
+            last = i == len(convs)
+            y = self.conv(y, f, kernel, s, f"{name}_{i}", before_bn=not (preact and last))
+            if preact and last:
+                break
+            # zero_init_residual: the block's last BN (v2: the one before its last conv) starts at 0
+            zero = self.zero_init_residual and i == len(convs) - (1 if preact else 0)
+            y = self.bn(y, f"{name}_{i}", zero_gamma=zero)
+            if not last:
+                y = self.relu(y, f"{name}_{i}_relu")
+        if preact:  # keras.applications ResNetV2 names the sum `_out`
+            return layers.Add(name=f"{name}_out")([short, y])
+        y = layers.Add(name=f"{name}_add")([short, y])
+        return self.relu(y, f"{name}_out")
 
 
-def _bottleneck_block(ops: _Ops, x, filters: int, stride: int, shortcut: str, name: str):
-    out_filters = filters * BOTTLENECK_EXPANSION
-    if stride != 1 or x.shape[-1] != out_filters:
-        short = ops.conv_bn(x, out_filters, 1, stride, f"{name}_0", relu=False)
-    else:
-        short = x
-    y = ops.conv_bn(x, filters, 1, 1, f"{name}_1")
-    y = ops.conv_bn(y, filters, 3, stride, f"{name}_2")  # v1.5: the stride sits on the 3x3
-    y = ops.conv_bn(y, out_filters, 1, 1, f"{name}_3", relu=False)
-    y = layers.Add(name=f"{name}_add")([short, y])
-    return layers.Activation("relu", name=f"{name}_out")(y)
-
-
-BLOCKS = {"basic": _basic_block, "bottleneck": _bottleneck_block}
+def _check_arguments(depth, variant, input_shape, num_classes, shortcut, pooling, include_top,
+                     stride_in_1x1, v2_stride_last, use_bias, weight_decay, bn_momentum, bn_epsilon) -> Spec:
+    """Raise ValueError naming the argument, the value received and what is allowed; return the spec."""
+    if variant not in SPECS:
+        raise ValueError(f"variant: received {variant!r}; allowed: {', '.join(map(repr, SPECS))}")
+    if depth not in SPECS[variant]:
+        raise ValueError(
+            f"depth: received {depth!r} for variant {variant!r}; allowed: {', '.join(map(str, SPECS[variant]))}"
+        )
+    spec = SPECS[variant][depth]
+    if shortcut not in ("A", "B"):
+        raise ValueError(f"shortcut: received {shortcut!r}; allowed: 'A' (zero-padded identity) or 'B' (projection)")
+    if shortcut == "A" and spec.block == "bottleneck":
+        raise ValueError(
+            f"shortcut: received 'A' for ResNet-{depth} ({variant}), whose bottleneck blocks change the width "
+            "within a stage; allowed: 'B' (projection), or 'A' with depths of basic blocks"
+        )
+    if stride_in_1x1 and spec.block != "bottleneck":
+        raise ValueError(
+            f"stride_in_1x1: received True for ResNet-{depth} ({variant}), whose basic blocks have no 1x1 "
+            "convolution; allowed: False, or True with bottleneck depths"
+        )
+    if v2_stride_last and variant != "v2":
+        raise ValueError(f"v2_stride_last: received True for variant {variant!r}; allowed: True only for 'v2'")
+    for name, value in (("stride_in_1x1", stride_in_1x1), ("v2_stride_last", v2_stride_last),
+                        ("include_top", include_top)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: received {value!r}; allowed: True or False")
+    if use_bias is not None and not isinstance(use_bias, bool):
+        raise ValueError(f"use_bias: received {use_bias!r}; allowed: True, False or None (the layout's own)")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: received {pooling!r}; allowed: 'avg', 'max' or None")
+    if include_top and pooling is None:
+        raise ValueError("pooling: received None with include_top=True; allowed: 'avg' or 'max' before the logits")
+    if include_top and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+        raise ValueError(f"num_classes: received {num_classes!r}; allowed: an integer of 2 or more")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f"weight_decay: received {weight_decay!r}; allowed: a number >= 0")
+    if not (isinstance(bn_momentum, (int, float)) and 0 <= bn_momentum < 1):
+        raise ValueError(f"bn_momentum: received {bn_momentum!r}; allowed: 0 <= bn_momentum < 1")
+    if not (isinstance(bn_epsilon, (int, float)) and bn_epsilon > 0):
+        raise ValueError(f"bn_epsilon: received {bn_epsilon!r}; allowed: a number > 0")
+    stride = total_stride(variant, depth)
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else input_shape
+    sides_ok = isinstance(shape, tuple) and len(shape) == 3 and all(
+        d is None or (isinstance(d, int) and d >= stride) for d in shape[:2]
+    )
+    if not sides_ok or not (isinstance(shape[2], int) and shape[2] >= 1):
+        raise ValueError(
+            f"input_shape: received {shape}; ResNet-{depth} ({variant}) needs (height, width, channels) "
+            f"with height and width of at least its total stride, {stride} (or None), and 1 or more channels"
+        )
+    return spec
 
 
 def build_resnet(
     depth: int,
     variant: str = "cifar",
     *,
-    input_shape: tuple[int, int, int] = (32, 32, 3),
+    input_shape: tuple[int | None, int | None, int] = (32, 32, 3),
     num_classes: int = 10,
     shortcut: str | None = None,
     weight_decay: float = 0.0,
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
+    stride_in_1x1: bool = False,
+    v2_stride_last: bool = False,
+    use_bias: bool | None = None,
+    zero_init_residual: bool = False,
+    include_top: bool = True,
+    pooling: str | None = "avg",
 ) -> keras.Model:
-    """Build ResNet-`depth` of `variant` ("cifar" or "v1") with a softmax-free logits head.
+    """Build ResNet-`depth` of `variant` ("cifar", "v1" or "v2"); the head returns logits (no softmax).
 
-    `shortcut` where shapes change: "A" zero-pads an identity (the paper's CIFAR choice, the
-    default for "cifar"), "B" projects with a 1x1 convolution (the default for "v1").
+    shortcut: where the width changes, "A" zero-pads a subsampled identity (the paper's CIFAR
+        choice, the default for "cifar"; basic blocks only), "B" projects with a 1x1 convolution
+        (the default for "v1" and "v2").
+    stride_in_1x1: bottlenecks only; False strides the 3x3 (torchvision, "v1.5"), True the first
+        1x1 (the paper's Caffe models, keras.applications).
+    v2_stride_last: "v2" only; the stride on the last block of the stage before (keras.applications).
+    use_bias: True puts a bias in every convolution (keras.applications ResNet), False in none.
+        None (default) takes the layout's own: none, except with `v2_stride_last`, where as in
+        keras.applications ResNetV2 the convolutions not followed by their own BN (stem,
+        projection, each block's last) have one.
+    bn_momentum, bn_epsilon: of every BN (keras.applications uses epsilon 1.001e-5).
+    zero_init_residual: the gamma of each block's last BN starts at zero, so blocks start as identities.
+    include_top: end with a Dense of `num_classes` logits after `pooling` ("avg" or "max"); without
+        it the model ends with `pooling` ("avg", "max" or None for the last feature map).
+    weight_decay: L2 on the kernels of the convolutions and the Dense.
+
+    ResNet-1202 is deeper than Python's default recursion limit lets Keras walk its graph: this
+    function raises the limit while it builds; to rebuild it from its config or load it from a
+    .keras file, raise it too (`sys.setrecursionlimit(13_000)`).
     """
-    if variant not in SPECS:
-        raise ValueError(f"variant: received {variant!r}; allowed: {', '.join(SPECS)}")
-    if depth not in SPECS[variant]:
-        raise ValueError(
-            f"depth: received {depth} for variant {variant!r}; allowed: {', '.join(map(str, SPECS[variant]))}"
-        )
     if shortcut is None:
         shortcut = "A" if variant == "cifar" else "B"
-    if shortcut not in ("A", "B"):
-        raise ValueError(f"shortcut: received {shortcut!r}; allowed: 'A' (zero-padded identity) or 'B' (projection)")
-    if num_classes < 2:
-        raise ValueError(f"num_classes: received {num_classes}; allowed: 2 or more")
-    spec = SPECS[variant][depth]
-    stride = total_stride(variant, depth)
-    if len(input_shape) != 3 or min(input_shape[:2]) < stride:
-        raise ValueError(
-            f"input_shape: received {tuple(input_shape)}; ResNet-{depth} ({variant}) needs (height, width, channels) "
-            f"with height and width of at least its total stride, {stride}"
-        )
+    spec = _check_arguments(depth, variant, input_shape, num_classes, shortcut, pooling, include_top,
+                            stride_in_1x1, v2_stride_last, use_bias, weight_decay, bn_momentum, bn_epsilon)
+    b = _Builder(
+        spec, shortcut=shortcut, stride_in_1x1=stride_in_1x1, zero_init_residual=zero_init_residual,
+        bias_before_bn=bool(use_bias), bias_elsewhere=use_bias if use_bias is not None else v2_stride_last,
+        weight_decay=weight_decay, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+    )
 
-    ops = _Ops(weight_decay, bn_momentum, bn_epsilon)
-    inputs = keras.Input(shape=input_shape, name="image")
-    if spec.stem == "imagenet":
-        x = ops.conv_bn(inputs, 64, 7, 2, "conv1")
-        x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1_pool")(x)
-    else:
-        x = ops.conv_bn(inputs, spec.stages[0].filters, 3, 1, "conv1")
-    block = BLOCKS[spec.block]
-    for stage_index, stage in enumerate(spec.stages, start=2):
-        for b in range(stage.blocks):
-            x = block(ops, x, stage.filters, stage.stride if b == 0 else 1, shortcut, f"conv{stage_index}_block{b + 1}")
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    logits = layers.Dense(num_classes, kernel_regularizer=ops.reg, name="logits")(x)
-    return keras.Model(inputs, logits, name=f"resnet{depth}_{variant}")
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = b.stem(inputs)
+    for stage_index, (stage, strides) in enumerate(zip(spec.stages, block_strides(spec, v2_stride_last)), start=2):
+        for block_index, stride in enumerate(strides, start=1):
+            x = b.block(x, stage.filters, stride, f"conv{stage_index}_block{block_index}")
+    if spec.preact:
+        x = b.relu(b.bn(x, "post"), "post_relu")
+    if pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+    if include_top:
+        x = layers.Dense(num_classes, kernel_regularizer=b.reg, name="logits")(x)
+    with _recursion_limit(10 * depth + 1000):  # Keras walks the graph recursively: ResNet-1202 needs it
+        return keras.Model(inputs, x, name=f"resnet{depth}_{variant}")
+
+
+@contextlib.contextmanager
+def _recursion_limit(limit: int):
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
