@@ -2,6 +2,8 @@
 
     resnet-pipeline download|split|shard|train|evaluate|register [--params params.yaml] [--set train.epochs=3]
     resnet-pipeline registry list|show|pull ...
+    resnet-pipeline model summary [--depth 50] [--variant v1|v1.5|v2|cifar] [--image-size 224]
+    resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
 
 Each stage subcommand reads params once, validates them, and calls the stage function with the
 typed config and the paths of design.md (relative to the current folder).
@@ -13,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -115,6 +118,82 @@ def run_registry(args) -> int:
     return 0
 
 
+# --variant of `model summary` and `benchmark model`: the table's variant and its bottleneck stride
+MODEL_VARIANTS = {"v1": ("v1", True), "v1.5": ("v1", False), "v2": ("v2", False), "cifar": ("cifar", False)}
+
+
+def _summary_config(args) -> tuple[Config, int]:
+    """The train config to summarize (params, then the flags) and the number of classes."""
+    from resnet_pipeline.models.resnet import SPECS
+
+    if args.params is None and not Path("params.yaml").exists():
+        cfg = Config()
+    else:
+        cfg = config_mod.load(args.params or "params.yaml", _parse_set(args.set))
+    train = cfg.train
+    depth = args.depth if args.depth is not None else train.depth
+    name = args.variant
+    if name is None and depth not in SPECS[train.variant]:
+        # a depth the configured variant lacks: the first named variant that has it (v1.5 for 50)
+        name = next((n for n in ("v1.5", "v2", "cifar") if depth in SPECS[MODEL_VARIANTS[n][0]]), None)
+    changes = {"depth": depth}
+    if name is not None:  # a variant named on the command line takes that variant's paper layout
+        variant, stride_in_1x1 = MODEL_VARIANTS[name]
+        spec = SPECS[variant].get(depth)
+        defaults = config_mod.TrainConfig()
+        changes.update(variant=variant, stride_in_1x1=stride_in_1x1 and spec is not None and spec.block == "bottleneck",
+                       shortcut=defaults.shortcut, v2_stride_last=defaults.v2_stride_last, use_bias=defaults.use_bias)
+    if args.image_size is not None:
+        changes["image_size"] = args.image_size
+    raw = cfg.to_dict()
+    raw["train"] = {**raw["train"], **changes}
+    cfg = config_mod.from_dict(raw, source="model summary")
+    labels = Paths.from_config(cfg).labels
+    if args.num_classes is not None:
+        classes = args.num_classes
+    elif labels.exists():
+        classes = len(json.loads(labels.read_text())["classes"])
+    else:
+        classes = 10 if cfg.train.variant == "cifar" else 1000
+    return cfg, classes
+
+
+def run_model(args) -> int:
+    from resnet_pipeline.models.resnet import build_resnet, model_arguments
+    from resnet_pipeline.models.summary import format_summary
+
+    cfg, classes = _summary_config(args)
+    t = cfg.train
+    if args.channels < 1:
+        raise ConfigError(f"--channels: received {args.channels}; allowed: 1 or more")
+    model = build_resnet(**model_arguments(t, num_classes=classes, channels=args.channels))
+    name = "cifar" if t.variant == "cifar" else "v2" if t.variant == "v2" else ("v1" if t.stride_in_1x1 else "v1.5")
+    options = {k: getattr(t, k) for k in ("shortcut", "stride_in_1x1", "v2_stride_last", "use_bias", "zero_init_residual")}
+    title = (f"ResNet-{t.depth} {name} at {t.image_size}x{t.image_size}x{args.channels}, {classes} classes  "
+             + "  ".join(f"{k}={v}" for k, v in options.items()))
+    print(format_summary(model, title))
+    return 0
+
+
+def run_benchmark(args) -> int:
+    from resnet_pipeline.benchmark.model import benchmark_models, format_rows
+
+    try:
+        depths = [int(d) for d in args.depths.split(",")]
+    except ValueError:
+        raise ConfigError(f"--depths: received {args.depths!r}; expected comma-separated depths such as 50,101") from None
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 2),
+                             ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1)):
+        if value < low:
+            raise ConfigError(f"{flag}: received {value}; allowed: {low} or more")
+    rows = benchmark_models(args.variant, depths, batch_size=args.batch_size, image_size=args.image_size,
+                            steps=args.steps, warmup=args.warmup, rounds=min(args.rounds, args.steps))
+    print(format_rows(rows))
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -137,6 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="the whole manifest as JSON")
         if action == "pull":
             p.add_argument("dest", help="destination folder (must not exist or be empty)")
+
+    model = sub.add_parser("model", help="describe a model of the table")
+    model_sub = model.add_subparsers(dest="action", required=True)
+    p = model_sub.add_parser("summary", help="layer table, parameters and multiply-adds")
+    p.add_argument("--params", default=None, help="params file (default: params.yaml if present, else the defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override a param")
+    p.add_argument("--depth", type=int, help="depth (default: train.depth)")
+    p.add_argument("--variant", choices=list(MODEL_VARIANTS),
+                   help="v1 (stride on the 1x1), v1.5 (on the 3x3), v2 (pre-activation) or cifar; "
+                        "default: train.variant, or the first that has --depth")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: train.image_size)")
+    p.add_argument("--channels", type=int, default=3, help="input channels (default: 3)")
+    p.add_argument("--num-classes", type=int, help="classes (default: labels.json, else 1000, or 10 for cifar)")
+
+    bench = sub.add_parser("benchmark", help="time our code against a reference in the same run")
+    bench_sub = bench.add_subparsers(dest="action", required=True)
+    p = bench_sub.add_parser("model", help="forward and training-step throughput vs keras.applications")
+    p.add_argument("--depths", default="50", help="comma-separated depths (default: 50)")
+    p.add_argument("--variant", choices=list(MODEL_VARIANTS), default="v1",
+                   help="v1 and v2 are built in keras.applications' layout (default: v1)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
+    p.add_argument("--image-size", type=int, default=224, help="input side (default: 224)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model and phase (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of the two models (default: 2)")
+    p.add_argument("--output", help="also write the figures as JSON to this file")
     return parser
 
 
@@ -147,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "registry":
             return run_registry(args)
+        if args.command == "model":
+            return run_model(args)
+        if args.command == "benchmark":
+            return run_benchmark(args)
         cfg = config_mod.load(args.params, _parse_set(args.set))
         result = STAGES[args.command](cfg, Paths.from_config(cfg))
         print(result if isinstance(result, str) else json.dumps(result))

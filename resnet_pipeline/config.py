@@ -25,8 +25,9 @@ def _choice(*allowed: str) -> dict:
     return {"choices": allowed}
 
 
-def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict:
-    return {"low": low, "high": high, "low_open": low_open}
+def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> dict:
+    return {"low": low, "high": high, "low_open": low_open, "high_open": high_open}
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,14 @@ class TrainConfig:
     variant: str = field(default="cifar", metadata=_choice("cifar", "v1", "v2"))
     depth: int = 20
     image_size: int = field(default=32, metadata=_range(8, 1024))
+    # the builder's options (resnet_pipeline.models.resnet.build_resnet)
+    shortcut: str = field(default="auto", metadata=_choice("auto", "A", "B"))
+    stride_in_1x1: bool = False
+    v2_stride_last: bool = False
+    use_bias: bool | None = None
+    zero_init_residual: bool = False
+    bn_momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, high_open=True))
+    bn_epsilon: float = field(default=1e-5, metadata=_range(0.0, low_open=True))
     epochs: int = field(default=30, metadata=_range(1))
     global_batch_size: int = field(default=64, metadata=_range(1))
     optimizer: str = field(default="sgd", metadata=_choice("sgd", "adam"))
@@ -100,11 +109,17 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": bool}
+
+
 def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
-    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    kind = f.type if isinstance(f.type, type) else _TYPES[f.type]
+    if value is None and f.type == "bool | None":
+        return None
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, received {value!r}")
+            allowed = "true, false or null" if f.type == "bool | None" else "true or false"
+            raise ConfigError(f"{key}: expected {allowed}, received {value!r}")
     elif kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, received {value!r}")
@@ -126,10 +141,10 @@ def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
     if "low" in meta:
         low, high = meta["low"], meta["high"]
         too_low = low is not None and (value <= low if meta["low_open"] else value < low)
-        too_high = high is not None and value > high
+        too_high = high is not None and (value >= high if meta["high_open"] else value > high)
         if too_low or too_high:
             lo = "" if low is None else (f"> {low}" if meta["low_open"] else f">= {low}")
-            hi = "" if high is None else f"<= {high}"
+            hi = "" if high is None else (f"< {high}" if meta["high_open"] else f"<= {high}")
             raise ConfigError(f"{key}: received {value!r}; allowed: {' and '.join(p for p in (lo, hi) if p)}")
     return value
 
@@ -150,7 +165,7 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
 
 
 def _check_cross_fields(cfg: Config) -> None:
-    from resnet_pipeline.models.resnet import allowed_depths, total_stride  # the depth table lives with the model
+    from resnet_pipeline.models.resnet import allowed_depths, model_arguments, total_stride  # the table lives with the model
 
     s = cfg.split
     total = s.train + s.val + s.test
@@ -167,6 +182,10 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(
             f"train.image_size: received {t.image_size}; ResNet-{t.depth} ({t.variant}) needs at least {stride}, its total stride"
         )
+    try:  # the builder's own checks of the option combinations, named by their params keys
+        model_arguments(t, num_classes=10)
+    except ValueError as err:
+        raise ConfigError(f"train.{err}") from None
 
 
 def from_dict(raw: Any, source: str = "params") -> Config:

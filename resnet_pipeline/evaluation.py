@@ -17,7 +17,7 @@ import tensorflow as tf
 from resnet_pipeline.config import EvaluateConfig
 from resnet_pipeline.data.pipeline import make_dataset, shard_files
 from resnet_pipeline.fileio import atomic_write_json, read_json
-from resnet_pipeline.models import resnet  # noqa: F401  registers the custom layers for loading
+from resnet_pipeline.models import resnet  # also registers the custom layers for loading
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ def load_model(model_dir: str | Path) -> keras.Model:
     path = Path(model_dir) / "model.keras"
     if not path.exists():
         raise FileNotFoundError(f"{path}: model not found; run the train stage first")
-    return keras.saving.load_model(path, safe_mode=True)
+    with resnet.recursion_limit():  # ResNet-1202's graph is deeper than Python's default limit
+        return keras.saving.load_model(path, safe_mode=True)
 
 
 def evaluate(cfg: EvaluateConfig, model_dir: str | Path, shards_dir: str | Path, out_dir: str | Path) -> dict:

@@ -84,6 +84,11 @@ def total_stride(variant: str, depth: int) -> int:
     return (4 if spec.stem == "imagenet" else 1) * 2 ** sum(s.stride == 2 for s in spec.stages)
 
 
+def default_shortcut(variant: str) -> str:
+    """The paper's shortcut: A (zero-padded identity) for the CIFAR nets, B (projection) otherwise."""
+    return "A" if variant == "cifar" else "B"
+
+
 def block_strides(spec: Spec, stride_last: bool = False) -> list[list[int]]:
     """The stride of every block, stage by stage.
 
@@ -209,8 +214,8 @@ class _Builder:
         return self.relu(y, f"{name}_out")
 
 
-def _check_arguments(depth, variant, input_shape, num_classes, shortcut, pooling, include_top,
-                     stride_in_1x1, v2_stride_last, use_bias, weight_decay, bn_momentum, bn_epsilon) -> Spec:
+def _check_arguments(depth, variant, *, input_shape, num_classes, shortcut, pooling, include_top, stride_in_1x1,
+                     v2_stride_last, use_bias, zero_init_residual, weight_decay, bn_momentum, bn_epsilon) -> Spec:
     """Raise ValueError naming the argument, the value received and what is allowed; return the spec."""
     if variant not in SPECS:
         raise ValueError(f"variant: received {variant!r}; allowed: {', '.join(map(repr, SPECS))}")
@@ -234,7 +239,7 @@ def _check_arguments(depth, variant, input_shape, num_classes, shortcut, pooling
     if v2_stride_last and variant != "v2":
         raise ValueError(f"v2_stride_last: received True for variant {variant!r}; allowed: True only for 'v2'")
     for name, value in (("stride_in_1x1", stride_in_1x1), ("v2_stride_last", v2_stride_last),
-                        ("include_top", include_top)):
+                        ("include_top", include_top), ("zero_init_residual", zero_init_residual)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}: received {value!r}; allowed: True or False")
     if use_bias is not None and not isinstance(use_bias, bool):
@@ -300,13 +305,16 @@ def build_resnet(
     weight_decay: L2 on the kernels of the convolutions and the Dense.
 
     ResNet-1202 is deeper than Python's default recursion limit lets Keras walk its graph: this
-    function raises the limit while it builds; to rebuild it from its config or load it from a
-    .keras file, raise it too (`sys.setrecursionlimit(13_000)`).
+    function raises the limit while it builds; to rebuild it from its config, save it or load it
+    from a .keras file, do so under `recursion_limit(DEEP_RECURSION_LIMIT)` too.
     """
-    if shortcut is None:
-        shortcut = "A" if variant == "cifar" else "B"
-    spec = _check_arguments(depth, variant, input_shape, num_classes, shortcut, pooling, include_top,
-                            stride_in_1x1, v2_stride_last, use_bias, weight_decay, bn_momentum, bn_epsilon)
+    shortcut = shortcut or default_shortcut(variant)
+    spec = _check_arguments(
+        depth, variant, input_shape=input_shape, num_classes=num_classes, shortcut=shortcut, pooling=pooling,
+        include_top=include_top, stride_in_1x1=stride_in_1x1, v2_stride_last=v2_stride_last, use_bias=use_bias,
+        zero_init_residual=zero_init_residual, weight_decay=weight_decay, bn_momentum=bn_momentum,
+        bn_epsilon=bn_epsilon,
+    )
     b = _Builder(
         spec, shortcut=shortcut, stride_in_1x1=stride_in_1x1, zero_init_residual=zero_init_residual,
         bias_before_bn=bool(use_bias), bias_elsewhere=use_bias if use_bias is not None else v2_stride_last,
@@ -326,12 +334,41 @@ def build_resnet(
         x = layers.GlobalMaxPooling2D(name="max_pool")(x)
     if include_top:
         x = layers.Dense(num_classes, kernel_regularizer=b.reg, name="logits")(x)
-    with _recursion_limit(10 * depth + 1000):  # Keras walks the graph recursively: ResNet-1202 needs it
+    with recursion_limit(10 * depth + 1000):  # Keras walks the graph recursively: ResNet-1202 needs it
         return keras.Model(inputs, x, name=f"resnet{depth}_{variant}")
 
 
+# The options that rebuild keras.applications' ResNet50/101/152 and ResNet50V2/101V2/152V2 layer for layer.
+KERAS_APPLICATIONS_LAYOUT = {
+    "v1": dict(stride_in_1x1=True, use_bias=True, bn_epsilon=1.001e-5, bn_momentum=0.99),
+    "v2": dict(v2_stride_last=True, bn_epsilon=1.001e-5, bn_momentum=0.99),
+}
+
+
+def model_arguments(train, num_classes: int, channels: int = 3) -> dict:
+    """`build_resnet` keyword arguments from params.yaml's `train:` group (a TrainConfig), checked.
+
+    Raises the builder's ValueError, which names the option, for a combination it cannot build.
+    """
+    kwargs = dict(
+        depth=train.depth, variant=train.variant, input_shape=(train.image_size, train.image_size, channels),
+        num_classes=num_classes, shortcut=None if train.shortcut == "auto" else train.shortcut,
+        weight_decay=train.weight_decay, bn_momentum=train.bn_momentum, bn_epsilon=train.bn_epsilon,
+        stride_in_1x1=train.stride_in_1x1, v2_stride_last=train.v2_stride_last, use_bias=train.use_bias,
+        zero_init_residual=train.zero_init_residual,
+    )
+    checked = dict(kwargs, shortcut=kwargs["shortcut"] or default_shortcut(train.variant))
+    _check_arguments(**checked, pooling="avg", include_top=True)
+    return kwargs
+
+
+# enough for Keras to walk, save and load every model of the table (ResNet-1202 has ~4,200 layers)
+DEEP_RECURSION_LIMIT = 20_000
+
+
 @contextlib.contextmanager
-def _recursion_limit(limit: int):
+def recursion_limit(limit: int = DEEP_RECURSION_LIMIT):
+    """Raise Python's recursion limit to at least `limit` inside the block."""
     old = sys.getrecursionlimit()
     sys.setrecursionlimit(max(old, limit))
     try:

@@ -31,7 +31,7 @@ from resnet_pipeline.config import Config, TrainConfig
 from resnet_pipeline.data.pipeline import make_dataset, shard_files
 from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
-from resnet_pipeline.models.resnet import build_resnet
+from resnet_pipeline.models.resnet import build_resnet, model_arguments, recursion_limit
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,7 @@ def train(
 
     keras.utils.set_random_seed(seed)
     with strategy.scope():
-        model = build_resnet(
-            cfg.depth, cfg.variant, input_shape=(cfg.image_size, cfg.image_size, 3),
-            num_classes=len(classes), weight_decay=cfg.weight_decay,
-        )
+        model = build_resnet(**model_arguments(cfg, num_classes=len(classes)))
         optimizer = make_optimizer(cfg, steps_per_epoch)
         optimizer.build(model.trainable_variables)
 
@@ -207,7 +204,8 @@ def _interactive() -> bool:
 def _write_model_dir(model, full_config: Config, history, summary, classes, model_dir: Path) -> None:
     """model.keras, the resolved config, history.csv and train.json, swapped in as a whole."""
     with staged_dir(model_dir) as tmp:
-        model.save(tmp / "model.keras")
+        with recursion_limit():  # ResNet-1202's graph is deeper than Python's default limit
+            model.save(tmp / "model.keras")
         (tmp / "config.yaml").write_text(full_config.to_yaml())
         atomic_write_json(tmp / "labels.json", {"classes": classes})
         atomic_write_json(tmp / "train.json", summary)

@@ -9,7 +9,10 @@ import tensorflow as tf
 
 from resnet_pipeline.config import ConfigError, from_dict
 from resnet_pipeline.models.flops import multiply_adds
-from resnet_pipeline.models.resnet import SPECS, ZeroPadShortcut, allowed_depths, block_strides, build_resnet
+from resnet_pipeline.models.resnet import (
+    KERAS_APPLICATIONS_LAYOUT, SPECS, ZeroPadShortcut, allowed_depths, block_strides, build_resnet, model_arguments,
+    recursion_limit,
+)
 
 
 def trainable_params(model: keras.Model) -> int:
@@ -175,8 +178,7 @@ def test_save_and_load_in_safe_mode_gives_identical_outputs(tmp_path):
 # The settings in which ours is keras.applications.ResNet50/101/152 (biases everywhere, stride on
 # the first 1x1) and ResNet50V2/101V2/152V2 (stride on the last block of a stage); the BN epsilon
 # only matters for the outputs.
-KERAS_SETTING = {"v1": dict(use_bias=True, stride_in_1x1=True), "v2": dict(v2_stride_last=True)}
-KERAS_EPSILON = 1.001e-5
+KERAS_SETTING = KERAS_APPLICATIONS_LAYOUT  # biases and the stride on the 1x1 (v1), the stride last (v2)
 
 # keras.applications.<model>(weights=None).count_params(), 1000 classes at 224x224x3
 KERAS_PARAMS = {
@@ -201,12 +203,6 @@ def test_multiply_adds_match_table_1_of_the_paper(depth):
     model = build_resnet(depth, "v1", input_shape=(224, 224, 3), num_classes=1000, stride_in_1x1=bottleneck)
     macs = multiply_adds(model)
     assert abs(macs - PAPER_MULTIPLY_ADDS[depth]) / PAPER_MULTIPLY_ADDS[depth] <= 0.05, macs
-
-
-def test_cifar_resnet_1202_size():
-    # Table 6 of the paper: 19.4M parameters (forward passes of this one are left to real runs)
-    count = trainable_params(build_resnet(1202, "cifar"))
-    assert abs(count - 19.4e6) / 19.4e6 <= 0.02, count
 
 
 def _randomize(model: keras.Model, seed: int) -> None:
@@ -238,8 +234,7 @@ def test_keras_applications_weights_give_the_same_outputs(application, variant):
     reference = getattr(keras.applications, application)(
         weights=None, input_shape=shape, classes=classes, classifier_activation=None
     )
-    ours = build_resnet(50, variant, input_shape=shape, num_classes=classes, bn_epsilon=KERAS_EPSILON,
-                        **KERAS_SETTING[variant])
+    ours = build_resnet(50, variant, input_shape=shape, num_classes=classes, **KERAS_SETTING[variant])
     assert ours.count_params() == reference.count_params()
     _randomize(reference, seed=3)
     _copy_weights_by_name(reference, ours, {"predictions": "logits"})
@@ -253,13 +248,8 @@ def test_keras_applications_weights_give_the_same_outputs(application, variant):
 EVERY_MODEL = [(variant, depth) for variant in ("cifar", "v1", "v2") for depth in SPECS[variant] if depth != 1202]
 
 
-@pytest.mark.parametrize("variant, depth", EVERY_MODEL, ids=[f"{v}-{d}" for v, d in EVERY_MODEL])
-def test_every_model_builds_runs_and_trains_a_step(variant, depth):
-    model = build_resnet(depth, variant, input_shape=(32, 32, 3), num_classes=10, weight_decay=1e-4)
-    rng = np.random.default_rng(depth)
-    x = rng.random((2, 32, 32, 3), dtype=np.float32)
-    labels = np.array([1, 7])
-    assert tuple(model(x, training=False).shape) == (2, 10)
+def _train_one_step(model: keras.Model, x: np.ndarray, labels: np.ndarray) -> None:
+    """One SGD step; every trainable variable must receive a gradient and move."""
     optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
     before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
     with tf.GradientTape() as tape:
@@ -272,6 +262,29 @@ def test_every_model_builds_runs_and_trains_a_step(variant, depth):
     assert np.isfinite(float(loss))
     after = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
     assert sum(not np.array_equal(a, b) for a, b in zip(before, after)) == len(before), "every variable moved"
+
+
+@pytest.mark.parametrize("variant, depth", EVERY_MODEL, ids=[f"{v}-{d}" for v, d in EVERY_MODEL])
+def test_every_model_builds_runs_and_trains_a_step(variant, depth):
+    model = build_resnet(depth, variant, input_shape=(32, 32, 3), num_classes=10, weight_decay=1e-4)
+    x = np.random.default_rng(depth).random((2, 32, 32, 3), dtype=np.float32)
+    assert tuple(model(x, training=False).shape) == (2, 10)
+    _train_one_step(model, x, np.array([1, 7]))
+
+
+def test_resnet_1202_trains_a_step_and_round_trips_under_the_raised_recursion_limit(tmp_path):
+    model = build_resnet(1202, "cifar", input_shape=(32, 32, 3), num_classes=10)
+    count = trainable_params(model)  # Table 6 of the paper: 19.4M parameters
+    assert abs(count - 19.4e6) / 19.4e6 <= 0.02, count
+    x = np.random.default_rng(1202).random((2, 32, 32, 3), dtype=np.float32)
+    _train_one_step(model, x, np.array([3, 4]))
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    assert np.all(np.isfinite(expected))
+    path = tmp_path / "model.keras"
+    with recursion_limit():
+        model.save(path)
+        loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x, training=False)), expected)
 
 
 SERIALIZED = [
@@ -402,3 +415,33 @@ def test_train_config_takes_the_v2_table():
     assert (cfg.train.variant, cfg.train.depth) == ("v2", 200)
     with pytest.raises(ConfigError, match=r"train\.depth: received 20 for variant 'v2'.*200"):
         from_dict({"train": {"variant": "v2", "depth": 20}})
+
+
+# --- params.yaml's model options reach the builder ------------------------------------------
+
+
+def test_train_params_choose_the_builder_options():
+    cfg = from_dict({"train": {"variant": "v1", "depth": 50, "image_size": 64, "stride_in_1x1": True,
+                               "use_bias": True, "zero_init_residual": True, "bn_momentum": 0.99,
+                               "bn_epsilon": 1.001e-5}})
+    model = build_resnet(**model_arguments(cfg.train, num_classes=7))
+    conv = model.get_layer("conv3_block1_1_conv")
+    assert conv.strides == (2, 2) and conv.use_bias
+    bn = model.get_layer("conv2_block1_3_bn")
+    assert (bn.momentum, bn.epsilon) == (0.99, 1.001e-5)
+    assert np.all(keras.ops.convert_to_numpy(bn.gamma) == 0)
+    assert model.output.shape[-1] == 7
+
+
+@pytest.mark.parametrize("train, fragment", [
+    ({"variant": "v1", "depth": 50, "shortcut": "A"}, r"train\.shortcut: received 'A' for ResNet-50"),
+    ({"variant": "cifar", "depth": 20, "stride_in_1x1": True}, r"train\.stride_in_1x1: received True"),
+    ({"variant": "v1", "depth": 18, "v2_stride_last": True}, r"train\.v2_stride_last: received True for variant 'v1'"),
+    ({"use_bias": "yes"}, r"train\.use_bias: expected true, false or null, received 'yes'"),
+    ({"bn_momentum": 1.0}, r"train\.bn_momentum: received 1\.0; allowed: >= 0\.0 and < 1\.0"),
+    ({"bn_epsilon": 0}, r"train\.bn_epsilon: received 0\.0; allowed: > 0\.0"),
+    ({"shortcut": "C"}, r"train\.shortcut: received 'C'; allowed: 'auto', 'A', 'B'"),
+])
+def test_impossible_model_options_in_params_are_refused(train, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        from_dict({"train": train})

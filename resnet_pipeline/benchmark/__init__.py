@@ -1,0 +1,1 @@
+"""Benchmarks that time our code against a reference in the same run."""
