@@ -41,7 +41,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def run_download(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.data.download import download
 
-    return str(download(cfg.download, paths.raw))
+    return str(download(cfg.download, paths.raw, paths.downloads))
 
 
 def run_split(cfg: Config, paths: Paths) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "cifar10", "voc2012", "imagefolder", "archive")
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,13 @@ class BaseConfig:
 @dataclass(frozen=True)
 class DownloadConfig:
     dataset: str = field(default="digits", metadata=_choice(*DATASETS))
+    url: str | None = None  # cifar10 / voc2012: the official URL when null; archive: required
+    sha256: str | None = None  # archive: required; cifar10 / voc2012: checked too when given
+    md5: str | None = None  # cifar10 / voc2012: the official md5 when null
+    path: str | None = None  # imagefolder: a local folder or s3://bucket/prefix
+    s3_endpoint_url: str | None = None  # imagefolder on an S3-compatible store (else AWS_ENDPOINT_URL)
+    voc_drop_multiclass: bool = False
+    retries: int = field(default=5, metadata=_range(0))
 
 
 @dataclass(frozen=True)
@@ -47,11 +54,15 @@ class SplitConfig:
     train: float = field(default=0.8, metadata=_range(0.0, 1.0, low_open=True))
     val: float = field(default=0.1, metadata=_range(0.0, 1.0))
     test: float = field(default=0.1, metadata=_range(0.0, 1.0, low_open=True))
+    min_side: int = field(default=8, metadata=_range(1))  # smaller images are excluded
 
 
 @dataclass(frozen=True)
 class ShardConfig:
-    records_per_shard: int = field(default=512, metadata=_range(1))
+    target_shard_mb: float = field(default=64.0, metadata=_range(0.0, low_open=True))
+    workers: int = field(default=0, metadata=_range(0))  # processes preparing records; 0: one per CPU
+    max_shorter_side: int = field(default=0, metadata=_range(0))  # shrink larger images at write time; 0: off
+    jpeg_quality: int = field(default=95, metadata=_range(1, 100))  # of re-encoded JPEGs
 
 
 @dataclass(frozen=True)
@@ -75,8 +86,12 @@ class TrainConfig:
     weight_decay: float = field(default=1e-4, metadata=_range(0.0))
     lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "constant"))
     warmup_epochs: int = field(default=1, metadata=_range(0))
+    augment: str = field(default="cifar", metadata=_choice("cifar", "imagenet", "seed", "none"))
     pad_crop: int = field(default=4, metadata=_range(0))
     random_flip: bool = False
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # per channel, of pixels scaled to [0, 1]
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    eval_crop: float = field(default=1.0, metadata=_range(0.0, 1.0, low_open=True))
     strategy: str = field(default="one_device", metadata=_choice("one_device", "mirrored"))
     checkpoint_every_steps: int = field(default=100, metadata=_range(1))
 
@@ -103,19 +118,28 @@ class Config:
     register: RegisterConfig = RegisterConfig()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Plain YAML-able values: tuples become lists."""
+        return {group: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+                for group, values in dataclasses.asdict(self).items()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": bool}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": bool, "str | None": str}
 
 
 def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
-    kind = f.type if isinstance(f.type, type) else _TYPES[f.type]
-    if value is None and f.type == "bool | None":
+    if value is None and f.type in ("bool | None", "str | None"):
         return None
+    if f.type == "tuple[float, ...]":
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+            raise ConfigError(f"{key}: expected a list of 3 numbers (one per RGB channel), received {value!r}")
+        if key.endswith(".std") and min(value) <= 0:
+            raise ConfigError(f"{key}: received {value!r}; allowed: numbers > 0")
+        return tuple(float(v) for v in value)
+    kind = f.type if isinstance(f.type, type) else _TYPES[f.type]
     if kind is bool:
         if not isinstance(value, bool):
             allowed = "true, false or null" if f.type == "bool | None" else "true or false"
@@ -171,6 +195,7 @@ def _check_cross_fields(cfg: Config) -> None:
     total = s.train + s.val + s.test
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"split: train + val + test must sum to 1, received {s.train} + {s.val} + {s.test} = {total:g}")
+    _check_download(cfg.download)
     t = cfg.train
     depths = allowed_depths(t.variant)
     if t.depth not in depths:
@@ -186,6 +211,21 @@ def _check_cross_fields(cfg: Config) -> None:
         model_arguments(t, num_classes=10)
     except ValueError as err:
         raise ConfigError(f"train.{err}") from None
+
+
+def _check_download(d: DownloadConfig) -> None:
+    needs = {"archive": ("url", "sha256"), "imagefolder": ("path",)}.get(d.dataset, ())
+    for key in needs:
+        if getattr(d, key) is None:
+            raise ConfigError(f"download.{key}: required for dataset {d.dataset!r}, received null")
+    for key, length in (("sha256", 64), ("md5", 32)):
+        value = getattr(d, key)
+        if value is not None and (len(value) != length or any(c not in "0123456789abcdefABCDEF" for c in value)):
+            raise ConfigError(f"download.{key}: received {value!r}; allowed: {length} hexadecimal digits")
+    if d.url is not None and d.dataset in ("digits", "imagefolder"):
+        raise ConfigError(f"download.url: received {d.url!r}; dataset {d.dataset!r} takes no url")
+    if d.path is not None and d.dataset != "imagefolder":
+        raise ConfigError(f"download.path: received {d.path!r}; only dataset 'imagefolder' takes a path")
 
 
 def from_dict(raw: Any, source: str = "params") -> Config:

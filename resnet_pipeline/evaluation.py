@@ -15,7 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from resnet_pipeline.config import EvaluateConfig
-from resnet_pipeline.data.pipeline import make_dataset, shard_files
+from resnet_pipeline import config as config_mod
+from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
 from resnet_pipeline.fileio import atomic_write_json, read_json
 from resnet_pipeline.models import resnet  # also registers the custom layers for loading
 
@@ -35,9 +36,10 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, shards_dir: str | Path,
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = load_model(model_dir)
     classes = read_json(model_dir / "labels.json", "labels")["classes"]
-    image_size = int(model.input_shape[1])
+    # the model's own preprocessing: the train params saved beside it
+    trained = config_mod.load(model_dir / "config.yaml").train
     files, n_test = shard_files(shards_dir, "test")
-    ds = make_dataset(files, 256, image_size=image_size, training=False)
+    ds = make_dataset(files, 256, Preprocess.from_train(trained, int(model.input_shape[1])), training=False)
 
     predict = tf.function(lambda x: model(x, training=False))
     logits, labels = [], []

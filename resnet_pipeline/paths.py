@@ -24,6 +24,11 @@ class Paths:
         return self.data / "raw"
 
     @property
+    def downloads(self) -> Path:
+        """Fetched archives (and partial ones, for resuming); not a DVC output."""
+        return self.data / "downloads"
+
+    @property
     def manifest(self) -> Path:
         return self.data / "manifest.parquet"
 

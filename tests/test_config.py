@@ -67,8 +67,27 @@ BAD_VALUES = [
     pytest.param("train", "lr", -1, ["train.lr", "-1"], id="lr-negative"),
     pytest.param("train", "variant", "v3", ["train.variant", "'v3'"], id="variant"),
     pytest.param("download", "dataset", "imagenet", ["download.dataset", "'imagenet'"], id="dataset"),
-    pytest.param("shard", "records_per_shard", 0, ["shard.records_per_shard", "0"], id="records_per_shard"),
+    pytest.param("shard", "target_shard_mb", 0, ["shard.target_shard_mb", "0"], id="target_shard_mb"),
+    pytest.param("shard", "jpeg_quality", 101, ["shard.jpeg_quality", "101", "<= 100"], id="jpeg_quality"),
+    pytest.param("split", "min_side", 0, ["split.min_side", "0"], id="min_side"),
+    pytest.param("download", "md5", "abc", ["download.md5", "'abc'", "32 hexadecimal"], id="md5"),
+    pytest.param("download", "path", "/data/pets", ["download.path", "'imagefolder'"], id="path-for-digits"),
+    pytest.param("train", "mean", [0.5, 0.5], ["train.mean", "[0.5, 0.5]", "3 numbers"], id="mean-two"),
+    pytest.param("train", "std", [1, 0, 1], ["train.std", "[1, 0, 1]", "> 0"], id="std-zero"),
+    pytest.param("train", "augment", "mixup", ["train.augment", "'mixup'"], id="augment"),
+    pytest.param("train", "eval_crop", 1.5, ["train.eval_crop", "1.5"], id="eval_crop"),
 ]
+
+
+@pytest.mark.parametrize("download, expected", [
+    ({"dataset": "archive", "url": "http://127.0.0.1/x.tar"}, "download.sha256: required for dataset 'archive'"),
+    ({"dataset": "archive", "sha256": "0" * 64}, "download.url: required for dataset 'archive'"),
+    ({"dataset": "imagefolder"}, "download.path: required for dataset 'imagefolder'"),
+])
+def test_sources_require_their_keys(download, expected):
+    with pytest.raises(ConfigError, match=expected):
+        from_dict({"download": download})
+    assert from_dict({"download": {"dataset": "imagefolder", "path": "s3://bucket/pets"}}).download.path
 
 
 @pytest.mark.parametrize("group, key, value, expected", BAD_VALUES)

@@ -1,7 +1,26 @@
-"""tf.data input pipeline over the shards: parse, then separate train and eval image functions."""
+"""tf.data input pipeline over the shards: parse, then separate train and eval image functions.
+
+Augmentations (`Preprocess.augment`):
+
+- `cifar`: pad by `pad_crop` pixels and crop back at random (He et al. 2015, CIFAR), optional flip.
+- `imagenet`: random-resized-crop (area 8-100%, aspect 3/4-4/3, the Inception/ResNet recipe); a
+  JPEG decodes only the crop (`decode_and_crop_jpeg`), optional flip.
+- `seed`: the seeds' `ImageDataGenerator` augmentation: shift 20%, shear 0.2 degrees, zoom 80-120%
+  per axis, nearest fill, optional flip.
+- `none`: the eval transform.
+
+Eval resizes the shorter side to `image_size / eval_crop` and takes the centre `image_size` square.
+Pixels are scaled to [0, 1], then normalised with the per-channel `mean` and `std`.
+
+Every random choice is a stateless op seeded by (seed, position of the record in the epoch), so
+an epoch's images are a function of the seed alone, whatever the parallelism, and a resumed run
+sees exactly the batches the interrupted one would have.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
@@ -13,6 +32,24 @@ FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "image/class/label": tf.io.FixedLenFeature([], tf.int64),
 }
+AUGMENTATIONS = ("cifar", "imagenet", "seed", "none")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    image_size: int
+    augment: str = "none"
+    pad_crop: int = 4
+    random_flip: bool = False
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    eval_crop: float = 1.0
+
+    @classmethod
+    def from_train(cls, cfg, image_size: int | None = None) -> "Preprocess":
+        """From a TrainConfig (params.yaml `train:`)."""
+        return cls(image_size or cfg.image_size, cfg.augment, cfg.pad_crop, cfg.random_flip,
+                   tuple(cfg.mean), tuple(cfg.std), cfg.eval_crop)
 
 
 def shard_files(shards_dir: str | Path, split: str) -> tuple[list[str], int]:
@@ -31,66 +68,140 @@ def parse_example(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return parsed["image/encoded"], tf.cast(parsed["image/class/label"], tf.int32)
 
 
-def _decode(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+def _decode(encoded: tf.Tensor) -> tf.Tensor:
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
-    return image / 255.0
-
-
-def eval_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode, resize to `image_size` and scale to [0, 1]."""
-    return _decode(encoded, image_size)
-
-
-def train_image(encoded: tf.Tensor, image_size: int, pad_crop: int, random_flip: bool) -> tf.Tensor:
-    """`eval_image` plus the CIFAR augmentation: pad-and-random-crop, optional horizontal flip."""
-    image = _decode(encoded, image_size)
-    if pad_crop > 0:
-        image = tf.image.pad_to_bounding_box(image, pad_crop, pad_crop, image_size + 2 * pad_crop, image_size + 2 * pad_crop)
-        image = tf.image.random_crop(image, [image_size, image_size, 3])
-    if random_flip:
-        image = tf.image.random_flip_left_right(image)
     return image
+
+
+def _normalize(image: tf.Tensor, prep: Preprocess) -> tf.Tensor:
+    image = tf.cast(image, tf.float32) / 255.0
+    if prep.mean != (0.0, 0.0, 0.0) or prep.std != (1.0, 1.0, 1.0):
+        image = (image - tf.constant(prep.mean, tf.float32)) / tf.constant(prep.std, tf.float32)
+    return image
+
+
+def _resize_and_centre_crop(image: tf.Tensor, size: int, crop: float) -> tf.Tensor:
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    shorter = tf.cast(tf.math.ceil(size / crop), tf.float32)
+    scale = shorter / tf.reduce_min(shape)
+    new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+    image = tf.image.resize(image, new, method="bilinear")
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return image[top : top + size, left : left + size, :]
+
+
+def eval_image(encoded: tf.Tensor, prep: Preprocess | int) -> tf.Tensor:
+    """Decode, resize the shorter side to image_size / eval_crop, centre-crop, normalise."""
+    prep = Preprocess(prep) if isinstance(prep, int) else prep
+    image = _resize_and_centre_crop(_decode(encoded), prep.image_size, prep.eval_crop)
+    image.set_shape([prep.image_size, prep.image_size, 3])
+    return _normalize(image, prep)
+
+
+def _seed(seed: tf.Tensor, k: int) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(seed, k)
+
+
+def _random_resized_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+    is_jpeg = tf.io.is_jpeg(encoded)
+    shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(encoded), lambda: tf.shape(_decode(encoded)))
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.1,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+    image = tf.cond(
+        is_jpeg,
+        lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
+        lambda: tf.image.crop_to_bounding_box(_decode(encoded), begin[0], begin[1], crop_size[0], crop_size[1]),
+    )
+    image.set_shape([None, None, 3])
+    return tf.image.resize(image, [size, size], method="bilinear")
+
+
+def _seed_affine(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """ImageDataGenerator(width/height_shift_range=0.2, shear_range=0.2, zoom_range=0.2), nearest fill."""
+    size = tf.cast(tf.shape(image)[0], tf.float32)
+    u = tf.random.stateless_uniform([5], seed, -1.0, 1.0)
+    tx, ty = u[0] * 0.2 * size, u[1] * 0.2 * size
+    shear = u[2] * 0.2 * math.pi / 180.0  # degrees, as ImageDataGenerator takes it
+    zx, zy = 1.0 + 0.2 * u[3], 1.0 + 0.2 * u[4]
+    c = size / 2.0
+    # output -> input map about the centre: x_in = A (x_out - c) + c + t
+    a0, a1 = zx, -tf.sin(shear) * zy
+    b0, b1 = 0.0 * zx, tf.cos(shear) * zy
+    transform = tf.stack([a0, a1, c - a0 * c - a1 * c + tx, b0, b1, c - b0 * c - b1 * c + ty, 0.0, 0.0])
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
+        interpolation="BILINEAR", fill_mode="NEAREST", fill_value=0.0,
+    )
+    return out[0]
+
+
+def train_image(encoded: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Tensor:
+    """One augmented training image; `seed` is a shape-[2] int tensor (stateless ops)."""
+    size = prep.image_size
+    if prep.augment == "imagenet":
+        image = _random_resized_crop(encoded, size, _seed(seed, 0))
+    else:
+        image = _resize_and_centre_crop(_decode(encoded), size, prep.eval_crop)
+        if prep.augment == "cifar" and prep.pad_crop > 0:
+            padded = size + 2 * prep.pad_crop
+            image = tf.image.pad_to_bounding_box(image, prep.pad_crop, prep.pad_crop, padded, padded)
+            image = tf.image.stateless_random_crop(image, [size, size, 3], _seed(seed, 1))
+        elif prep.augment == "seed":
+            image = _seed_affine(image, _seed(seed, 2))
+    if prep.random_flip and prep.augment != "none":
+        image = tf.image.stateless_random_flip_left_right(image, _seed(seed, 3))
+    image.set_shape([size, size, 3])
+    return _normalize(tf.clip_by_value(image, 0.0, 255.0), prep)
 
 
 def make_dataset(
     files: list[str],
     batch_size: int,
+    prep: Preprocess,
     *,
-    image_size: int,
     training: bool,
     seed: int = 0,
-    pad_crop: int = 0,
-    random_flip: bool = False,
     input_context: tf.distribute.InputContext | None = None,
     skip_batches: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (image, label) from TFRecord `files`.
 
     Training reads shuffled files interleaved, shuffles records, augments and drops the last partial
-    batch (BatchNormalization and replicas want equal batches). The order is a function of `seed`
-    alone, so a resumed run can `skip_batches` to where it stopped. With an `input_context`, each
-    input pipeline reads its own files (or its own records, when there are fewer files than pipelines).
+    batch (BatchNormalization and replicas want equal batches). The order and the augmentation are
+    functions of `seed` alone, so a resumed run can `skip_batches` to where it stopped. With an
+    `input_context`, each input pipeline reads its own files (or its own records, when there are
+    fewer files than pipelines).
     """
     ds = tf.data.Dataset.from_tensor_slices(files)
-    if input_context and input_context.num_input_pipelines > 1:
-        if len(files) >= input_context.num_input_pipelines:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    if pipelines > 1 and len(files) >= pipelines:
+        ds = ds.shard(pipelines, input_context.input_pipeline_id)
     if training:
         ds = ds.shuffle(len(files), seed=seed)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), deterministic=True,
                        num_parallel_calls=tf.data.AUTOTUNE)
-    if input_context and input_context.num_input_pipelines > len(files):
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if pipelines > len(files):
+        ds = ds.shard(pipelines, input_context.input_pipeline_id)
     if training:
         ds = ds.shuffle(4096, seed=seed + 1)
-    ds = ds.map(parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if training:
-        fn = lambda e, l: (train_image(e, image_size, pad_crop, random_flip), l)  # noqa: E731
+        base = tf.constant([seed, input_context.input_pipeline_id if input_context else 0], tf.int64)
+
+        def fn(i, record):
+            encoded, label = parse_example(record)
+            return train_image(encoded, prep, _seed(base, tf.cast(i, tf.int32))), label
+
+        ds = ds.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-        fn = lambda e, l: (eval_image(e, image_size), l)  # noqa: E731
-    ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        def fn(record):
+            encoded, label = parse_example(record)
+            return eval_image(encoded, prep), label
+
+        ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=training)
     if skip_batches:
         ds = ds.skip(skip_batches)

@@ -1,83 +1,109 @@
 """Shard stage: write each split of the manifest as TFRecord shards plus `shards/index.json`.
 
 Records are `tf.train.Example`s with the Model Garden keys of design.md; shards are named
-`SPLIT-NNNNN-of-MMMMM.tfrecord`. Records are ordered by content hash, so the same manifest gives
-byte-identical shards. The shards are written into a temporary folder that replaces the old one
-only when complete.
+`SPLIT-NNNNN-of-MMMMM.tfrecord`. A split gets as many shards as its bytes need at
+`target_shard_mb` each, and its records, ordered by content hash, are dealt out in equal runs, so
+the same manifest gives the same shards. Records are prepared (checked against the manifest's
+sha256, converted to RGB, optionally shrunk) by a pool of `workers` processes and written in order,
+so the shards are byte-identical whatever the number of workers. The shards are written into a
+temporary folder that replaces the old one only when complete.
+
+`plan_shards`, `write_shard` and `write_index` are the pieces; `shard` runs them in one process
+(and its pool), the Prefect flow maps `write_shard` over tasks.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
+import multiprocessing
+import os
+from functools import partial
 from pathlib import Path
 
 import tensorflow as tf
 from tqdm import tqdm
 
 from resnet_pipeline.config import ShardConfig
+from resnet_pipeline.data.records import make_record
 from resnet_pipeline.data.split import read_manifest
-from resnet_pipeline.fileio import atomic_write_json, sha256_bytes, sha256_file, staged_dir
+from resnet_pipeline.fileio import atomic_write_json, sha256_file, staged_dir
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 INDEX = "index.json"
-
-
-def _bytes(v: bytes) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-
-
-def _int(v: int) -> tf.train.Feature:
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
-
-
-def make_example(encoded: bytes, row: dict) -> bytes:
-    fmt = Path(row["path"]).suffix.lstrip(".").lower().replace("jpg", "jpeg")
-    features = {
-        "image/encoded": _bytes(encoded),
-        "image/format": _bytes(fmt.encode()),
-        "image/class/label": _int(row["label"]),
-        "image/class/text": _bytes(row["label_name"].encode()),
-        "image/height": _int(row["height"]),
-        "image/width": _int(row["width"]),
-        "image/filename": _bytes(row["path"].encode()),
-        "image/sha256": _bytes(row["sha256"].encode()),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+ROW_KEYS = ("path", "label", "label_name", "sha256")
 
 
 def shard_name(split: str, index: int, total: int) -> str:
     return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
 
 
+def plan_shards(cfg: ShardConfig, manifest_path: str | Path) -> list[dict]:
+    """The shards to write: `{"file", "split", "rows"}` each, rows in record order."""
+    rows = [r for r in read_manifest(manifest_path).to_pylist() if r["status"] == "ok"]
+    plans = []
+    for split in SPLITS:
+        records = sorted((r for r in rows if r["split"] == split), key=lambda r: (r["sha256"], r["path"]))
+        size_mb = sum(r["bytes"] for r in records) / 2**20
+        total = max(1, min(len(records), math.ceil(size_mb / cfg.target_shard_mb)))
+        for i in range(total):
+            chunk = records[len(records) * i // total : len(records) * (i + 1) // total]
+            plans.append({
+                "file": shard_name(split, i, total), "split": split,
+                "rows": [{k: r[k] for k in ROW_KEYS} for r in chunk],
+            })
+    return plans
+
+
+def resolve_workers(workers: int) -> int:
+    return workers if workers > 0 else (os.cpu_count() or 1)
+
+
+def write_shard(plan: dict, raw_dir: str | Path, out_dir: str | Path, cfg: ShardConfig,
+                pool: concurrent.futures.Executor | None = None, progress: tqdm | None = None) -> dict:
+    """Write one planned shard into `out_dir`; return its index entry (file, split, records, sha256)."""
+    prepare = partial(make_record, Path(raw_dir), max_shorter_side=cfg.max_shorter_side, jpeg_quality=cfg.jpeg_quality)
+    records = pool.map(prepare, plan["rows"], chunksize=8) if pool else map(prepare, plan["rows"])
+    path = Path(out_dir) / plan["file"]
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:  # in plan order, whatever the pool's scheduling
+            writer.write(record)
+            if progress is not None:
+                progress.update()
+    return {"file": plan["file"], "split": plan["split"], "records": len(plan["rows"]), "sha256": sha256_file(path)}
+
+
+def write_index(entries: list[dict], out_dir: str | Path) -> dict:
+    index = {
+        "splits": {
+            split: {"records": sum(e["records"] for e in entries if e["split"] == split),
+                    "shards": sum(e["split"] == split for e in entries)}
+            for split in SPLITS
+        },
+        "shards": entries,
+    }
+    atomic_write_json(Path(out_dir) / INDEX, index)
+    return index
+
+
 def shard(cfg: ShardConfig, manifest_path: str | Path, raw_dir: str | Path, out_dir: str | Path) -> dict:
     """Write the shards of every split; return the index (also written to `out_dir/index.json`)."""
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    rows = [r for r in read_manifest(manifest_path).to_pylist() if r["status"] == "ok"]
-    index: dict = {"splits": {}, "shards": []}
-    with staged_dir(out_dir) as tmp, tqdm(total=len(rows), desc="shard", unit="img", disable=None) as bar:
-        for split in SPLITS:
-            records = sorted((r for r in rows if r["split"] == split), key=lambda r: (r["sha256"], r["path"]))
-            total = max(1, math.ceil(len(records) / cfg.records_per_shard))
-            index["splits"][split] = {"records": len(records), "shards": total}
-            for i in range(total):
-                chunk = records[i * cfg.records_per_shard : (i + 1) * cfg.records_per_shard]
-                name = shard_name(split, i, total)
-                with tf.io.TFRecordWriter(str(tmp / name)) as writer:
-                    for row in chunk:
-                        data = (raw_dir / row["path"]).read_bytes()
-                        if sha256_bytes(data) != row["sha256"]:
-                            raise ValueError(
-                                f"{raw_dir / row['path']}: content changed since the manifest was written "
-                                f"(sha256 differs from the manifest's); rerun the split stage"
-                            )
-                        writer.write(make_example(data, row))
-                        bar.update()
-                index["shards"].append(
-                    {"file": name, "split": split, "records": len(chunk), "sha256": sha256_file(tmp / name)}
-                )
-        atomic_write_json(tmp / INDEX, index)
-    log.info("shard: %s", {s: v["records"] for s, v in index["splits"].items()})
+    plans = plan_shards(cfg, manifest_path)
+    workers = resolve_workers(cfg.workers)
+    total = sum(len(p["rows"]) for p in plans)
+    # spawn, not fork: the parent has TensorFlow's threads; the workers import Pillow only
+    pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            if workers > 1 else None)
+    try:
+        with staged_dir(out_dir) as tmp, tqdm(total=total, desc="shard", unit="img", disable=None) as bar:
+            entries = [write_shard(plan, raw_dir, tmp, cfg, pool, bar) for plan in plans]
+            index = write_index(entries, tmp)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    log.info("shard: %s in %d shards, %d worker(s)", {s: v["records"] for s, v in index["splits"].items()},
+             len(entries), workers)
     return index

@@ -9,15 +9,16 @@ on its own, so the ratios hold per class (stratified), up to the sampling noise 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from resnet_pipeline.config import SplitConfig
+from resnet_pipeline.data.images import inspect
 from resnet_pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ SCHEMA = pa.schema(
         ("status", pa.string()),
     ]
 )
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def assign_split(sha256: str, seed: int, cfg: SplitConfig) -> str:
@@ -47,20 +47,11 @@ def assign_split(sha256: str, seed: int, cfg: SplitConfig) -> str:
     return "val" if u < cfg.train + cfg.val else "test"
 
 
-def _inspect(data: bytes) -> tuple[int, int, str]:
-    """(width, height, status) of an encoded image; status is "ok" or why it is excluded."""
-    if not data:
-        return 0, 0, "empty file"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.width, img.height, "ok"
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        return 0, 0, f"undecodable: {err}"
-
-
 def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, str]]]:
-    """Class names (sorted) and (file, class name) pairs of a one-folder-per-class tree."""
+    """Class names (sorted) and (file, class name) pairs of a one-folder-per-class tree.
+
+    Every file that is not hidden is listed, whatever its name: the check of its content decides.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: image folder not found; run the download stage first")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -70,46 +61,74 @@ def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, str]]]:
         (f, c)
         for c in classes
         for f in sorted((folder / c).rglob("*"))
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)
     ]
     return classes, files
 
 
+def _conflicting_duplicates(rows: dict[str, list]) -> dict[str, set[str]]:
+    """sha256 -> class names, for identical images filed under several classes."""
+    labels: dict[str, set[str]] = defaultdict(set)
+    for digest, name, status in zip(rows["sha256"], rows["label_name"], rows["status"]):
+        if status == "ok":
+            labels[digest].add(name)
+    return {d: names for d, names in labels.items() if len(names) > 1}
+
+
 def split(cfg: SplitConfig, seed: int, image_folder: str | Path, manifest_path: str | Path, labels_path: str | Path) -> pa.Table:
-    """Build the manifest of `image_folder` and write it with labels.json; return the table."""
+    """Build the manifest of `image_folder` and write it with labels.json; return the table.
+
+    Every file is opened once (`images.inspect`); unusable ones stay in the manifest with the reason
+    in `status`, and a summary is logged. A class left without a usable image is an error.
+    """
     image_folder = Path(image_folder)
     classes, files = scan_image_folder(image_folder)
     rows = {name: [] for name in SCHEMA.names}
-    for file, class_name in files:
+    for file, class_name in tqdm(files, desc="split", unit="img", disable=None):
         data = file.read_bytes()
         digest = sha256_bytes(data)
-        width, height, status = _inspect(data)
+        found = inspect(data, cfg.min_side)
         values = {
             "path": file.relative_to(image_folder.parent).as_posix(),
             "label": classes.index(class_name),
             "label_name": class_name,
             "split": assign_split(digest, seed, cfg),
             "sha256": digest,
-            "width": width,
-            "height": height,
+            "width": found.width,
+            "height": found.height,
             "bytes": len(data),
-            "status": status,
+            "status": found.status,
         }
         for k, v in values.items():
             rows[k].append(v)
     table = pa.table(rows, schema=SCHEMA)
-    empty = [c for i, c in enumerate(classes) if not any(l == i and s == "ok" for l, s in zip(rows["label"], rows["status"]))]
+    ok_labels = {label for label, status in zip(rows["label"], rows["status"]) if status == "ok"}
+    empty = [c for i, c in enumerate(classes) if i not in ok_labels]
     if empty:
-        raise ValueError(f"{image_folder}: class folder(s) {empty} hold no usable image")
+        raise ValueError(f"{image_folder}: class folder(s) {empty} hold no usable image; "
+                         "every class needs at least one (see the reasons with -v)")
 
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     atomic_write_bytes(manifest_path, sink.getvalue().to_pybytes())
     atomic_write_json(labels_path, {"classes": classes})
-    counts = {s: rows["split"].count(s) for s in ("train", "val", "test")}
-    excluded = sum(s != "ok" for s in rows["status"])
-    log.info("split: %d images, %d classes, %s, %d excluded", len(files), len(classes), counts, excluded)
+    _log_summary(rows, classes)
     return table
+
+
+def _log_summary(rows: dict[str, list], classes: list[str]) -> None:
+    ok = [s == "ok" for s in rows["status"]]
+    counts = {s: sum(o and sp == s for o, sp in zip(ok, rows["split"])) for s in ("train", "val", "test")}
+    log.info("split: %d files, %d classes, usable %s", len(ok), len(classes), counts)
+    reasons = Counter(s.split(":")[0] for s in rows["status"] if s != "ok")
+    for reason, n in sorted(reasons.items()):
+        log.warning("split: excluded %d file(s): %s", n, reason)
+    for path, status in zip(rows["path"], rows["status"]):
+        if status != "ok":
+            log.debug("split: excluded %s: %s", path, status)
+    for digest, names in sorted(_conflicting_duplicates(rows).items()):
+        paths = [p for p, d in zip(rows["path"], rows["sha256"]) if d == digest]
+        log.warning("split: identical image under classes %s (sha256 %s...): %s", sorted(names), digest[:12], paths)
 
 
 def read_manifest(path: str | Path) -> pa.Table:

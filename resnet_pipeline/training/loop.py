@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from resnet_pipeline.config import Config, TrainConfig
-from resnet_pipeline.data.pipeline import make_dataset, shard_files
+from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
 from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
 from resnet_pipeline.models.resnet import build_resnet, model_arguments, recursion_limit
@@ -140,7 +140,8 @@ def train(
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         return tf.reduce_sum(per_example), correct
 
-    val_ds = make_dataset(val_files, gbs, image_size=cfg.image_size, training=False)
+    prep = Preprocess.from_train(cfg)
+    val_ds = make_dataset(val_files, gbs, prep, training=False)
     started = time.perf_counter()
     trained_images = 0
     step = int(optimizer.iterations.numpy())
@@ -148,11 +149,8 @@ def train(
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
 
         def dataset_fn(ctx: tf.distribute.InputContext, epoch=epoch, skip=done_in_epoch):
-            return make_dataset(
-                train_files, ctx.get_per_replica_batch_size(gbs), image_size=cfg.image_size, training=True,
-                seed=seed + epoch, pad_crop=cfg.pad_crop, random_flip=cfg.random_flip, input_context=ctx,
-                skip_batches=skip,
-            )
+            return make_dataset(train_files, ctx.get_per_replica_batch_size(gbs), prep, training=True,
+                                seed=seed + epoch, input_context=ctx, skip_batches=skip)
 
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
         bar = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "accuracy", "img/s"],

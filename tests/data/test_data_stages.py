@@ -6,6 +6,7 @@ import collections
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from PIL import Image
 
 from resnet_pipeline.config import DownloadConfig, ShardConfig, SplitConfig
 from resnet_pipeline.data import pipeline
+from resnet_pipeline.data.pipeline import Preprocess
 from resnet_pipeline.data.download import download
 from resnet_pipeline.data.shard import INDEX, shard
 from resnet_pipeline.data.split import read_manifest, split
@@ -258,9 +260,11 @@ def test_index_counts_match_manifest(digits_data):
     for s in SPLITS:
         assert index["splits"][s]["records"] == ok[s]
         entries = [e for e in index["shards"] if e["split"] == s]
-        assert len(entries) == index["splits"][s]["shards"] == max(1, -(-ok[s] // 512))
+        size_mb = sum(r["bytes"] for r in manifest_rows(digits_data.manifest)
+                      if r["status"] == "ok" and r["split"] == s) / 2**20
+        expected = max(1, min(ok[s], math.ceil(size_mb / ShardConfig().target_shard_mb)))
+        assert len(entries) == index["splits"][s]["shards"] == expected
         assert sum(e["records"] for e in entries) == ok[s]
-        assert all(e["records"] <= 512 for e in entries)
     listed = {e["file"] for e in index["shards"]} | {INDEX}
     assert {p.name for p in digits_data.shards.iterdir()} == listed
 
@@ -325,14 +329,14 @@ def test_shard_refuses_a_file_changed_since_split_and_keeps_old_shards(tmp_path)
     manifest = tmp_path / "data" / "manifest.parquet"
     split(SplitConfig(), SEED, folder, manifest, tmp_path / "data" / "labels.json")
     shards_dir = tmp_path / "data" / "shards"
-    shard(ShardConfig(records_per_shard=4), manifest, tmp_path / "raw", shards_dir)
+    shard(ShardConfig(target_shard_mb=1e-5), manifest, tmp_path / "raw", shards_dir)
     before = tree_bytes(shards_dir)
     assert INDEX in before and len(before) > 2
 
     changed = folder / "dog" / "img_03.png"
     changed.write_bytes(png_bytes(np.full((8, 8), 200)))  # still a valid image, other content
     with pytest.raises(ValueError) as err:
-        shard(ShardConfig(records_per_shard=4), manifest, tmp_path / "raw", shards_dir)
+        shard(ShardConfig(target_shard_mb=1e-5), manifest, tmp_path / "raw", shards_dir)
     assert "img_03.png" in str(err.value) and "dog" in str(err.value)
     assert tree_bytes(shards_dir) == before
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["labels.json", "manifest.parquet", "shards"]
@@ -351,7 +355,7 @@ def test_train_dataset_batches(digits_data):
     files, n_train = pipeline.shard_files(digits_data.shards, "train")
     assert len(files) == _index(digits_data.shards)["splits"]["train"]["shards"]
     batch = 64
-    ds = pipeline.make_dataset(files, batch, image_size=32, training=True, seed=1, pad_crop=4)
+    ds = pipeline.make_dataset(files, batch, Preprocess(32, augment="cifar", pad_crop=4), training=True, seed=1)
     batches = 0
     for images, labels in ds:
         batches += 1
@@ -369,7 +373,7 @@ def test_train_dataset_order_is_a_function_of_the_seed(digits_data):
     files, _ = pipeline.shard_files(digits_data.shards, "train")
 
     def labels(seed):
-        ds = pipeline.make_dataset(files, 128, image_size=8, training=True, seed=seed)
+        ds = pipeline.make_dataset(files, 128, Preprocess(8), training=True, seed=seed)
         return np.concatenate([y.numpy() for _, y in ds.take(4)])
 
     a, b, c = labels(5), labels(5), labels(6)
@@ -380,7 +384,7 @@ def test_train_dataset_order_is_a_function_of_the_seed(digits_data):
 def test_eval_dataset_keeps_every_record(digits_data):
     files, n_test = pipeline.shard_files(digits_data.shards, "test")
     batch = 64 if n_test % 64 else 61  # a batch size that leaves a partial last batch
-    ds = pipeline.make_dataset(files, batch, image_size=32, training=False)
+    ds = pipeline.make_dataset(files, batch, Preprocess(32), training=False)
     labels = np.concatenate([y.numpy() for _, y in ds])
     assert len(labels) == n_test, "the partial last batch is kept"
     expected = collections.Counter(r["label"] for r in manifest_rows(digits_data.manifest) if r["split"] == "test")
@@ -425,16 +429,18 @@ def test_eval_image_decodes_and_scales(digits_data):
 
 
 def test_train_image_augments_and_eval_image_does_not(digits_data):
-    record, _ = pipeline.parse_example(_one_record(digits_data)[0])
-    encoded = record
+    encoded, _ = pipeline.parse_example(_one_record(digits_data)[0])
     plain = pipeline.eval_image(encoded, 32).numpy()
     np.testing.assert_array_equal(pipeline.eval_image(encoded, 32).numpy(), plain)
-    no_aug = pipeline.train_image(encoded, 32, 0, False).numpy()
+    seeds = [tf.constant([1, i], tf.int64) for i in range(16)]
+    no_aug = pipeline.train_image(encoded, Preprocess(32, augment="none", random_flip=True), seeds[0]).numpy()
     np.testing.assert_allclose(no_aug, plain, atol=1e-6)
-    tf.random.set_seed(0)
-    crops = [pipeline.train_image(encoded, 32, 4, False).numpy() for _ in range(8)]
+    cifar = Preprocess(32, augment="cifar", pad_crop=4)
+    crops = [pipeline.train_image(encoded, cifar, s).numpy() for s in seeds[:8]]
     assert all(c.shape == (32, 32, 3) for c in crops)
     assert all(0.0 <= c.min() and c.max() <= 1.0 for c in crops)
     assert any(not np.allclose(c, plain) for c in crops), "pad-and-crop shifts the image"
-    flipped = [pipeline.train_image(encoded, 32, 0, True).numpy() for _ in range(16)]
+    np.testing.assert_array_equal(pipeline.train_image(encoded, cifar, seeds[3]).numpy(), crops[3])  # stateless
+    flip = Preprocess(32, augment="cifar", pad_crop=0, random_flip=True)
+    flipped = [pipeline.train_image(encoded, flip, s).numpy() for s in seeds]
     assert any(np.allclose(f, plain[:, ::-1]) and not np.allclose(f, plain) for f in flipped)
