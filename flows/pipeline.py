@@ -10,17 +10,20 @@ tasks only (download, register).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from resnet_pipeline import cli
 from resnet_pipeline import config as config_mod
 from resnet_pipeline.config import Config
+from resnet_pipeline.data import shard as shard_mod
+from resnet_pipeline.fileio import new_staging_dir, replace_dir
 from resnet_pipeline.paths import Paths
 
 
@@ -34,7 +37,33 @@ def _stage_task(name: str, **options):
 
 download = _stage_task("download", retries=2, retry_delay_seconds=5)
 split = _stage_task("split")
-shard = _stage_task("shard")
+
+
+@task(name="plan-shards", cache_policy=NO_CACHE)
+def plan_shards(cfg: Config, paths: Paths) -> list[dict]:
+    return shard_mod.plan_shards(cfg.shard, paths.manifest)
+
+
+@task(name="write-shard", cache_policy=NO_CACHE)
+def write_shard(plan: dict, cfg: Config, raw_dir: Path, staging: Path) -> dict:
+    return shard_mod.write_shard(plan, raw_dir, staging, cfg.shard)
+
+
+def shard(cfg: Config, paths: Paths) -> dict:
+    """The shard stage with the writing of each shard a task of its own (`write_shard.map`), so a
+    Dask or Ray task runner can spread it over machines; the shards replace the old ones at the end."""
+    plans = plan_shards(cfg, paths)
+    staging = new_staging_dir(paths.shards)
+    try:
+        entries = write_shard.map(plans, cfg=unmapped(cfg), raw_dir=unmapped(paths.raw), staging=unmapped(staging)).result()
+        index = shard_mod.write_index(entries, staging)
+        replace_dir(staging, paths.shards)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return index["splits"]
+
+
 train = _stage_task("train")
 evaluate = _stage_task("evaluate")
 register = _stage_task("register", retries=2, retry_delay_seconds=5)

@@ -194,6 +194,31 @@ def run_benchmark(args) -> int:
     return 0
 
 
+def run_benchmark_shard(args) -> int:
+    from resnet_pipeline.benchmark.shard import format_result, run
+
+    if args.workers < 2:
+        raise ConfigError(f"--workers: received {args.workers}; allowed: 2 or more (compared with 1)")
+    result = run(Path(args.images) if args.images else None, count=args.count, workers=args.workers,
+                 max_shorter_side=args.max_shorter_side)
+    print(format_result(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def run_benchmark_input(args) -> int:
+    from resnet_pipeline.benchmark.input import compare, format_rows
+
+    rows = compare(Path(args.images) if args.images else None, count=args.count, image_size=args.image_size,
+                   batch_size=args.batch_size, max_shorter_side=args.max_shorter_side,
+                   generator_images=args.generator_images)
+    print(format_rows(rows))
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -242,6 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two models (default: 2)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
+
+    p = bench_sub.add_parser("shard", help="shard stage time with 1 and N worker processes")
+    p.add_argument("--images", help="an image folder, one sub-folder per class (default: generate --count JPEGs)")
+    p.add_argument("--count", type=int, default=2000, help="JPEGs of 500x375 to generate (default: 2000)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes to compare with 1 (default: 2)")
+    p.add_argument("--max-shorter-side", type=int, default=256, help="resize at write time (default: 256; 0: off)")
+    p.add_argument("--output", help="also write the figures as JSON to this file")
+
+    p = bench_sub.add_parser("input", help="training input images/s: ours vs ImageDataGenerator, "
+                                           "image_dataset_from_directory and JPEG decoding alone")
+    p.add_argument("--images", help="a folder of JPEGs, one sub-folder per class (default: generate --count)")
+    p.add_argument("--count", type=int, default=1000, help="JPEGs of 500x375 to generate (default: 1000)")
+    p.add_argument("--image-size", type=int, default=224, help="output side (default: 224)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch (default: 32)")
+    p.add_argument("--max-shorter-side", type=int, default=256, help="our shards' resize at write time (default: 256)")
+    p.add_argument("--generator-images", type=int, default=320,
+                   help="images timed through ImageDataGenerator, the slow one (default: 320)")
+    p.add_argument("--output", help="also write the figures as JSON to this file")
     return parser
 
 
@@ -255,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "model":
             return run_model(args)
         if args.command == "benchmark":
-            return run_benchmark(args)
+            return {"model": run_benchmark, "shard": run_benchmark_shard, "input": run_benchmark_input}[args.action](args)
         cfg = config_mod.load(args.params, _parse_set(args.set))
         result = STAGES[args.command](cfg, Paths.from_config(cfg))
         print(result if isinstance(result, str) else json.dumps(result))

@@ -62,7 +62,7 @@ class ShardConfig:
     target_shard_mb: float = field(default=64.0, metadata=_range(0.0, low_open=True))
     workers: int = field(default=0, metadata=_range(0))  # processes preparing records; 0: one per CPU
     max_shorter_side: int = field(default=0, metadata=_range(0))  # shrink larger images at write time; 0: off
-    jpeg_quality: int = field(default=95, metadata=_range(1, 100))  # of re-encoded JPEGs
+    jpeg_quality: int = field(default=90, metadata=_range(1, 100))  # of re-encoded JPEGs
 
 
 @dataclass(frozen=True)

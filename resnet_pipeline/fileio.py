@@ -58,20 +58,31 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
 
 
+def new_staging_dir(dest: str | Path) -> Path:
+    """An empty hidden folder beside `dest`, to build its replacement in."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+
+
+def replace_dir(staging: str | Path, dest: str | Path) -> None:
+    """Put a completed staging folder in the place of `dest` (removed first if present)."""
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    Path(staging).rename(dest)
+
+
 @contextmanager
 def staged_dir(dest: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside `dest`; when the block succeeds it replaces `dest` as a whole.
 
     If the block fails, the staged folder is removed and `dest` is left as it was.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    tmp = new_staging_dir(dest)
     try:
         yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -37,3 +37,21 @@ def digits_data(tmp_path_factory):
     split(cfg.split, SEED, image_folder, paths.manifest, paths.labels)
     shard(cfg.shard, paths.manifest, paths.raw, paths.shards)
     return paths
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A running SeaweedFS S3 server on loopback (tests/s3server.py), shared by the session.
+
+    Tests that need a clean bucket call `s3_server.make_bucket(<unique name>)`; use
+    `s3_server.client()` for a boto3 client. Do not stop or restart it: tests that need that
+    start their own `SeaweedS3`.
+    """
+    from tests.s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed-s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from resnet_pipeline.config import EvaluateConfig
+from resnet_pipeline.config import Config, EvaluateConfig
 from resnet_pipeline.evaluation import evaluate
 from resnet_pipeline.models.resnet import build_resnet
 
@@ -25,6 +25,7 @@ def evaluated(digits_data, tmp_path_factory):
     build_resnet(20, num_classes=10).save(model_dir / "model.keras")
     classes = json.loads(digits_data.labels.read_text())["classes"]
     (model_dir / "labels.json").write_text(json.dumps({"classes": classes}))
+    (model_dir / "config.yaml").write_text(Config().to_yaml())  # the preprocessing evaluate repeats
     metrics = evaluate(EvaluateConfig(top_k=3), model_dir, digits_data.shards, out_dir)
     index = json.loads((digits_data.shards / "index.json").read_text())
     return {"metrics": metrics, "out": out_dir, "classes": classes, "n_test": index["splits"]["test"]["records"]}

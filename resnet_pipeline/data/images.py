@@ -13,7 +13,6 @@ import io
 import warnings
 from typing import NamedTuple
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 # formats and modes that TensorFlow's decode_image reads as they are
@@ -55,6 +54,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB (or L) pixels of any mode: 16-bit and 32-bit integers scale to 8 bits, alpha is dropped
     (as Keras' `load_img` does), palette and CMYK convert through Pillow."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np  # only here: the shard workers start faster without it
+
         array = np.asarray(img, dtype=np.uint32 if img.mode == "I" else np.uint16)
         high = 65535 if img.mode != "I" or array.max() > 255 else 255
         return Image.fromarray((array.astype(np.float64) * 255.0 / high).round().astype(np.uint8), mode="L")
@@ -72,7 +73,7 @@ class Prepared(NamedTuple):
     height: int
 
 
-def prepare(data: bytes, max_shorter_side: int = 0, jpeg_quality: int = 95) -> Prepared:
+def prepare(data: bytes, max_shorter_side: int = 0, jpeg_quality: int = 90) -> Prepared:
     """The bytes to store for one checked image (see the module doc); deterministic for given input."""
     with Image.open(io.BytesIO(data)) as img:
         fmt, size = img.format, img.size

@@ -114,7 +114,7 @@ def _random_resized_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.T
     window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
     image = tf.cond(
         is_jpeg,
-        lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
+        lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method="INTEGER_FAST"),
         lambda: tf.image.crop_to_bounding_box(_decode(encoded), begin[0], begin[1], crop_size[0], crop_size[1]),
     )
     image.set_shape([None, None, 3])

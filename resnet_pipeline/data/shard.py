@@ -3,10 +3,14 @@
 Records are `tf.train.Example`s with the Model Garden keys of design.md; shards are named
 `SPLIT-NNNNN-of-MMMMM.tfrecord`. A split gets as many shards as its bytes need at
 `target_shard_mb` each, and its records, ordered by content hash, are dealt out in equal runs, so
-the same manifest gives the same shards. Records are prepared (checked against the manifest's
-sha256, converted to RGB, optionally shrunk) by a pool of `workers` processes and written in order,
-so the shards are byte-identical whatever the number of workers. The shards are written into a
-temporary folder that replaces the old one only when complete.
+the same manifest gives the same shards. A pool of `workers` processes writes whole shards, each
+preparing its records in order (checked against the manifest's sha256, converted to RGB,
+optionally shrunk), so the shards are byte-identical whatever the number of workers. The workers
+import Pillow, not TensorFlow. The shards are written into a temporary folder that replaces the
+old one only when complete.
+
+With `workers` above 1, a script that calls `shard` must guard its entry point with
+`if __name__ == "__main__":` (the workers are spawned, and import the main module).
 
 `plan_shards`, `write_shard` and `write_index` are the pieces; `shard` runs them in one process
 (and its pool), the Prefect flow maps `write_shard` over tasks.
@@ -19,14 +23,12 @@ import logging
 import math
 import multiprocessing
 import os
-from functools import partial
 from pathlib import Path
 
-import tensorflow as tf
 from tqdm import tqdm
 
 from resnet_pipeline.config import ShardConfig
-from resnet_pipeline.data.records import make_record
+from resnet_pipeline.data.records import write_shard_file
 from resnet_pipeline.data.split import read_manifest
 from resnet_pipeline.fileio import atomic_write_json, sha256_file, staged_dir
 
@@ -62,18 +64,9 @@ def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
 
 
-def write_shard(plan: dict, raw_dir: str | Path, out_dir: str | Path, cfg: ShardConfig,
-                pool: concurrent.futures.Executor | None = None, progress: tqdm | None = None) -> dict:
+def write_shard(plan: dict, raw_dir: str | Path, out_dir: str | Path, cfg: ShardConfig) -> dict:
     """Write one planned shard into `out_dir`; return its index entry (file, split, records, sha256)."""
-    prepare = partial(make_record, Path(raw_dir), max_shorter_side=cfg.max_shorter_side, jpeg_quality=cfg.jpeg_quality)
-    records = pool.map(prepare, plan["rows"], chunksize=8) if pool else map(prepare, plan["rows"])
-    path = Path(out_dir) / plan["file"]
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for record in records:  # in plan order, whatever the pool's scheduling
-            writer.write(record)
-            if progress is not None:
-                progress.update()
-    return {"file": plan["file"], "split": plan["split"], "records": len(plan["rows"]), "sha256": sha256_file(path)}
+    return write_shard_file(plan, raw_dir, out_dir, cfg.max_shorter_side, cfg.jpeg_quality)
 
 
 def write_index(entries: list[dict], out_dir: str | Path) -> dict:
@@ -99,7 +92,21 @@ def shard(cfg: ShardConfig, manifest_path: str | Path, raw_dir: str | Path, out_
             if workers > 1 else None)
     try:
         with staged_dir(out_dir) as tmp, tqdm(total=total, desc="shard", unit="img", disable=None) as bar:
-            entries = [write_shard(plan, raw_dir, tmp, cfg, pool, bar) for plan in plans]
+            if pool is None:
+                entries = []
+                for plan in plans:
+                    entries.append(write_shard(plan, raw_dir, tmp, cfg))
+                    bar.update(len(plan["rows"]))
+            else:
+                # largest shards first, so that the workers finish together
+                order = sorted(range(len(plans)), key=lambda i: -len(plans[i]["rows"]))
+                futures = {pool.submit(write_shard_file, plans[i], raw_dir, tmp, cfg.max_shorter_side,
+                                       cfg.jpeg_quality): i for i in order}
+                done = {}
+                for future in concurrent.futures.as_completed(futures):
+                    done[futures[future]] = future.result()
+                    bar.update(done[futures[future]]["records"])
+                entries = [done[i] for i in range(len(plans))]
             index = write_index(entries, tmp)
     finally:
         if pool:

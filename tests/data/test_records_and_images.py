@@ -183,3 +183,16 @@ def test_a_class_left_without_usable_images_and_too_few_classes_are_errors(tmp_p
     (folder / "dog").rmdir()
     with pytest.raises(ValueError, match=r"found 1 class folder\(s\) \['cat'\]; expected at least 2"):
         split(SplitConfig(), SEED, folder, manifest, tmp_path / "labels.json")
+
+
+def test_tfrecord_files_equal_tensorflows_writer_and_read_back(tmp_path):
+    from resnet_pipeline.data.records import write_tfrecord
+
+    rng = np.random.default_rng(3)
+    records = [rng.bytes(int(n)) for n in rng.integers(0, 5000, 20)] + [b""]
+    assert write_tfrecord(tmp_path / "ours.tfrecord", records) == len(records)
+    with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as writer:
+        for r in records:
+            writer.write(r)
+    assert (tmp_path / "ours.tfrecord").read_bytes() == (tmp_path / "tf.tfrecord").read_bytes()
+    assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == records
