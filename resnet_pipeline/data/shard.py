@@ -30,7 +30,7 @@ from tqdm import tqdm
 from resnet_pipeline.config import ShardConfig
 from resnet_pipeline.data.records import write_shard_file
 from resnet_pipeline.data.split import read_manifest
-from resnet_pipeline.fileio import atomic_write_json, sha256_file, staged_dir
+from resnet_pipeline.fileio import atomic_write_json, staged_dir
 
 log = logging.getLogger(__name__)
 

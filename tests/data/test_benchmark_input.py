@@ -4,6 +4,7 @@ the rows and their ratios add up, the folder is deterministic."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -117,3 +118,23 @@ def test_run_without_ours_has_no_ratios_and_takes_the_median_of_repeats(folder):
     assert "-" in format_rows(rows).splitlines()[-1]
     with pytest.raises(ValueError, match="unknown sources"):
         run(folder, None, image_size=32, batch_size=16, n_images={"ImageDataGenerator": 16})
+
+
+def test_benchmark_commands_print_their_figures(capsys, tmp_path):
+    from resnet_pipeline import cli
+
+    out_file = tmp_path / "shard.json"
+    assert cli.main(["benchmark", "shard", "--count", "40", "--max-shorter-side", "64", "--output", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "shards byte-identical: yes" in out and "speed-up:" in out
+    figures = json.loads(out_file.read_text())
+    assert figures["images"] == 40 and figures["byte_identical"] is True
+    assert figures["speedup"] == pytest.approx(figures["seconds_1_worker"] / figures["seconds_2_workers"])
+
+    assert cli.main(["benchmark", "input", "--count", "40", "--image-size", "64", "--batch-size", "8",
+                     "--generator-images", "16"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ours (TFRecord shards)", "ImageDataGenerator", "image_dataset_from_directory", "JPEG decode only"):
+        assert name in out
+    assert cli.main(["benchmark", "shard", "--workers", "1"]) == 2
+    assert "--workers: received 1" in capsys.readouterr().err
