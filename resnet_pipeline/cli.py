@@ -199,8 +199,10 @@ def run_benchmark_shard(args) -> int:
 
     if args.workers < 2:
         raise ConfigError(f"--workers: received {args.workers}; allowed: 2 or more (compared with 1)")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats: received {args.repeats}; allowed: 1 or more")
     result = run(Path(args.images) if args.images else None, count=args.count, workers=args.workers,
-                 max_shorter_side=args.max_shorter_side)
+                 max_shorter_side=args.max_shorter_side, repeats=args.repeats)
     print(format_result(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
@@ -273,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=2000, help="JPEGs of 500x375 to generate (default: 2000)")
     p.add_argument("--workers", type=int, default=2, help="worker processes to compare with 1 (default: 2)")
     p.add_argument("--max-shorter-side", type=int, default=256, help="resize at write time (default: 256; 0: off)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians reported (default: 3)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
     p = bench_sub.add_parser("input", help="training input images/s: ours vs ImageDataGenerator, "

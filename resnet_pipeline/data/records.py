@@ -106,3 +106,8 @@ def write_shard_file(plan: dict, raw_dir: str | Path, out_dir: str | Path, max_s
     path = Path(out_dir) / plan["file"]
     count = write_tfrecord(path, (make_record(raw_dir, row, max_shorter_side, jpeg_quality) for row in plan["rows"]))
     return {"file": plan["file"], "split": plan["split"], "records": count, "sha256": sha256_file(path)}
+
+
+def framed_records(rows: list[dict], raw_dir: str | Path, max_shorter_side: int = 0, jpeg_quality: int = 90) -> bytes:
+    """The TFRecord-framed records of consecutive manifest rows: a piece of a shard file."""
+    return b"".join(tfrecord_bytes(make_record(raw_dir, row, max_shorter_side, jpeg_quality)) for row in rows)

@@ -3,10 +3,10 @@
 Records are `tf.train.Example`s with the Model Garden keys of design.md; shards are named
 `SPLIT-NNNNN-of-MMMMM.tfrecord`. A split gets as many shards as its bytes need at
 `target_shard_mb` each, and its records, ordered by content hash, are dealt out in equal runs, so
-the same manifest gives the same shards. A pool of `workers` processes writes whole shards, each
-preparing its records in order (checked against the manifest's sha256, converted to RGB,
-optionally shrunk), so the shards are byte-identical whatever the number of workers. The workers
-import Pillow, not TensorFlow. The shards are written into a temporary folder that replaces the
+the same manifest gives the same shards. A pool of `workers` processes prepares the records
+(checked against the manifest's sha256, converted to RGB, optionally shrunk, framed as TFRecords)
+in pieces of consecutive records, which are appended to their shard file in order, so the shards
+are byte-identical whatever the number of workers. The workers import Pillow, not TensorFlow. The shards are written into a temporary folder that replaces the
 old one only when complete.
 
 With `workers` above 1, a script that calls `shard` must guard its entry point with
@@ -19,16 +19,18 @@ With `workers` above 1, a script that calls `shard` must guard its entry point w
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
 import math
 import multiprocessing
 import os
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
 from resnet_pipeline.config import ShardConfig
-from resnet_pipeline.data.records import write_shard_file
+from resnet_pipeline.data.records import framed_records, write_shard_file
 from resnet_pipeline.data.split import read_manifest
 from resnet_pipeline.fileio import atomic_write_json, staged_dir
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 INDEX = "index.json"
+CHUNK = 32  # records per piece of work handed to a worker
 ROW_KEYS = ("path", "label", "label_name", "sha256")
 
 
@@ -90,23 +93,26 @@ def shard(cfg: ShardConfig, manifest_path: str | Path, raw_dir: str | Path, out_
     # spawn, not fork: the parent has TensorFlow's threads; the workers import Pillow only
     pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             if workers > 1 else None)
+    # pieces of CHUNK records, in shard order: the workers share every shard, and never wait at a
+    # shard's end; the pieces come back in order and are appended to their shard file
+    pieces = [(i, plan["rows"][k : k + CHUNK]) for i, plan in enumerate(plans) for k in range(0, len(plan["rows"]), CHUNK)]
+    # framed_records lives in the light records module: what the workers import
+    prepare = partial(framed_records, raw_dir=raw_dir, max_shorter_side=cfg.max_shorter_side, jpeg_quality=cfg.jpeg_quality)
+    rows_of = [rows for _, rows in pieces]
     try:
         with staged_dir(out_dir) as tmp, tqdm(total=total, desc="shard", unit="img", disable=None) as bar:
-            if pool is None:
-                entries = []
-                for plan in plans:
-                    entries.append(write_shard(plan, raw_dir, tmp, cfg))
-                    bar.update(len(plan["rows"]))
-            else:
-                # largest shards first, so that the workers finish together
-                order = sorted(range(len(plans)), key=lambda i: -len(plans[i]["rows"]))
-                futures = {pool.submit(write_shard_file, plans[i], raw_dir, tmp, cfg.max_shorter_side,
-                                       cfg.jpeg_quality): i for i in order}
-                done = {}
-                for future in concurrent.futures.as_completed(futures):
-                    done[futures[future]] = future.result()
-                    bar.update(done[futures[future]]["records"])
-                entries = [done[i] for i in range(len(plans))]
+            files = [open(tmp / plan["file"], "wb") for plan in plans]
+            hashes = [hashlib.sha256() for _ in plans]
+            try:
+                for (i, rows), data in zip(pieces, pool.map(prepare, rows_of) if pool else map(prepare, rows_of)):
+                    files[i].write(data)
+                    hashes[i].update(data)
+                    bar.update(len(rows))
+            finally:
+                for f in files:
+                    f.close()
+            entries = [{"file": plan["file"], "split": plan["split"], "records": len(plan["rows"]),
+                        "sha256": h.hexdigest()} for plan, h in zip(plans, hashes)]
             index = write_index(entries, tmp)
     finally:
         if pool:

@@ -124,7 +124,8 @@ def test_benchmark_commands_print_their_figures(capsys, tmp_path):
     from resnet_pipeline import cli
 
     out_file = tmp_path / "shard.json"
-    assert cli.main(["benchmark", "shard", "--count", "40", "--max-shorter-side", "64", "--output", str(out_file)]) == 0
+    assert cli.main(["benchmark", "shard", "--count", "40", "--max-shorter-side", "64", "--repeats", "1",
+                     "--output", str(out_file)]) == 0
     out = capsys.readouterr().out
     assert "shards byte-identical: yes" in out and "speed-up:" in out
     figures = json.loads(out_file.read_text())
