@@ -1,9 +1,11 @@
 """Command line: one subcommand per stage, and the registry.
 
     resnet-pipeline download|split|shard|train|evaluate|register [--params params.yaml] [--set train.epochs=3]
-    resnet-pipeline registry list|show|pull ...
+    resnet-pipeline registry list|show|pull|promote|gc ... [--registry FOLDER|s3://BUCKET/PREFIX]
+    resnet-pipeline predict --model MODEL_DIR|NAME[:VERSION|@ALIAS] IMAGE... [--top-k K] [--json]
     resnet-pipeline model summary [--depth 50] [--variant v1|v1.5|v2|cifar] [--image-size 224]
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
+    resnet-pipeline benchmark pull --seaweed | --registry s3://BUCKET/PREFIX [--size-mb 100] [--rounds 3]
 
 Each stage subcommand reads params once, validates them, and calls the stage function with the
 typed config and the paths of design.md (relative to the current folder).
@@ -58,24 +60,59 @@ def run_shard(cfg: Config, paths: Paths) -> Any:
 
 
 def run_train(cfg: Config, paths: Paths) -> Any:
-    from resnet_pipeline.training.loop import train
+    from resnet_pipeline.training.strategy import make_strategy
 
-    summary = train(cfg.train, cfg, paths.shards, paths.labels, paths.model_dir, paths.checkpoints)
+    # before anything else touches TensorFlow: MultiWorkerMirroredStrategy and logical CPUs need it
+    strategy, cluster = make_strategy(cfg.train.strategy, cfg.train.cpu_devices)
+    from resnet_pipeline.training.loop import Preempted, train
+
+    try:
+        summary = train(cfg.train, cfg, paths.shards, paths.labels, paths.model_dir, paths.checkpoints,
+                        tensorboard_root=paths.tensorboard, strategy=strategy, cluster=cluster)
+    except Preempted as stop:
+        print(f"resnet-pipeline train: {stop}", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT) from None
     return {k: summary[k] for k in ("steps", "wall_time_sec", "images_per_sec")}
+
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: stopped on request, with a checkpoint to resume from
 
 
 def run_evaluate(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.evaluation import evaluate
 
-    return evaluate(cfg.evaluate, paths.model_dir, paths.shards, paths.eval_dir)["test"]
+    from resnet_pipeline.registry import champion_summary
+    from resnet_pipeline.registry.stage import data_version
+
+    champion = champion_summary(_open_registry(cfg, paths.root), cfg.register.model_name, cfg.register.alias)
+    manifest_sha256 = data_version(paths.manifest, None)["manifest_sha256"]
+    return evaluate(cfg.evaluate, paths.model_dir, paths.shards, paths.eval_dir, champion=champion,
+                    manifest_sha256=manifest_sha256)["test"]
+
+
+def _open_registry(cfg: Config, root: str | Path = ".", location: str | None = None):
+    """The registry of `register.registry` (or `location`), with the params' S3 settings."""
+    from resnet_pipeline.registry import open_registry
+
+    r = cfg.register
+    return open_registry(location or r.registry, endpoint_url=r.s3_endpoint_url, region=r.s3_region,
+                         addressing_style=r.s3_addressing_style, root=root)
 
 
 def run_register(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.registry import register_model
+    from resnet_pipeline.registry.gate import describe
 
-    record = register_model(paths.root / cfg.register.registry, cfg.register.model_name,
-                            paths.model_dir, paths.eval_dir, paths.registered)
-    return f"registered {record['name']}:{record['version']}  test top-1 accuracy {record['metrics']['test']['top1']:.4f}"
+    r = cfg.register
+    record = register_model(_open_registry(cfg, paths.root), r.model_name, paths.model_dir, paths.eval_dir,
+                            paths.registered, alias=r.alias, gate_metric=r.gate_metric,
+                            min_improvement=r.min_improvement, data_manifest=paths.manifest,
+                            dvc_lock=paths.root / "dvc.lock", root=paths.root)
+    lines = [f"registered {record['name']}:{record['version']} in {record['registry']}",
+             f"gate: {describe(record['gate'])}"]
+    if record["promotion"]["error"]:
+        lines.append(f"promotion failed: {record['promotion']['error']}")
+    return "\n".join(lines)
 
 
 STAGES = {
@@ -88,33 +125,71 @@ STAGES = {
 }
 
 
-def _registry(args, cfg_path: str):
-    from resnet_pipeline.registry import LocalRegistry
-
-    if args.registry:
-        return LocalRegistry(args.registry)
-    return LocalRegistry(config_mod.load(cfg_path).register.registry)
+def _registry(args):
+    """--registry, else register.registry of the params file (whose S3 settings apply either way)."""
+    cfg = config_mod.load(args.params) if not args.registry or Path(args.params).exists() else Config()
+    return _open_registry(cfg, location=args.registry)
 
 
-def _describe(manifest: dict) -> str:
-    test = manifest.get("metrics", {}).get("test", {})
-    figures = "  ".join(f"{k} {v}" for k, v in test.items())
-    return f"{manifest['name']}:{manifest['version']}  {manifest['created_at']}  {figures}"
+def _describe(manifest: dict, aliases: dict[str, int] | None = None) -> str:
+    test = (manifest.get("metrics") or {}).get("test") or {}
+    figures = "  ".join(f"{k} {v}" for k, v in test.items() if not isinstance(v, (dict, list)))
+    tags = [a for a, v in (aliases or {}).items() if v == manifest["version"]]
+    return (f"{manifest['name']}:{manifest['version']}  {manifest['created_at']}"
+            + (f"  [{', '.join('@' + t for t in tags)}]" if tags else "") + (f"  {figures}" if figures else ""))
 
 
 def run_registry(args) -> int:
-    reg = _registry(args, args.params)
+    from resnet_pipeline.registry import RegistryError, parse_spec
+
+    reg = _registry(args)
     if args.action == "list":
-        names = [args.model] if args.model else reg.names()
-        for name in names:
+        for name in [args.model] if args.model else reg.names():
+            aliases = reg.aliases(name)
             for version in reg.versions(name):
-                print(_describe(reg.manifest(f"{name}:{version}")))
+                print(_describe(reg.manifest(f"{name}:{version}"), aliases))
+    elif args.action == "show" and args.history:
+        spec = parse_spec(args.model)
+        if spec.alias is None:
+            raise RegistryError(f"--history: {args.model!r} names no alias; expected NAME@ALIAS")
+        entries = reg.history(spec.name, spec.alias)
+        if args.json:
+            print(json.dumps(entries, indent=2))
+        for e in [] if args.json else entries:
+            print(f"{e['at']}  {e['outcome']:<4}  version {e['version']}  expected {e['expected_previous']}  "
+                  f"actual {e['actual_previous']}  by {e['by']}" + (f"  ({e['reason']})" if e.get("reason") else ""))
     elif args.action == "show":
         manifest = reg.manifest(args.model)
-        print(json.dumps(manifest, indent=2) if args.json else _describe(manifest))
+        print(json.dumps(manifest, indent=2) if args.json else _describe(manifest, reg.aliases(manifest["name"])))
     elif args.action == "pull":
         dest = reg.pull(args.model, args.dest)
         print(f"pulled {args.model} to {dest}")
+    elif args.action == "promote":
+        name, version = reg.resolve(args.model)
+        before = reg.alias(name, args.alias)
+        reg.promote(name, version, args.alias, expected=before, reason=f"by hand: registry promote {args.model}")
+        print(f"{name}@{args.alias} -> version {version} (was {before.version})")
+    elif args.action == "gc":
+        if args.older_than < 0:
+            raise ConfigError(f"--older-than: received {args.older_than}; allowed: 0 or more seconds")
+        removed = reg.gc(args.model, older_than=args.older_than)
+        for r in removed:
+            print(f"removed uncommitted {r['name']}:{r['version']} ({len(r['objects'])} objects, "
+                  f"{r['age_seconds']:.0f}s old): {', '.join(r['objects'])}")
+        print(f"gc: {len(removed)} uncommitted version(s) removed")
+    return 0
+
+
+def run_predict(args) -> int:
+    from resnet_pipeline.predict import format_results, is_registry_spec, predict, resolve_model
+
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k: received {args.top_k}; allowed: 1 or more")
+    registry = None
+    if is_registry_spec(args.model) and (args.registry or Path(args.params).exists()):
+        registry = _registry(args)  # with the params' S3 settings
+    results = predict(resolve_model(args.model, registry), args.images, top_k=args.top_k)
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0
 
 
@@ -176,6 +251,12 @@ def run_model(args) -> int:
 
 
 def run_benchmark(args) -> int:
+    if args.replicas:
+        if args.replicas < 2:
+            raise ConfigError(f"--replicas: received {args.replicas}; allowed: 2 or more (compared with one device)")
+        from resnet_pipeline.benchmark.replicas import prepare_devices
+
+        prepare_devices(args.replicas)  # logical CPU devices: before anything else touches TensorFlow
     from resnet_pipeline.benchmark.model import benchmark_models, format_rows
 
     try:
@@ -186,8 +267,23 @@ def run_benchmark(args) -> int:
                              ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1)):
         if value < low:
             raise ConfigError(f"{flag}: received {value}; allowed: {low} or more")
-    rows = benchmark_models(args.variant, depths, batch_size=args.batch_size, image_size=args.image_size,
-                            steps=args.steps, warmup=args.warmup, rounds=min(args.rounds, args.steps))
+    timing = dict(batch_size=args.batch_size, image_size=args.image_size, steps=args.steps, warmup=args.warmup,
+                  rounds=min(args.rounds, args.steps))
+    if args.replicas:
+        from resnet_pipeline.benchmark.replicas import benchmark_replicas
+        from resnet_pipeline.models.resnet import SPECS
+
+        variant, stride_in_1x1 = MODEL_VARIANTS[args.variant]
+        rows = []
+        for depth in depths:
+            if depth not in SPECS[variant]:
+                raise ConfigError(f"--depths: received {depth} for variant {args.variant!r}; "
+                                  f"allowed: {', '.join(map(str, SPECS[variant]))}")
+            bottleneck = SPECS[variant][depth].block == "bottleneck"
+            rows += benchmark_replicas(variant, depth, replicas=args.replicas, num_classes=10 if variant == "cifar" else 1000,
+                                       stride_in_1x1=stride_in_1x1 and bottleneck, **timing)
+    else:
+        rows = benchmark_models(args.variant, depths, **timing)
     print(format_rows(rows))
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
@@ -221,6 +317,20 @@ def run_benchmark_input(args) -> int:
     return 0
 
 
+def run_benchmark_pull(args) -> int:
+    from resnet_pipeline.benchmark.pull import format_result, run
+
+    if bool(args.registry) == bool(args.seaweed):
+        raise ConfigError("benchmark pull: give either --registry s3://... or --seaweed")
+    if args.rounds < 1 or args.size_mb <= 0:
+        raise ConfigError(f"--rounds {args.rounds} / --size-mb {args.size_mb}: allowed: 1 or more / more than 0")
+    result = run(args.registry, seaweed=args.seaweed, size_mb=args.size_mb, rounds=args.rounds)
+    print(format_result(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -229,20 +339,41 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} stage")
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override a param")
-    reg = sub.add_parser("registry", help="list, show or pull registered models")
+        if name == "train":
+            p.add_argument("--workers", type=int, default=0,
+                           help="launch N local worker processes with MultiWorkerMirroredStrategy on loopback")
+    reg = sub.add_parser("registry", help="list, show, pull, promote registered models; collect garbage")
     reg_sub = reg.add_subparsers(dest="action", required=True)
-    for action, helptext in (("list", "list versions"), ("show", "show a version"), ("pull", "pull a version")):
+    for action, helptext in (("list", "list committed versions"), ("show", "show a version or an alias' history"),
+                             ("pull", "pull a version, verified"), ("promote", "point an alias at a version"),
+                             ("gc", "delete uncommitted versions")):
         p = reg_sub.add_parser(action, help=helptext)
         p.add_argument("--params", default="params.yaml", help="params file naming the registry")
-        p.add_argument("--registry", help="registry folder (default: register.registry in params)")
-        if action == "list":
+        p.add_argument("--registry", help="a folder or s3://bucket/prefix (default: register.registry in params)")
+        if action in ("list", "gc"):
             p.add_argument("model", nargs="?", help="model name (default: all)")
         else:
-            p.add_argument("model", help="NAME (latest) or NAME:VERSION")
+            p.add_argument("model", metavar="SPEC", help="NAME (latest), NAME:VERSION or NAME@ALIAS")
         if action == "show":
-            p.add_argument("--json", action="store_true", help="the whole manifest as JSON")
+            p.add_argument("--json", action="store_true", help="the whole manifest (or history) as JSON")
+            p.add_argument("--history", action="store_true", help="every promotion attempt of NAME@ALIAS")
         if action == "pull":
             p.add_argument("dest", help="destination folder (must not exist or be empty)")
+        if action == "promote":
+            p.add_argument("alias", help="alias to point at the version, such as champion or staging")
+        if action == "gc":
+            p.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS",
+                           help="only versions claimed at least this long ago (default: 3600)")
+
+    p = sub.add_parser("predict", help="top-k classes of image files with a trained model")
+    p.add_argument("--model", required=True,
+                   help="a model folder (model.keras, labels.json, config.yaml), or a registry spec NAME, "
+                        "NAME:VERSION or NAME@ALIAS")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
+    p.add_argument("--top-k", type=int, help="classes per image (default: the model's evaluate.top_k)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    p.add_argument("--registry", help="registry location for a spec (default: register.registry in params)")
+    p.add_argument("--params", default="params.yaml", help="params file naming the registry")
 
     model = sub.add_parser("model", help="describe a model of the table")
     model_sub = model.add_subparsers(dest="action", required=True)
@@ -268,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps per model and phase (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two models (default: 2)")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="instead: training step on one device vs MirroredStrategy with N replicas "
+                        "(N logical CPU devices when there is no GPU)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
     p = bench_sub.add_parser("shard", help="shard stage time with 1 and N worker processes")
@@ -288,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator-images", type=int, default=320,
                    help="images timed through ImageDataGenerator, the slow one (default: 320)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
+
+    p = bench_sub.add_parser("pull", help="registry pull MB/s vs a plain HTTP GET of the same objects")
+    p.add_argument("--registry", help="s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment")
+    p.add_argument("--seaweed", action="store_true", help="start a SeaweedFS on loopback and use it instead")
+    p.add_argument("--size-mb", type=float, default=100.0, help="size of the model.keras registered (default: 100)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported (default: 3)")
+    p.add_argument("--output", help="also write the figures as JSON to this file")
     return parser
 
 
@@ -300,9 +441,16 @@ def main(argv: list[str] | None = None) -> int:
             return run_registry(args)
         if args.command == "model":
             return run_model(args)
+        if args.command == "predict":
+            return run_predict(args)
         if args.command == "benchmark":
-            return {"model": run_benchmark, "shard": run_benchmark_shard, "input": run_benchmark_input}[args.action](args)
+            return {"model": run_benchmark, "shard": run_benchmark_shard, "input": run_benchmark_input,
+                    "pull": run_benchmark_pull}[args.action](args)
         cfg = config_mod.load(args.params, _parse_set(args.set))
+        if args.command == "train" and args.workers:
+            from resnet_pipeline.training.launch import launch
+
+            return launch(args.workers, ["--params", args.params, *(f"--set={item}" for item in args.set)])
         result = STAGES[args.command](cfg, Paths.from_config(cfg))
         print(result if isinstance(result, str) else json.dumps(result))
         return 0

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 DATASETS = ("digits", "cifar10", "voc2012", "imagefolder", "archive")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 
 
 class ConfigError(ValueError):
@@ -79,12 +80,18 @@ class TrainConfig:
     bn_momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, high_open=True))
     bn_epsilon: float = field(default=1e-5, metadata=_range(0.0, low_open=True))
     epochs: int = field(default=30, metadata=_range(1))
-    global_batch_size: int = field(default=64, metadata=_range(1))
+    global_batch_size: int = field(default=64, metadata=_range(1))  # per-replica batch: this / replicas
     optimizer: str = field(default="sgd", metadata=_choice("sgd", "adam"))
     lr: float = field(default=0.1, metadata=_range(0.0, low_open=True))
+    scale_lr: bool = False  # linear scaling rule: lr x global_batch_size / 256
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    weight_decay: float = field(default=1e-4, metadata=_range(0.0))
-    lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "constant"))
+    weight_decay: float = field(default=1e-4, metadata=_range(0.0))  # L2: the gradient of w gets weight_decay * w
+    decay_bn_and_bias: bool = False  # also decay BN gamma/beta and biases
+    label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0, high_open=True))
+    lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "step", "constant"))
+    lr_decay_at: tuple[float, ...] = field(default=(), metadata={"any_length": True})  # step schedule
+    lr_decay_unit: str = field(default="epochs", metadata=_choice("epochs", "steps"))
+    lr_decay_factor: float = field(default=0.1, metadata=_range(0.0, 1.0, low_open=True, high_open=True))
     warmup_epochs: int = field(default=1, metadata=_range(0))
     augment: str = field(default="cifar", metadata=_choice("cifar", "imagenet", "seed", "none"))
     pad_crop: int = field(default=4, metadata=_range(0))
@@ -92,8 +99,16 @@ class TrainConfig:
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # per channel, of pixels scaled to [0, 1]
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     eval_crop: float = field(default=1.0, metadata=_range(0.0, 1.0, low_open=True))
-    strategy: str = field(default="one_device", metadata=_choice("one_device", "mirrored"))
+    # distribution, precision, determinism
+    strategy: str = field(default="auto", metadata=_choice(*STRATEGIES))
+    cpu_devices: int = field(default=1, metadata=_range(1, 64))  # logical CPU devices when there is no GPU
+    sync_bn: bool = False  # BatchNormalization statistics over the global batch
+    precision: str = field(default="float32", metadata=_choice("float32", "mixed_float16", "mixed_bfloat16"))
+    jit_compile: bool = False  # XLA
+    deterministic: bool = False  # op determinism; each global batch split across the replicas
     checkpoint_every_steps: int = field(default=100, metadata=_range(1))
+    keep_checkpoints: int = field(default=2, metadata=_range(1))
+    summary_every_steps: int = field(default=10, metadata=_range(1))  # TensorBoard scalars
 
 
 @dataclass(frozen=True)
@@ -103,8 +118,14 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class RegisterConfig:
-    registry: str = "registry"
+    registry: str = "registry"  # a local folder (relative to the project root) or s3://bucket/prefix
     model_name: str = "resnet-digits"
+    alias: str = "champion"  # the alias the gate promotes a better version to
+    gate_metric: str = "top1"  # a test figure of metrics.json; loss is better lower, the others higher
+    min_improvement: float = field(default=0.0, metadata=_range(0.0))  # strictly better, and by at least this
+    s3_endpoint_url: str | None = None  # S3-compatible stores (else AWS_ENDPOINT_URL, else AWS)
+    s3_region: str | None = None  # else AWS_DEFAULT_REGION / the AWS config
+    s3_addressing_style: str = field(default="auto", metadata=_choice("auto", "path", "virtual"))
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,13 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": b
 def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
     if value is None and f.type in ("bool | None", "str | None"):
         return None
+    if f.type == "tuple[float, ...]" and f.metadata.get("any_length"):
+        if (not isinstance(value, (list, tuple))
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+            raise ConfigError(f"{key}: expected a list of numbers, received {value!r}")
+        if any(v <= 0 for v in value) or list(value) != sorted(set(value)):
+            raise ConfigError(f"{key}: received {value!r}; allowed: increasing numbers > 0")
+        return tuple(float(v) for v in value)
     if f.type == "tuple[float, ...]":
         if (not isinstance(value, (list, tuple)) or len(value) != 3
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
@@ -207,6 +235,9 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(
             f"train.image_size: received {t.image_size}; ResNet-{t.depth} ({t.variant}) needs at least {stride}, its total stride"
         )
+    if t.lr_schedule == "step" and not t.lr_decay_at:
+        raise ConfigError("train.lr_decay_at: the step schedule needs the epochs (or steps) to divide the "
+                          "lr at, such as [30, 60, 90]; received []")
     try:  # the builder's own checks of the option combinations, named by their params keys
         model_arguments(t, num_classes=10)
     except ValueError as err:

@@ -49,6 +49,11 @@ class Paths:
         return self.artifacts / "checkpoints"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard logs of the train stage, a folder per run; not a DVC output."""
+        return self.artifacts / "tensorboard"
+
+    @property
     def eval_dir(self) -> Path:
         return self.artifacts / "eval"
 

@@ -77,7 +77,10 @@ def test_dvc_repro_writes_every_stage_and_registers_version_1(dvc_project: Path)
     versions = dvc_project / "registry/models/resnet-digits/versions"
     assert sorted(p.name for p in versions.iterdir()) == ["1"]
     manifest = json.loads((versions / "1/manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.keras", "params.yaml", "labels.json", "metrics.json"}
+    files = set(manifest["files"])  # the SavedModel is a folder: its files are listed one by one
+    assert {f.split("/")[0] for f in files} == {"model.keras", "saved_model", "params.yaml", "labels.json", "metrics.json"}
+    assert "saved_model/saved_model.pb" in files
+    assert (dvc_project / "artifacts/model/saved_model/saved_model.pb").exists()
     metrics = json.loads((dvc_project / "artifacts/eval/metrics.json").read_text())
     assert metrics["test"]["examples"] == json.loads((dvc_project / "data/shards/index.json").read_text())["splits"]["test"]["records"]
 

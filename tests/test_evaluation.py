@@ -1,4 +1,7 @@
-"""The evaluate stage on the digits test shards, with an untrained CIFAR ResNet-20."""
+"""The evaluate stage on the digits test shards, with an untrained CIFAR ResNet-20.
+
+Per-class precision, recall and F1 are checked against scikit-learn on the same predictions.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ def test_metrics_json(evaluated):
     metrics = json.loads((evaluated["out"] / "metrics.json").read_text())
     assert metrics == evaluated["metrics"]
     test = metrics["test"]
-    assert set(test) == {"examples", "loss", "top1", "top3"}
+    assert set(test) == {"examples", "loss", "top1", "top3", "macro_precision", "macro_recall", "macro_f1"}
     assert test["examples"] == evaluated["n_test"] > 0
     assert 0.0 <= test["top1"] <= test["top3"] <= 1.0
     assert np.isfinite(test["loss"]) and test["loss"] > 0
@@ -63,17 +66,87 @@ def test_confusion_csv_has_one_row_per_test_example(evaluated, digits_data):
     assert top1 == pytest.approx(evaluated["metrics"]["test"]["top1"], abs=1e-6)
 
 
-def test_per_class_csv(evaluated):
+def test_per_class_csv_matches_sklearn(evaluated):
+    from sklearn.metrics import precision_recall_fscore_support
+
     header, rows = _read_csv(evaluated["out"] / "per_class.csv")
-    assert header == ["class", "support", "accuracy"]
-    assert len(rows) == 10
-    assert [r[0] for r in rows] == evaluated["classes"]
-    assert sum(int(r[1]) for r in rows) == evaluated["n_test"]
+    assert header == ["class", "precision", "recall", "f1", "support"]
+    classes = evaluated["classes"]
+    assert [r[0] for r in rows] == classes
+    assert sum(int(r[4]) for r in rows) == evaluated["n_test"]
     _, confusion = _read_csv(evaluated["out"] / "confusion.csv")
-    for name, support, accuracy in rows:
-        mine = [p for a, p in confusion if a == name]
-        assert int(support) == len(mine)
-        assert float(accuracy) == pytest.approx(sum(p == name for p in mine) / len(mine), abs=1e-6)
+    actual, predicted = [a for a, _ in confusion], [p for _, p in confusion]
+    assert len(set(predicted)) < len(classes)  # an untrained model: some classes are never predicted
+    precision, recall, f1, support = precision_recall_fscore_support(actual, predicted, labels=classes, zero_division=0)
+    np.testing.assert_allclose([float(r[1]) for r in rows], precision, atol=1e-6)
+    np.testing.assert_allclose([float(r[2]) for r in rows], recall, atol=1e-6)
+    np.testing.assert_allclose([float(r[3]) for r in rows], f1, atol=1e-6)
+    assert [int(r[4]) for r in rows] == support.tolist()
+    macro = precision_recall_fscore_support(actual, predicted, labels=classes, average="macro", zero_division=0)
+    test = evaluated["metrics"]["test"]
+    assert [test["macro_precision"], test["macro_recall"], test["macro_f1"]] == pytest.approx(macro[:3], abs=1e-6)
+
+
+def test_per_class_scores_of_a_known_matrix():
+    from resnet_pipeline.evaluation import per_class_scores
+
+    # class 0: 3 of 4 right, predicted 5 times; class 1: 2 of 2 right; class 2: never seen nor predicted
+    scores = per_class_scores(np.array([[3, 1, 0], [0, 2, 0], [2, 0, 0]]))
+    assert scores["precision"].tolist() == pytest.approx([3 / 5, 2 / 3, 0.0])
+    assert scores["recall"].tolist() == pytest.approx([3 / 4, 1.0, 0.0])
+    assert scores["f1"].tolist() == pytest.approx([2 / 3, 0.8, 0.0])
+    assert scores["support"].tolist() == [4, 2, 2]
+
+
+def test_confusion_matrix_csv_and_png(evaluated):
+    from PIL import Image
+    from sklearn.metrics import confusion_matrix
+
+    classes = evaluated["classes"]
+    header, rows = _read_csv(evaluated["out"] / "confusion_matrix.csv")
+    assert header == ["actual/predicted", *classes]
+    assert [r[0] for r in rows] == classes
+    _, per_image = _read_csv(evaluated["out"] / "confusion.csv")
+    expected = confusion_matrix([a for a, _ in per_image], [p for _, p in per_image], labels=classes)
+    assert [[int(c) for c in r[1:]] for r in rows] == expected.tolist()
+
+    png = evaluated["out"] / "confusion.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.format == "PNG" and min(image.size) >= 300
+
+
+def test_no_champion_is_null(evaluated):
+    metrics = json.loads((evaluated["out"] / "metrics.json").read_text())
+    assert metrics["champion"] is None
+    assert metrics["data"] == {"manifest_sha256": None}
+
+
+@pytest.mark.parametrize("same_split", [True, False])
+def test_champion_comparison(evaluated, digits_data, tmp_path, same_split):
+    from resnet_pipeline.fileio import sha256_file
+
+    sha = sha256_file(digits_data.manifest)
+    champion = {"version": 4, "test": {"examples": 150, "loss": 0.5, "top1": 0.75, "top3": 0.9, "macro_f1": 0.7,
+                                       "top5": 0.99},
+                "data": {"manifest_sha256": sha if same_split else "0" * 64}}
+    metrics = evaluate(EvaluateConfig(top_k=3), evaluated["out"].parent / "model", digits_data.shards, tmp_path,
+                       champion=champion, manifest_sha256=sha)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["data"] == {"manifest_sha256": sha}
+    compared = metrics["champion"]
+    assert compared["version"] == 4
+    assert compared["same_test_split"] is same_split
+    test = metrics["test"]
+    # the figures both have; not the example count, not the champion's top5
+    assert set(compared["metrics"]) == {"loss", "top1", "top3", "macro_f1"}
+    for name, figures in compared["metrics"].items():
+        assert figures["champion"] == champion["test"][name]
+        assert figures["candidate"] == test[name]
+        assert figures["delta"] == pytest.approx(test[name] - champion["test"][name], abs=1e-6)
 
 
 def test_top_k_larger_than_the_class_count_is_capped(evaluated, digits_data, tmp_path):

@@ -143,11 +143,11 @@ def benchmark_models(variant: str, depths: list[int], **kwargs) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     width = max(len("model"), *(len(r["model"]) for r in rows))
-    header = f"{'model':<{width}}  {'phase':<10}  {'batch':>5}  {'ms/step (mean ± std)':>22}  {'images/s':>9}  {'vs keras':>8}"
+    header = f"{'model':<{width}}  {'phase':<10}  {'batch':>5}  {'ms/step (mean ± std)':>22}  {'images/s':>9}  {'ratio':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
         timing = f"{r['mean_sec'] * 1e3:.1f} ± {r['std_sec'] * 1e3:.1f}"
-        ratio = f"{r['ratio_vs_keras']:.3f}x" if "ratio_vs_keras" in r else ""
+        ratio = next((f"{r[k]:.3f}x" for k in ("ratio_vs_keras", "ratio_vs_one_device") if k in r), "")
         lines.append(f"{r['model']:<{width}}  {r['phase']:<10}  {r['batch_size']:>5}  {timing:>22}  "
                      f"{r['images_per_sec']:>9.1f}  {ratio:>8}")
     return "\n".join(lines)

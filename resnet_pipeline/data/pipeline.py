@@ -168,41 +168,60 @@ def make_dataset(
     seed: int = 0,
     input_context: tf.distribute.InputContext | None = None,
     skip_batches: int = 0,
+    split_global_batch: bool = False,
 ) -> tf.data.Dataset:
-    """Batches of (image, label) from TFRecord `files`.
+    """Batches of (image, label) from TFRecord `files`; `batch_size` is the per-replica batch.
 
     Training reads shuffled files interleaved, shuffles records, augments and drops the last partial
     batch (BatchNormalization and replicas want equal batches). The order and the augmentation are
-    functions of `seed` alone, so a resumed run can `skip_batches` to where it stopped. With an
-    `input_context`, each input pipeline reads its own files (or its own records, when there are
-    fewer files than pipelines).
+    functions of `seed` alone, so a resumed run can skip the `skip_batches` global steps of the
+    epoch already trained (before decoding: skipping costs no image work).
+
+    With an `input_context` of several input pipelines (one per worker), each pipeline reads its
+    own files (or its own records, when there are fewer files than pipelines) and repeats them, as
+    shards rarely hold equal counts. With `split_global_batch`, every pipeline reads all records
+    in the same order instead and keeps its replicas' slice of each global batch, so that the
+    replicas together see exactly the global batches, and the augmentations, of one device.
     """
+    ctx = input_context
+    pipelines = ctx.num_input_pipelines if ctx else 1
+    pipeline_id = ctx.input_pipeline_id if ctx else 0
+    local_replicas = ctx.num_replicas_in_sync // pipelines if ctx else 1
+    split = split_global_batch and pipelines > 1
+    by_worker = pipelines > 1 and not split
     ds = tf.data.Dataset.from_tensor_slices(files)
-    pipelines = input_context.num_input_pipelines if input_context else 1
-    if pipelines > 1 and len(files) >= pipelines:
-        ds = ds.shard(pipelines, input_context.input_pipeline_id)
+    if by_worker and len(files) >= pipelines:
+        ds = ds.shard(pipelines, pipeline_id)
     if training:
         ds = ds.shuffle(len(files), seed=seed)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), deterministic=True,
                        num_parallel_calls=tf.data.AUTOTUNE)
-    if pipelines > len(files):
-        ds = ds.shard(pipelines, input_context.input_pipeline_id)
-    if training:
-        ds = ds.shuffle(4096, seed=seed + 1)
-        base = tf.constant([seed, input_context.input_pipeline_id if input_context else 0], tf.int64)
-
-        def fn(i, record):
-            encoded, label = parse_example(record)
-            return train_image(encoded, prep, _seed(base, tf.cast(i, tf.int32))), label
-
-        ds = ds.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:
-        def fn(record):
+    if by_worker and pipelines > len(files):
+        ds = ds.shard(pipelines, pipeline_id)
+    if not training:
+        def eval_fn(record):
             encoded, label = parse_example(record)
             return eval_image(encoded, prep), label
 
-        ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=training)
+        ds = ds.map(eval_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    ds = ds.shuffle(4096, seed=seed + 1)
+    if by_worker:
+        ds = ds.repeat()
+    ds = ds.enumerate()  # the record's position in the epoch seeds its augmentation
+    local = batch_size * local_replicas  # records this pipeline feeds per global step
+    if split:
+        start = pipeline_id * local
+        ds = ds.batch(batch_size * ctx.num_replicas_in_sync, drop_remainder=True)
+        ds = ds.map(lambda i, r: (i[start : start + local], r[start : start + local])).unbatch()
     if skip_batches:
-        ds = ds.skip(skip_batches)
-    return ds.prefetch(tf.data.AUTOTUNE)
+        ds = ds.skip(skip_batches * local)
+    base = tf.constant([seed, pipeline_id if by_worker else 0], tf.int64)
+
+    def train_fn(i, record):
+        encoded, label = parse_example(record)
+        return train_image(encoded, prep, _seed(base, tf.cast(i, tf.int32))), label
+
+    ds = ds.map(train_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -25,6 +25,7 @@ import sys
 from typing import NamedTuple
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 
@@ -125,17 +126,50 @@ class ZeroPadShortcut(layers.Layer):
         return {**super().get_config(), "filters": self.filters, "stride": self.stride}
 
 
+@keras.saving.register_keras_serializable(package="resnet_pipeline")
+class SyncBatchNormalization(layers.BatchNormalization):
+    """BatchNormalization whose training statistics are those of the global batch, over all replicas.
+
+    The mean is all-reduced first, then the mean squared deviation from it: the two passes of
+    `tf.nn.moments` on one device. (Keras' `synchronized=True` all-reduces the sums of x and x^2
+    and takes E[x^2] - E[x]^2, whose cancellation changes ResNet-20's first gradients by ~2 % from
+    one device's, so replicas could not reproduce a one-device run.)
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.pop("synchronized", None)
+        super().__init__(**kwargs)
+
+    def _moments(self, inputs, mask):
+        replica = tf.distribute.get_replica_context()
+        if mask is not None or replica is None:
+            return super()._moments(inputs, mask)
+        x = tf.cast(inputs, tf.float32)
+        axes = list(self._reduction_axes)
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+        count = replica.all_reduce(tf.distribute.ReduceOp.SUM, count)
+        mean = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(x, axes, keepdims=True)) / count
+        deviation = tf.reduce_sum(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes, keepdims=True)
+        variance = replica.all_reduce(tf.distribute.ReduceOp.SUM, deviation) / count
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+        if inputs.dtype != tf.float32:  # as Keras: statistics in float32, returned in the input's dtype
+            limit = inputs.dtype.max
+            mean = tf.cast(tf.clip_by_value(mean, -limit, limit), inputs.dtype)
+            variance = tf.cast(tf.clip_by_value(variance, -limit, limit), inputs.dtype)
+        return mean, variance
+
+
 class _Builder:
     """Layer factories and the stem, block and head of one model, sharing its settings."""
 
     def __init__(self, spec: Spec, *, shortcut: str, stride_in_1x1: bool, zero_init_residual: bool,
                  bias_before_bn: bool, bias_elsewhere: bool, weight_decay: float, bn_momentum: float,
-                 bn_epsilon: float):
+                 bn_epsilon: float, sync_bn: bool = False):
         self.spec, self.shortcut = spec, shortcut
         self.stride_in_1x1, self.zero_init_residual = stride_in_1x1, zero_init_residual
         self.bias_before_bn, self.bias_elsewhere = bias_before_bn, bias_elsewhere
         self.reg = keras.regularizers.L2(weight_decay) if weight_decay > 0 else None
-        self.bn_momentum, self.bn_epsilon = bn_momentum, bn_epsilon
+        self.bn_momentum, self.bn_epsilon, self.sync_bn = bn_momentum, bn_epsilon, sync_bn
 
     # --- layers -----------------------------------------------------------------------------
 
@@ -150,7 +184,8 @@ class _Builder:
         )(x)
 
     def bn(self, x, name: str, zero_gamma: bool = False):
-        return layers.BatchNormalization(
+        kind = SyncBatchNormalization if self.sync_bn else layers.BatchNormalization
+        return kind(
             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             gamma_initializer="zeros" if zero_gamma else "ones", name=f"{name}_bn",
         )(x)
@@ -283,6 +318,7 @@ def build_resnet(
     v2_stride_last: bool = False,
     use_bias: bool | None = None,
     zero_init_residual: bool = False,
+    sync_bn: bool = False,
     include_top: bool = True,
     pooling: str | None = "avg",
 ) -> keras.Model:
@@ -302,7 +338,12 @@ def build_resnet(
     zero_init_residual: the gamma of each block's last BN starts at zero, so blocks start as identities.
     include_top: end with a Dense of `num_classes` logits after `pooling` ("avg" or "max"); without
         it the model ends with `pooling` ("avg", "max" or None for the last feature map).
-    weight_decay: L2 on the kernels of the convolutions and the Dense.
+    weight_decay: L2 regularizers on the kernels of the convolutions and the Dense (the trainer
+        applies its own decay instead and builds with 0).
+    sync_bn: BatchNormalization computes its batch statistics over all replicas (TensorFlow's
+        distribution strategies), as on one device with the global batch.
+
+    The logits are computed in float32 whatever the global dtype policy (mixed precision).
 
     ResNet-1202 is deeper than Python's default recursion limit lets Keras walk its graph: this
     function raises the limit while it builds; to rebuild it from its config, save it or load it
@@ -318,7 +359,7 @@ def build_resnet(
     b = _Builder(
         spec, shortcut=shortcut, stride_in_1x1=stride_in_1x1, zero_init_residual=zero_init_residual,
         bias_before_bn=bool(use_bias), bias_elsewhere=use_bias if use_bias is not None else v2_stride_last,
-        weight_decay=weight_decay, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+        weight_decay=weight_decay, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, sync_bn=bool(sync_bn),
     )
 
     inputs = keras.Input(shape=tuple(input_shape), name="image")
@@ -333,7 +374,7 @@ def build_resnet(
     elif pooling == "max":
         x = layers.GlobalMaxPooling2D(name="max_pool")(x)
     if include_top:
-        x = layers.Dense(num_classes, kernel_regularizer=b.reg, name="logits")(x)
+        x = layers.Dense(num_classes, kernel_regularizer=b.reg, dtype="float32", name="logits")(x)
     with recursion_limit(10 * depth + 1000):  # Keras walks the graph recursively: ResNet-1202 needs it
         return keras.Model(inputs, x, name=f"resnet{depth}_{variant}")
 
@@ -353,11 +394,12 @@ def model_arguments(train, num_classes: int, channels: int = 3) -> dict:
     kwargs = dict(
         depth=train.depth, variant=train.variant, input_shape=(train.image_size, train.image_size, channels),
         num_classes=num_classes, shortcut=None if train.shortcut == "auto" else train.shortcut,
-        weight_decay=train.weight_decay, bn_momentum=train.bn_momentum, bn_epsilon=train.bn_epsilon,
+        bn_momentum=train.bn_momentum, bn_epsilon=train.bn_epsilon, sync_bn=train.sync_bn,
         stride_in_1x1=train.stride_in_1x1, v2_stride_last=train.v2_stride_last, use_bias=train.use_bias,
         zero_init_residual=train.zero_init_residual,
     )
-    checked = dict(kwargs, shortcut=kwargs["shortcut"] or default_shortcut(train.variant))
+    checked = dict(kwargs, shortcut=kwargs["shortcut"] or default_shortcut(train.variant), weight_decay=0.0)
+    del checked["sync_bn"]
     _check_arguments(**checked, pooling="avg", include_top=True)
     return kwargs
 

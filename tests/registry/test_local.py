@@ -1,4 +1,4 @@
-"""The local model registry: numbered versions, manifest as commit point, verified pulls."""
+"""The local-folder registry: numbered versions, manifest as commit point, verified pulls (the original tests)."""
 
 from __future__ import annotations
 

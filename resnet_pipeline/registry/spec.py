@@ -1,0 +1,58 @@
+"""Model specs, parsed in one place: `NAME` (latest committed version), `NAME:VERSION`, `NAME@ALIAS`."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from resnet_pipeline.registry.storage import RegistryError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+SPEC_FORMS = "NAME, NAME:VERSION or NAME@ALIAS, such as resnet-digits, resnet-digits:3 or resnet-digits@champion"
+
+
+class Spec(NamedTuple):
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        return self.name + (f":{self.version}" if self.version is not None else "") + (f"@{self.alias}" if self.alias else "")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise RegistryError(f"model name {name!r}: expected lowercase letters, digits, '.', '_' or '-' "
+                            "(starting with a letter or digit, at most 128)")
+    return name
+
+
+def check_alias(alias: str) -> str:
+    if not isinstance(alias, str) or not ALIAS_RE.match(alias):
+        raise RegistryError(f"alias {alias!r}: expected a lowercase letter, then letters, digits, '_' or '-' "
+                            "(at most 64), such as champion or staging")
+    return alias
+
+
+def parse_spec(spec: str) -> Spec:
+    """Parse a spec; every error names the spec and the part that is wrong."""
+    if not isinstance(spec, str) or not spec:
+        raise RegistryError(f"model spec {spec!r}: empty; expected {SPEC_FORMS}")
+    if ":" in spec and "@" in spec:
+        raise RegistryError(f"model spec {spec!r}: give a version or an alias, not both; expected {SPEC_FORMS}")
+    name, sep, rest = re.fullmatch(r"([^:@]*)(?:([:@])(.*))?", spec, re.DOTALL).groups(default="")
+    try:
+        check_name(name)
+    except RegistryError as err:
+        raise RegistryError(f"model spec {spec!r}: {err}; expected {SPEC_FORMS}") from None
+    if sep == ":":
+        if not rest.isdigit() or int(rest) < 1:
+            raise RegistryError(f"model spec {spec!r}: version {rest!r} is not a positive integer; expected {SPEC_FORMS}")
+        return Spec(name, version=int(rest))
+    if sep == "@":
+        try:
+            return Spec(name, alias=check_alias(rest))
+        except RegistryError as err:
+            raise RegistryError(f"model spec {spec!r}: {err}") from None
+    return Spec(name)

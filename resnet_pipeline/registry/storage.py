@@ -1,0 +1,187 @@
+"""Where registry objects live: a small storage interface and its two backends.
+
+`S3Storage` (`s3://bucket/prefix`, through boto3) and `LocalStorage` (a folder) give the same
+guarantees, which is all the registry above them relies on:
+
+- `put(key, data, if_none_match=True)` creates `key` only if it does not exist (S3
+  `If-None-Match: *`; locally `link(2)` of a complete temporary file, which fails if the name
+  exists, so a reader never sees half an object);
+- `put(key, data, if_match=etag)` replaces `key` only if it still has that ETag (S3 `If-Match`;
+  locally compare and `rename(2)` under an exclusive `flock`);
+- a lost condition raises `Conflict`; every other failure a `RegistryError` naming the object.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class RegistryError(RuntimeError):
+    """A registry operation could not be done; the message names the model, version, alias or file."""
+
+
+class Conflict(Exception):
+    """A conditional write lost: the object exists (if_none_match) or changed (if_match)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the registry root, '/'-separated
+    size: int
+    last_modified: dt.datetime  # timezone-aware, UTC
+
+
+class Storage(Protocol):
+    location: str
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        """(data, etag), or None when the object does not exist."""
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        """Write `data`; return the new etag; raise Conflict when a condition fails."""
+
+    def upload_file(self, key: str, path: Path) -> None: ...
+
+    def download_file(self, key: str, path: Path) -> None: ...
+
+    def list(self, prefix: str) -> list[ObjectInfo]: ...
+
+    def delete(self, keys: list[str]) -> None: ...
+
+    def url(self, key: str) -> str:
+        """The object's address, for messages."""
+
+
+# ------------------------------------------------------------------------------------ local folder
+
+
+class LocalStorage:
+    """A folder with the registry layout; see the module docstring for the guarantees."""
+
+    LOCKS = ".locks"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.location = str(self.root)
+
+    def url(self, key: str) -> str:
+        return str(self.root / key)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return data, hashlib.md5(data).hexdigest()
+
+    def _tmp(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        return Path(tmp)
+
+    def _write_tmp(self, path: Path, data: bytes) -> Path:
+        tmp = self._tmp(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        path = self._path(key)
+        tmp = self._write_tmp(path, data)
+        try:
+            if if_none_match:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent of a complete file
+                except FileExistsError:
+                    raise Conflict(key) from None
+            elif if_match is not None:
+                with self._lock(key):
+                    current = self.get(key)
+                    if current is None or current[1] != if_match:
+                        raise Conflict(key)
+                    os.replace(tmp, path)
+            else:
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return hashlib.md5(data).hexdigest()
+
+    def _lock(self, key: str):
+        locks = self.root / self.LOCKS
+        locks.mkdir(parents=True, exist_ok=True)
+        return _FileLock(locks / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"))
+
+    def upload_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        tmp = self._tmp(target)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def download_file(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise RegistryError(f"{source}: object not found")
+        shutil.copyfile(source, path)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if d != self.LOCKS]
+            for fname in filenames:
+                if fname.startswith(".") and fname.endswith(".tmp"):
+                    continue  # a write in progress
+                full = Path(dirpath) / fname
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue
+                    when = dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
+                    out.append(ObjectInfo(key, st.st_size, when))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, keys: list[str]) -> None:
+        parents = set()
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            parents.add(path.parent)
+        for folder in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            while folder != self.root and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
+
+
+class _FileLock:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
