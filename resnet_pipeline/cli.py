@@ -5,7 +5,7 @@
     resnet-pipeline predict --model MODEL_DIR|NAME[:VERSION|@ALIAS] IMAGE... [--top-k K] [--json]
     resnet-pipeline model summary [--depth 50] [--variant v1|v1.5|v2|cifar] [--image-size 224]
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
-    resnet-pipeline benchmark pull --seaweed | --registry s3://BUCKET/PREFIX [--size-mb 100] [--rounds 3]
+    resnet-pipeline benchmark pull --seaweed [--pin] | --registry s3://BUCKET/PREFIX [--size-mb 100] [--rounds 3]
 
 Each stage subcommand reads params once, validates them, and calls the stage function with the
 typed config and the paths of design.md (relative to the current folder).
@@ -324,7 +324,12 @@ def run_benchmark_pull(args) -> int:
         raise ConfigError("benchmark pull: give either --registry s3://... or --seaweed")
     if args.rounds < 1 or args.size_mb <= 0:
         raise ConfigError(f"--rounds {args.rounds} / --size-mb {args.size_mb}: allowed: 1 or more / more than 0")
-    result = run(args.registry, seaweed=args.seaweed, size_mb=args.size_mb, rounds=args.rounds)
+    if args.pin and not args.seaweed:
+        raise ConfigError("benchmark pull --pin: only with --seaweed (the server must run on this machine)")
+    if (args.part_mb is not None and args.part_mb <= 0) or (args.connections is not None and args.connections < 1):
+        raise ConfigError(f"--part-mb {args.part_mb} / --connections {args.connections}: allowed: more than 0 / 1 or more")
+    result = run(args.registry, seaweed=args.seaweed, size_mb=args.size_mb, rounds=args.rounds, pin=args.pin,
+                 part_mb=args.part_mb, connections=args.connections)
     print(format_result(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
@@ -428,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seaweed", action="store_true", help="start a SeaweedFS on loopback and use it instead")
     p.add_argument("--size-mb", type=float, default=100.0, help="size of the model.keras registered (default: 100)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported (default: 3)")
+    p.add_argument("--pin", action="store_true",
+                   help="with --seaweed: server on the first CPU, this process on the others (as a remote server)")
+    p.add_argument("--part-mb", type=float, help="size of the ranged GETs (default: the registry's)")
+    p.add_argument("--connections", type=int, help="ranged GETs at a time (default: the registry's)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
     return parser
 

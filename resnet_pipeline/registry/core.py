@@ -282,11 +282,10 @@ class Registry:
             path.parent.mkdir(parents=True, exist_ok=True)
             key = self._version_key(name, version, target)
             try:
-                self.storage.download_file(key, path)
+                actual = self.storage.download_file(key, path)
             except RegistryError as err:
                 raise RegistryError(f"model {name}:{version}: file {target} listed in the manifest cannot be "
                                     f"read: {err}") from None
-            actual = sha256_file(path)
             if actual != entry["sha256"]:
                 raise RegistryError(f"model {name}:{version}: file {target} fails verification: sha256 {actual}, "
                                     f"manifest says {entry['sha256']}; refusing it")

@@ -6,13 +6,24 @@ the environment (`AWS_ENDPOINT_URL`, `AWS_DEFAULT_REGION`), so MinIO, SeaweedFS 
 S3-compatible stores work like AWS. Files go up and down with boto3's managed transfer (multipart,
 parallel parts); small JSON objects with single requests, conditional ones with `IfNoneMatch="*"`
 or `IfMatch=<etag>`: a 412 PreconditionFailed or 409 ConditionalRequestConflict is a `Conflict`.
+
+Files come down in parallel ranged GETs of presigned URLs (signed by the same boto3 client, so the
+same credentials, endpoint and addressing style), written in place and hashed in the same pass
+(`transfer.download`): botocore's response stream costs a pull more CPU than the transfer itself
+(`resnet-pipeline benchmark pull` measures both against a plain GET).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from resnet_pipeline.registry import transfer
 from resnet_pipeline.registry.storage import Conflict, ObjectInfo, RegistryError
 
 MB = 1024 * 1024
@@ -32,7 +43,7 @@ def parse_s3_url(location: str) -> tuple[str, str]:
 
 
 def transfer_config():
-    """Parts of 32 MB, 4 at a time, written in 1 MB pieces (tuned with `benchmark pull`)."""
+    """Uploads: parts of 32 MB, 4 at a time, read in 1 MB pieces."""
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(multipart_threshold=32 * MB, multipart_chunksize=32 * MB, max_concurrency=4,
@@ -44,7 +55,8 @@ class S3Storage:
 
     def __init__(self, location: str, *, endpoint_url: str | None = None, region: str | None = None,
                  addressing_style: str = "auto", max_attempts: int = 5,
-                 access_key: str | None = None, secret_key: str | None = None):
+                 access_key: str | None = None, secret_key: str | None = None,
+                 download_part_size: int = 64 * MB, download_concurrency: int = 4):
         import boto3
         from botocore.config import Config
 
@@ -54,6 +66,8 @@ class S3Storage:
         self.location = location.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(location)
         self.transfer = transfer_config()
+        self.max_attempts = max_attempts
+        self.download_part_size, self.download_concurrency = download_part_size, download_concurrency
         config = Config(s3={"addressing_style": addressing_style},
                         retries={"mode": "standard", "max_attempts": max_attempts},
                         max_pool_connections=self.transfer.max_request_concurrency + 4,
@@ -131,9 +145,58 @@ class S3Storage:
         with self._errors(key):
             self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
 
-    def download_file(self, key: str, path: Path) -> None:
-        with self._errors(key):
-            self.client.download_file(self.bucket, self._key(key), str(path), Config=self.transfer)
+    def download_file(self, key: str, path: Path) -> str:
+        """Download `key` to `path` (parallel ranged GETs); return the sha256 of the bytes written."""
+        try:
+            with self._errors(key):  # signing errors (no credentials) come from boto3
+                digest, _ = transfer.download(lambda start, end, etag: self._open_range(key, start, end, etag), path,
+                                              part_size=self.download_part_size,
+                                              concurrency=self.download_concurrency, attempts=self.max_attempts)
+        except transfer.Retryable as err:
+            raise RegistryError(f"{self.url(key)}: cannot download from the S3 endpoint {self.endpoint}: {err}") from None
+        return digest
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.endpoint.startswith("https:"):
+            return None
+        bundle = os.environ.get("AWS_CA_BUNDLE")
+        return ssl.create_default_context(cafile=bundle) if bundle else ssl.create_default_context()
+
+    def _open_range(self, key: str, start: int, end: int | None, etag: str | None) -> transfer.Opened:
+        """GET bytes start..end (inclusive) of `key` through a presigned URL."""
+        headers = {"Range": f"bytes={start}-{'' if end is None else end}"}
+        if etag:
+            headers["If-Match"] = etag
+        request = urllib.request.Request(self.presigned_url(key, expires=6 * 3600), headers=headers)
+        try:
+            response = urllib.request.urlopen(request, timeout=120, context=self._ssl_context())
+        except urllib.error.HTTPError as err:
+            body = err.read(4096).decode("utf-8", "replace")
+            err.close()
+            found = re.search(r"<Code>([^<]+)</Code>", body)
+            code = found.group(1) if found else ""
+            if err.code == 416 and start == 0:  # an empty object has no byte 0: ask for all of it
+                response = urllib.request.urlopen(urllib.request.Request(request.full_url), timeout=120,
+                                                  context=self._ssl_context())
+                return transfer.Opened(response, 0, int(response.headers.get("Content-Length") or 0),
+                                       response.headers.get("ETag"))
+            if err.code == 412:
+                raise RegistryError(f"{self.url(key)}: the object changed during the download (ETag {etag})")
+            if err.code >= 500 or err.code == 429:
+                raise transfer.Retryable(f"HTTP {err.code} {code}".strip())
+            raise self._client_error(key, code, str(err.code), err) from None
+        except (urllib.error.URLError, OSError) as err:
+            raise transfer.Retryable(str(getattr(err, "reason", err))) from None
+        if response.status == 206:
+            match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers.get("Content-Range", ""))
+            if not match:
+                response.close()
+                raise RegistryError(f"{self.url(key)}: unexpected Content-Range "
+                                    f"{response.headers.get('Content-Range')!r} from {self.endpoint}")
+            first, total = int(match.group(1)), int(match.group(3))
+        else:  # 200: the server sent the whole object
+            first, total = 0, int(response.headers.get("Content-Length") or 0)
+        return transfer.Opened(response, first, total, response.headers.get("ETag"))
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         out = []

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from resnet_pipeline.registry.transfer import copy_hashing
+
 
 class RegistryError(RuntimeError):
     """A registry operation could not be done; the message names the model, version, alias or file."""
@@ -50,7 +52,8 @@ class Storage(Protocol):
 
     def upload_file(self, key: str, path: Path) -> None: ...
 
-    def download_file(self, key: str, path: Path) -> None: ...
+    def download_file(self, key: str, path: Path) -> str:
+        """Copy the object to `path`; return the sha256 of the bytes written."""
 
     def list(self, prefix: str) -> list[ObjectInfo]: ...
 
@@ -134,11 +137,11 @@ class LocalStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def download_file(self, key: str, path: Path) -> None:
+    def download_file(self, key: str, path: Path) -> str:
         source = self._path(key)
         if not source.is_file():
             raise RegistryError(f"{source}: object not found")
-        shutil.copyfile(source, path)
+        return copy_hashing(source, path)[0]
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root

@@ -110,10 +110,17 @@ def test_fetch_model_pulls_once_and_repairs_the_cache(location, tmp_path):
 def test_benchmark_pull_prints_both_figures(s3_location, capsys, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["benchmark", "pull", "--registry", s3_location, "--size-mb", "2", "--rounds", "2",
-                 "--output", str(out)]) == 0
+                 "--part-mb", "0.5", "--connections", "2", "--output", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "registry pull" in text and "plain GET" in text and "ratio" in text
+    assert "registry pull (0.5 MB parts, 2 connections" in text and "plain GET" in text and "ratio" in text
     result = json.loads(out.read_text())
     assert result["bytes"] > 2_000_000 and len(result["pull_seconds"]) == len(result["get_seconds"]) == 2
     assert result["pull_mb_s"] > 0 and result["get_mb_s"] > 0 and result["ratio"] > 0
+    assert (result["part_bytes"], result["connections"], result["pinned"]) == (512 * 1024, 2, False)
+    assert result["cpu_seconds"]["pull"] > 0 and "server_pull" not in result["cpu_seconds"]
     assert open_registry(s3_location).storage.list("models/") == [], "the benchmark deletes its objects"
+
+
+def test_benchmark_pull_refuses_pin_without_a_local_server(capsys):
+    assert main(["benchmark", "pull", "--registry", "s3://bucket/x", "--pin"]) == 2
+    assert "--pin: only with --seaweed" in capsys.readouterr().err

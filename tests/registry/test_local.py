@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -186,31 +185,6 @@ def test_pull_into_a_non_empty_folder_refuses_and_touches_nothing(reg, files, tm
     assert str(dest) in str(err.value)
     assert listing(dest) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["busy", "registry", "src"])
-
-
-def test_concurrent_registrations_get_distinct_versions(reg, files):
-    n = 8
-    barrier = threading.Barrier(n)
-    results, errors = [], []
-
-    def worker(i: int) -> None:
-        try:
-            barrier.wait()
-            results.append((i, reg.register(NAME, files, {"writer": i})))
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert errors == []
-    assert sorted(v for _, v in results) == list(range(1, n + 1))
-    assert reg.versions(NAME) == list(range(1, n + 1))
-    for writer, version in results:
-        manifest = reg.manifest(f"{NAME}:{version}")
-        assert manifest["writer"] == writer and manifest["version"] == version
 
 
 def test_register_model_stage_writes_the_record(tmp_path, files):

@@ -1,0 +1,196 @@
+"""Download one object in parallel ranged GETs and compute its sha256 in the same pass.
+
+`download(fetch, path, ...)` asks `fetch(start, end, etag)` for byte ranges of `part_size`, up to
+`concurrency` at a time, and writes them in place (`os.pwrite`) as they arrive. Meanwhile the
+calling thread hashes the object in order, following the parts as they arrive, so that verification
+overlaps the transfer instead of reading the whole file again after it.
+
+The first GET asks for the first part and learns the object's size and ETag from its
+`Content-Range`; the other parts are asked with `If-Match` on that ETag, so an object replaced in
+the middle of a download fails instead of being stitched together. A part whose connection fails
+is asked again from where it stopped (`Retryable` errors, `attempts` times, with backoff).
+The part being hashed hands its 1 MB receive buffers straight to the hasher; the bytes of a part
+that arrived before its turn are read back from the file. Memory stays at a few 1 MB buffers per
+connection whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1 << 20
+HASH_CHUNK = 8 * CHUNK
+BUFFERS = 4  # per connection
+
+
+class Retryable(Exception):
+    """A failure worth asking again for (connection lost, 5xx, throttling)."""
+
+
+@dataclass
+class Opened:
+    stream: BinaryIO  # has readinto() and close()
+    start: int  # offset of the stream's first byte in the object
+    total: int  # the object's size
+    etag: str | None
+
+
+# fetch(start, end_inclusive_or_None, etag_or_None) -> Opened; raises Retryable or a final error
+Fetch = Callable[[int, "int | None", "str | None"], Opened]
+
+
+@dataclass
+class _Part:
+    lo: int
+    hi: int  # exclusive
+    written: int = 0  # bytes of this part on disk, from lo
+    live: bool = False  # being hashed: the receiver hands its buffers to the hasher
+    buffers: queue.Queue | None = None  # the receiver's free buffers
+
+
+def download(fetch: Fetch, path: str | Path, *, part_size: int = 16 * CHUNK, concurrency: int = 4,
+             attempts: int = 5, backoff: float = 0.5) -> tuple[str, int]:
+    """Write the object to `path`; return (sha256 hex, size). On failure `path` may hold part of it."""
+    first = _with_retries(lambda: fetch(0, part_size - 1, None), attempts, backoff)
+    total, etag = first.total, first.etag
+    if first.start != 0:
+        first.stream.close()
+        raise ValueError(f"asked for bytes from 0, the server answered from {first.start}")
+    if total <= part_size:
+        return _download_one(fetch, first, path, attempts, backoff), total
+    parts = [_Part(lo, min(total, lo + part_size)) for lo in range(0, total, part_size)]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    lock = threading.Lock()
+    handed: queue.Queue = queue.Queue()  # (part, buffer, n) of the live part, in order; None on a failure
+    failures: list[BaseException] = []
+
+    def receive(part: _Part, opened: Opened | None) -> None:
+        part.buffers = queue.Queue()
+        for _ in range(BUFFERS):
+            part.buffers.put(memoryview(bytearray(CHUNK)))
+        pos = part.lo
+        try:
+            for attempt in range(attempts):
+                try:
+                    if opened is None:
+                        opened = fetch(pos, part.hi - 1, etag)
+                        if opened.start != pos:
+                            raise Retryable(f"asked for bytes from {pos}, the server answered from {opened.start}")
+                    with opened.stream as stream:
+                        buf = part.buffers.get()
+                        while pos < part.hi and not failures:
+                            n = stream.readinto(buf[:min(CHUNK, part.hi - pos)])
+                            if not n:
+                                break
+                            os.pwrite(fd, buf[:n], pos)
+                            pos += n
+                            with lock:
+                                part.written = pos - part.lo
+                                live = part.live
+                            if live:  # the hasher takes this buffer as it is: no second read of the bytes
+                                handed.put((part, buf, n))
+                                buf = part.buffers.get()
+                        part.buffers.put(buf)
+                    if pos >= part.hi or failures:
+                        return
+                    raise Retryable(f"connection closed at byte {pos} of {total}")
+                except (Retryable, OSError) as err:
+                    opened = None
+                    if attempt + 1 == attempts:
+                        raise Retryable(f"gave up after {attempts} attempts: {err}") from None
+                    time.sleep(backoff * 2 ** attempt)
+        except BaseException as err:
+            failures.append(err)
+            handed.put(None)
+
+    digest = hashlib.sha256()
+    try:
+        with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="pull") as pool:
+            try:
+                for i, part in enumerate(parts):
+                    pool.submit(receive, part, first if i == 0 else None)
+                if not parts:
+                    first.stream.close()
+                for part in parts:
+                    with lock:  # from now on the receiver hands over what it writes
+                        part.live, hashed = True, part.written
+                    done = 0
+                    while done < hashed:  # what arrived before the part became live: read it back
+                        data = os.pread(fd, min(hashed - done, HASH_CHUNK), part.lo + done)
+                        digest.update(data)
+                        done += len(data)
+                    while hashed < part.hi - part.lo:
+                        item = handed.get()
+                        if item is None:
+                            raise failures[0]
+                        owner, buf, n = item
+                        digest.update(buf[:n])
+                        hashed += n
+                        owner.buffers.put(buf)
+            except BaseException as err:
+                failures.append(err)  # tells the receivers to stop
+                for part in parts:  # and unblocks any waiting for a buffer
+                    if part.buffers is not None:
+                        part.buffers.put(memoryview(bytearray(CHUNK)))
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), total
+
+
+def _download_one(fetch: Fetch, opened: Opened, path: str | Path, attempts: int, backoff: float) -> str:
+    """The whole object in one stream: receive, write and hash each 1 MB in turn in this thread."""
+    digest, buf, pos, total, etag = hashlib.sha256(), memoryview(bytearray(CHUNK)), 0, opened.total, opened.etag
+    with open(path, "wb") as out:  # writes of 1 MB bypass its buffer
+        for attempt in range(attempts):
+            try:
+                if opened is None:
+                    opened = fetch(pos, total - 1, etag)
+                    if opened.start != pos:
+                        raise Retryable(f"asked for bytes from {pos}, the server answered from {opened.start}")
+                with opened.stream as stream:
+                    while pos < total and (n := stream.readinto(buf[:min(CHUNK, total - pos)])):
+                        out.write(buf[:n])
+                        digest.update(buf[:n])
+                        pos += n
+                if pos >= total:
+                    return digest.hexdigest()
+                raise Retryable(f"connection closed at byte {pos} of {total}")
+            except (Retryable, OSError) as err:
+                opened = None
+                if attempt + 1 == attempts:
+                    raise Retryable(f"gave up after {attempts} attempts: {err}") from None
+                time.sleep(backoff * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _with_retries(call: Callable[[], Opened], attempts: int, backoff: float) -> Opened:
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Retryable:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(backoff * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def copy_hashing(source: str | Path, target: str | Path) -> tuple[str, int]:
+    """Copy a local file, computing its sha256 on the way; return (sha256 hex, size)."""
+    digest, size = hashlib.sha256(), 0
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while chunk := src.read(HASH_CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
