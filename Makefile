@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup run test flow lock clean
+.PHONY: setup setup-gpu run test flow lock clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,18 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9
 	$(BIN)/uv pip sync --python $(PY) requirements.lock
+	$(BIN)/uv pip install --python $(PY) --no-deps -e .
+	touch $(STAMP)
+
+# A GPU machine: the same lock, with tensorflow[and-cuda] of the locked TensorFlow version instead
+# of tensorflow-cpu (the CUDA wheels it brings are not in the lock).
+TF_VERSION = $(shell sed -n 's/^tensorflow-cpu==//p' requirements.lock)
+setup-gpu:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9
+	grep -v '^tensorflow-cpu==' requirements.lock > $(VENV)/requirements-gpu.lock
+	$(BIN)/uv pip sync --python $(PY) $(VENV)/requirements-gpu.lock
+	$(BIN)/uv pip install --python $(PY) 'tensorflow[and-cuda]==$(TF_VERSION)'
 	$(BIN)/uv pip install --python $(PY) --no-deps -e .
 	touch $(STAMP)
 

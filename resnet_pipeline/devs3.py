@@ -16,6 +16,15 @@ or wrongly signed requests are refused. The server logs to `<dir>/weed.log`.
 
 Used by the tests (tests/s3server.py re-exports it) and by `resnet-pipeline benchmark pull --seaweed`.
 
+As a local development server (or `infra/dev-s3.sh`, which runs this with the project's venv):
+
+    python -m resnet_pipeline.devs3 [--dir DIR] [--bucket NAME ...]
+
+starts the server, creates the buckets, prints the endpoint and the `export AWS_...` lines to paste
+into a shell, and serves until Ctrl-C or SIGTERM, then stops `weed` and exits 0. Without `--dir`
+the data goes to a temporary folder that is deleted on exit; with `--dir` it stays there and a
+later run on the same folder finds it again. The S3 port is a free one chosen at every start.
+
 Findings for SeaweedFS 4.48 (see tests/test_s3server.py): boto3's default request checksums
 (CRC32, boto3 >= 1.36) are accepted, so clients keep botocore's defaults; `IfNoneMatch="*"` and
 `IfMatch=<etag>` on PutObject are honoured (412 PreconditionFailed otherwise). Without any
@@ -354,3 +363,87 @@ class SeaweedS3:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<SeaweedS3 {state} {self.endpoint_url if self.ports else '(no ports)'} dir={self.dir}>"
+
+
+# --------------------------------------------------------------------------- development server
+
+
+def _parse_args(argv: list[str] | None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m resnet_pipeline.devs3",
+        description="Run a local S3-compatible server (SeaweedFS `weed mini` on 127.0.0.1) until "
+                    "Ctrl-C or SIGTERM, for development.",
+    )
+    parser.add_argument("--dir", help="data folder, kept on exit (default: a temporary folder, deleted on exit)")
+    parser.add_argument("--bucket", action="append", default=[], metavar="NAME",
+                        help="create this bucket if it does not exist (repeatable)")
+    return parser.parse_args(argv)
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM / SIGHUP handler to leave the serving loop."""
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve S3 on loopback until Ctrl-C / SIGTERM; 0 on a requested stop, 1 if `weed` fails."""
+    import shlex
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    args = _parse_args(argv)
+    stop_signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in stop_signals}
+    server = None
+    try:
+        server = SeaweedS3(args.dir)
+        server.start()
+        s3 = server.client()
+        existing = {bucket["Name"] for bucket in s3.list_buckets().get("Buckets", [])}
+        for bucket in args.bucket:
+            if bucket not in existing:
+                server.make_bucket(bucket)
+                existing.add(bucket)
+        exports = {
+            "AWS_ENDPOINT_URL": server.endpoint_url,
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "AWS_DEFAULT_REGION": server.region,
+        }
+        print(f"S3 endpoint: {server.endpoint_url}")
+        print(f"data: {server.dir}{'' if args.dir else ' (temporary, deleted on exit)'}  log: {server.log_path}")
+        print(f"buckets: {', '.join(sorted(existing)) or '(none)'}")
+        print("paste into a shell:")
+        for name, value in exports.items():
+            print(f"export {name}={shlex.quote(value)}")
+        print("serving; Ctrl-C or SIGTERM stops it", flush=True)
+        while server.running:
+            time.sleep(0.5)
+        code = server.process.returncode if server.process is not None else None
+        print(f"weed mini exited unexpectedly (code {code})\n--- tail of {server.log_path} ---\n"
+              f"{server.log_tail()}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        print("stopping", file=sys.stderr, flush=True)
+        return 0
+    except (SeaweedS3Error, BotoCoreError, ClientError) as err:
+        print(f"devs3: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in stop_signals:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
+        try:
+            if server is not None:
+                server.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
