@@ -325,15 +325,37 @@ class SeaweedS3:
                 raise SeaweedS3Error(f"weed mini could not bind a port\n--- tail of {self.log_path} ---\n{self.log_tail()}")
             try:
                 probe.list_buckets()
-                return
+                if self._storage_ready():
+                    return
+                last_error = SeaweedS3Error("the master does not list the volume server's volumes yet")
             except (BotoCoreError, ClientError) as exc:
                 last_error = exc
-                time.sleep(0.2)
+            time.sleep(0.2)
         raise SeaweedS3Error(
             f"S3 endpoint {self.endpoint_url} not ready after {self.startup_timeout:.0f}s "
             f"(last error: {last_error!r})\ncommand: {' '.join(self.command())}\n"
             f"--- tail of {self.log_path} ---\n{self.log_tail()}"
         )
+
+    def _storage_ready(self) -> bool:
+        """Has the volume server registered with the master, with every volume it loaded? (After a
+        restart the S3 gateway answers before that, and reads of stored objects fail meanwhile.)"""
+        import json
+        import urllib.request
+
+        def status(port_flag: str, path: str) -> dict:
+            url = f"http://127.0.0.1:{self.ports[port_flag]}{path}"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+
+        try:
+            topology = status("master.port", "/dir/status")["Topology"]
+            nodes = [node for center in topology.get("DataCenters") or [] for rack in center.get("Racks") or []
+                     for node in rack.get("DataNodes") or []]
+            loaded = len(status("volume.port", "/status").get("Volumes") or [])
+        except (OSError, ValueError, KeyError):
+            return False
+        return bool(nodes) and sum(node.get("Volumes", 0) for node in nodes) >= loaded
 
     def _bind_failure(self) -> bool:
         """Did the current run log a port clash?"""
