@@ -222,3 +222,28 @@ def test_bad_parameters_fail_the_run_naming_the_key(deployed):
     with pytest.raises(urllib.error.HTTPError) as err:  # the server checks types against the flow's schema
         _api(base, "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"depth": "deep"}})
     assert err.value.code == 409 and "depth" in err.value.read().decode()
+
+
+def _flow_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("resnet_pipeline_flow_module", REPO / "flows/pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parameters_of_every_deployment_validate_like_params_yaml():
+    from resnet_pipeline.config import ConfigError
+
+    pipeline = _flow_module()
+    for entry in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]:
+        parameters = pipeline.resnet_pipeline_flow.validate_parameters(dict(entry["parameters"]))
+        assert parameters.pop("root") == "."  # the worker's checkout
+        cfg = pipeline.load_config(parameters.pop("params"), str(REPO), parameters.pop("overrides", None), **parameters)
+        if "depth" in entry["parameters"]:
+            assert cfg.train.depth == entry["parameters"]["depth"]
+    with pytest.raises(ConfigError, match=r"train\.depth: received 19"):
+        pipeline.load_config("params.yaml", str(REPO), {"train.variant": "cifar"}, depth=19)
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        pipeline.load_config("params.yaml", str(REPO), {"train.epochz": 3})
