@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from resnet_pipeline.devs3 import free_ports
+from tests.project import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -90,13 +90,7 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
     """The project committed to a git repository, deployed with `prefect deploy --all`, and a
     process worker on the pool; the S3 credentials and endpoint in the worker's environment."""
     origin = tmp_path_factory.mktemp("origin")
-    for name in PROJECT_FILES:
-        src, dst = REPO / name, origin / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
+    copy_project(origin, PROJECT_FILES)
     workdir = tmp_path_factory.mktemp("worker")
     bucket = s3_server.make_bucket(f"deploy-{uuid.uuid4().hex[:12]}")
     env = dict(prefect_server["env"], RESNET_PIPELINE_REPO=str(origin), RESNET_PIPELINE_WORKDIR=str(workdir),

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.project import copy_project
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore", "resnet_pipeline", "flows"]
@@ -53,13 +55,7 @@ def _write_params(project: Path, **train) -> None:
 def dvc_project(tmp_path_factory) -> Path:
     """A git + DVC copy of the project with a 1-epoch params.yaml, reproduced once."""
     project = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        src, dst = REPO / name, project / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
+    copy_project(project, PROJECT_FILES)
     _write_params(project, epochs=1)
     _run(["git", "init", "-q"], project)
     _run(["git", "add", "-A"], project)

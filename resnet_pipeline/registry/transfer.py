@@ -77,37 +77,21 @@ def download(fetch: Fetch, path: str | Path, *, part_size: int = 16 * CHUNK, con
         part.buffers = queue.Queue()
         for _ in range(BUFFERS):
             part.buffers.put(memoryview(bytearray(CHUNK)))
-        pos = part.lo
+
+        def take(buf: memoryview, n: int, pos: int) -> memoryview:
+            os.pwrite(fd, buf[:n], pos)
+            with lock:
+                part.written = pos + n - part.lo
+                live = part.live
+            if not live:
+                return buf
+            handed.put((part, buf, n))  # the hasher takes this buffer as it is: no second read of the bytes
+            return part.buffers.get()
+
         try:
-            for attempt in range(attempts):
-                try:
-                    if opened is None:
-                        opened = fetch(pos, part.hi - 1, etag)
-                        if opened.start != pos:
-                            raise Retryable(f"asked for bytes from {pos}, the server answered from {opened.start}")
-                    with opened.stream as stream:
-                        buf = part.buffers.get()
-                        while pos < part.hi and not failures:
-                            n = stream.readinto(buf[:min(CHUNK, part.hi - pos)])
-                            if not n:
-                                break
-                            os.pwrite(fd, buf[:n], pos)
-                            pos += n
-                            with lock:
-                                part.written = pos - part.lo
-                                live = part.live
-                            if live:  # the hasher takes this buffer as it is: no second read of the bytes
-                                handed.put((part, buf, n))
-                                buf = part.buffers.get()
-                        part.buffers.put(buf)
-                    if pos >= part.hi or failures:
-                        return
-                    raise Retryable(f"connection closed at byte {pos} of {total}")
-                except (Retryable, OSError) as err:
-                    opened = None
-                    if attempt + 1 == attempts:
-                        raise Retryable(f"gave up after {attempts} attempts: {err}") from None
-                    time.sleep(backoff * 2 ** attempt)
+            last = _read_range(fetch, opened, part.lo, part.hi, etag, part.buffers.get(), take,
+                               attempts=attempts, backoff=backoff, stop=lambda: bool(failures))
+            part.buffers.put(last)
         except BaseException as err:
             failures.append(err)
             handed.put(None)
@@ -150,27 +134,47 @@ def download(fetch: Fetch, path: str | Path, *, part_size: int = 16 * CHUNK, con
 
 def _download_one(fetch: Fetch, opened: Opened, path: str | Path, attempts: int, backoff: float) -> str:
     """The whole object in one stream: receive, write and hash each 1 MB in turn in this thread."""
-    digest, buf, pos, total, etag = hashlib.sha256(), memoryview(bytearray(CHUNK)), 0, opened.total, opened.etag
+    digest = hashlib.sha256()
     with open(path, "wb") as out:  # writes of 1 MB bypass its buffer
-        for attempt in range(attempts):
-            try:
-                if opened is None:
-                    opened = fetch(pos, total - 1, etag)
-                    if opened.start != pos:
-                        raise Retryable(f"asked for bytes from {pos}, the server answered from {opened.start}")
-                with opened.stream as stream:
-                    while pos < total and (n := stream.readinto(buf[:min(CHUNK, total - pos)])):
-                        out.write(buf[:n])
-                        digest.update(buf[:n])
-                        pos += n
-                if pos >= total:
-                    return digest.hexdigest()
-                raise Retryable(f"connection closed at byte {pos} of {total}")
-            except (Retryable, OSError) as err:
-                opened = None
-                if attempt + 1 == attempts:
-                    raise Retryable(f"gave up after {attempts} attempts: {err}") from None
-                time.sleep(backoff * 2 ** attempt)
+
+        def take(buf: memoryview, n: int, pos: int) -> memoryview:
+            out.write(buf[:n])
+            digest.update(buf[:n])
+            return buf
+
+        _read_range(fetch, opened, 0, opened.total, opened.etag, memoryview(bytearray(CHUNK)), take,
+                    attempts=attempts, backoff=backoff)
+    return digest.hexdigest()
+
+
+def _read_range(fetch: Fetch, opened: Opened | None, lo: int, hi: int, etag: str | None, buf: memoryview,
+                take: Callable[[memoryview, int, int], memoryview], *, attempts: int, backoff: float,
+                stop: Callable[[], bool] = lambda: False) -> memoryview:
+    """Read bytes lo..hi (exclusive) of the object in order, asking `fetch` again from where a lost
+    connection stopped. `take(buf, n, pos)` gets each piece (`buf[:n]`, at offset `pos`) and returns
+    the buffer to read the next one into; the last buffer is returned. `stop()` ends it early."""
+    pos = lo
+    for attempt in range(attempts):
+        try:
+            if opened is None:
+                opened = fetch(pos, hi - 1, etag)
+                if opened.start != pos:
+                    raise Retryable(f"asked for bytes from {pos}, the server answered from {opened.start}")
+            with opened.stream as stream:
+                while pos < hi and not stop():
+                    n = stream.readinto(buf[:min(CHUNK, hi - pos)])
+                    if not n:
+                        break
+                    buf = take(buf, n, pos)
+                    pos += n
+            if pos >= hi or stop():
+                return buf
+            raise Retryable(f"connection closed at byte {pos}, before byte {hi}")
+        except (Retryable, OSError) as err:
+            opened = None
+            if attempt + 1 == attempts:
+                raise Retryable(f"gave up after {attempts} attempts: {err}") from None
+            time.sleep(backoff * 2 ** attempt)
     raise AssertionError("unreachable")
 
 
