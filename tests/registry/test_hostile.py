@@ -26,10 +26,16 @@ def _entry(data: bytes, size: int | None = None) -> dict:
 
 
 def plant(reg, version: int, objects: dict[str, bytes], listed: dict[str, dict]) -> None:
-    """Objects under the version and a manifest listing `listed`, and champion -> this version."""
+    """Objects under the version (and, where the store takes the key, one for every other name listed,
+    with the content the manifest's sha256 names), a manifest listing `listed`, champion -> it."""
     base = f"models/{NAME}/versions/{version}/"
     for name, data in objects.items():
         reg.storage.put(base + name, data)
+    for name in set(listed) - set(objects):
+        try:
+            reg.storage.put(base + name, b"pwned")
+        except (RegistryError, OSError, ValueError):
+            pass  # a key this store cannot hold (a NUL in it)
     manifest = {"name": NAME, "version": version, "files": listed}
     reg.storage.put(base + "manifest.json", json.dumps(manifest).encode())
     reg.storage.put(f"models/{NAME}/aliases/champion.json", json.dumps({"version": version}).encode())
@@ -51,7 +57,7 @@ def hostile_cases(outside: Path) -> dict[str, tuple[dict, dict, str]]:
                       "escaped.txt"),
         "nul": ({"model.keras": GOOD}, {"model.keras": _entry(GOOD), "model\x00.keras": _entry(b"pwned")},
                 "'model\\x00.keras'"),
-        "file-and-folder": ({"model.keras": GOOD}, {"model.keras": _entry(GOOD), "model.keras/x": _entry(b"p")},
+        "file-and-folder": ({"model.keras": GOOD}, {"model.keras": _entry(GOOD), "model.keras/x": _entry(b"pwned")},
                             "'model.keras' is both a file and the folder"),
         "size-lies": ({"model.keras": big}, {"model.keras": _entry(big, size=10)}, "model.keras fails verification"),
     }
