@@ -107,7 +107,9 @@ def run_register(cfg: Config, paths: Paths) -> Any:
     record = register_model(_open_registry(cfg, paths.root), r.model_name, paths.model_dir, paths.eval_dir,
                             paths.registered, alias=r.alias, gate_metric=r.gate_metric,
                             min_improvement=r.min_improvement, data_manifest=paths.manifest,
-                            dvc_lock=paths.root / "dvc.lock", root=paths.root)
+                            dvc_lock=paths.root / "dvc.lock", root=paths.root,
+                            gate_options={"rule": r.gate, "min_value": r.min_value, "max_class_drop": r.max_class_drop,
+                                          "bootstrap_samples": r.bootstrap_samples, "bootstrap_seed": r.bootstrap_seed})
     lines = [f"registered {record['name']}:{record['version']} in {record['registry']}",
              f"gate: {describe(record['gate'])}"]
     if record["promotion"]["error"]:

@@ -400,6 +400,25 @@ class Registry:
                               f"model {name}:{version}", manifest, Path(folder),
                               manifest_bytes if manifest_bytes is not None else _dumps(manifest))
 
+    def fetch_file(self, spec: str | Spec, file: str, dest: str | Path) -> Path:
+        """One file of a committed version to `dest`, verified against the manifest (size and sha256)."""
+        name, version = self.resolve(spec)
+        manifest, _ = self.manifest_bytes(Spec(name, version=version))
+        entry = manifest["files"].get(file)
+        if entry is None:
+            raise RegistryError(f"model {name}:{version}: no file {file!r} in the version")
+        dest = Path(dest)
+        part = dest.with_name(f".{dest.name}.part")
+        try:
+            actual = self.storage.download_file(self._version_key(name, version, file), part, size=entry["bytes"])
+            if actual != entry["sha256"]:
+                raise RegistryError(f"model {name}:{version}: file {file} fails verification: sha256 {actual}, "
+                                    f"manifest says {entry['sha256']}; refusing it")
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
+        return dest
+
     # ------------------------------------------------------------------------------ gc
 
     def gc(self, name: str | None = None, older_than: float = GC_AGE, *, now: dt.datetime | None = None) -> list[dict]:

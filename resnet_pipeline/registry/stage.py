@@ -17,7 +17,7 @@ from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file
 from resnet_pipeline.redact import redact_url, redact_values
 from resnet_pipeline.registry.core import Registry
 from resnet_pipeline.registry.pull import complete
-from resnet_pipeline.registry.gate import decide
+from resnet_pipeline.registry.gate import PREDICTIONS, decide, read_predictions
 from resnet_pipeline.registry.spec import Spec, parse_spec
 from resnet_pipeline.registry.storage import RegistryError
 
@@ -65,22 +65,28 @@ def _open(registry) -> Registry:
 def register_model(registry: Registry | str | Path, name: str, model_dir: str | Path, eval_dir: str | Path,
                    out: str | Path, *, alias: str = "champion", gate_metric: str = "top1",
                    min_improvement: float = 0.0, data_manifest: str | Path | None = None,
-                   dvc_lock: str | Path | None = None, root: str | Path = ".") -> dict:
+                   dvc_lock: str | Path | None = None, root: str | Path = ".", gate_options: dict | None = None) -> dict:
     """Register stage: add the trained model and its evaluation as a new version, decide with the gate
-    whether it becomes `name@alias`, swap the alias if so, and write the record to `out`."""
+    whether it becomes `name@alias`, swap the alias if so, and write the record to `out`.
+
+    `gate_options` are the gate's other settings (`rule`, `min_value`, `max_class_drop`,
+    `bootstrap_samples`, `bootstrap_seed`; see gate.decide)."""
     reg = _open(registry)
     model_dir, eval_dir = Path(model_dir), Path(eval_dir)
     files = {"model.keras": model_dir / "model.keras", "params.yaml": model_dir / "config.yaml",
              "labels.json": model_dir / "labels.json", "metrics.json": eval_dir / "metrics.json"}
     if (model_dir / "saved_model").is_dir():
         files["saved_model"] = model_dir / "saved_model"
+    if (eval_dir / PREDICTIONS).is_file():
+        files[PREDICTIONS] = eval_dir / PREDICTIONS
     for target, source in files.items():
         if not source.exists():
             raise RegistryError(f"{source}: file to register as {target} of model {name!r} not found")
     metrics = read_json(files["metrics.json"], "evaluation metrics")
     data = data_version(data_manifest, dvc_lock)
     params = redact_values(yaml.safe_load(files["params.yaml"].read_text()))
-    gate_settings = {"alias": alias, "metric": gate_metric, "min_improvement": min_improvement}
+    options = dict(gate_options or {})
+    gate_settings = {"alias": alias, "metric": gate_metric, "min_improvement": min_improvement, **options}
     token = reg.registration_token(name, files, {"params": params, "data": data, "gate": gate_settings})
     done = reg.find_registration(name, token)
     champion = reg.alias(name, alias)
@@ -89,8 +95,10 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
         log.info("register: %s:%d already holds this registration; reusing it and its gate decision", name, version)
     else:
         champion_manifest = reg.manifest(Spec(name, version=champion.version)) if champion.record else None
+        classes = read_json(files["labels.json"], "labels").get("classes")
+        predictions = _paired_predictions(reg, name, champion.version, champion_manifest, files, options)
         decision = decide(metrics, data["manifest_sha256"], champion_manifest, alias=alias, metric=gate_metric,
-                          min_improvement=min_improvement)
+                          min_improvement=min_improvement, predictions=predictions, classes=classes, **options)
         meta = {"params": params, "metrics": metrics, "data": data, "git_commit": git_commit(root),
                 "environment": environment(), "labels": read_json(files["labels.json"], "labels").get("classes"),
                 "gate": decision}
@@ -108,6 +116,18 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
               "gate": decision, "promotion": promotion}
     atomic_write_json(out, record)
     return record
+
+
+def _paired_predictions(reg: Registry, name: str, version: int | None, champion_manifest: dict | None,
+                        files: dict, options: dict) -> tuple[dict, dict] | None:
+    """(candidate's, champion's) per-image predictions for the paired gate; None when either is missing."""
+    if options.get("rule") != "paired_bootstrap" or champion_manifest is None or PREDICTIONS not in files:
+        return None
+    if PREDICTIONS not in champion_manifest.get("files", {}):
+        return None
+    with tempfile.TemporaryDirectory(prefix="resnet-gate-") as tmp:
+        theirs = reg.fetch_file(Spec(name, version=version), PREDICTIONS, Path(tmp) / PREDICTIONS)
+        return read_predictions(files[PREDICTIONS]), read_predictions(theirs)
 
 
 def champion_summary(registry: Registry | str | Path, name: str, alias: str = "champion") -> dict | None:
