@@ -319,6 +319,26 @@ def run_benchmark_input(args) -> int:
     return 0
 
 
+def run_benchmark_train(args) -> int:
+    from resnet_pipeline.benchmark.train import format_result, run
+
+    result = run(config_mod.load(args.params, _parse_set(args.set)), epochs=args.epochs)
+    print(format_result(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def run_benchmark_accuracy(args) -> int:
+    from resnet_pipeline.benchmark.accuracy import format_result, run
+
+    result = run(config_mod.load(args.params, _parse_set(args.set)), seeds=args.seeds, first_seed=args.first_seed)
+    print(format_result(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def run_benchmark_pull(args) -> int:
     from resnet_pipeline.benchmark.pull import format_result, run
 
@@ -336,6 +356,17 @@ def run_benchmark_pull(args) -> int:
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"received {text!r}; expected an integer of 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"received {value}; allowed: 1 or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images timed through ImageDataGenerator, the slow one (default: 320)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
+    p = bench_sub.add_parser("train", help="train stage images/s over a short run vs its bare step and model.fit")
+    p.add_argument("--epochs", type=_positive_int, default=5, help="epochs of the run (default: 5)")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override a param")
+    p.add_argument("--output", help="also write the figures as JSON to this file")
+
+    p = bench_sub.add_parser("accuracy", help="split, train, evaluate over N seeds: test top-1 mean, std, 95%% CI")
+    p.add_argument("--seeds", type=_positive_int, default=5, help="values of base.seed to run (default: 5)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed; then +1 (default: 0)")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override a param")
+    p.add_argument("--output", help="also write the figures as JSON to this file")
+
     p = bench_sub.add_parser("pull", help="registry pull MB/s vs a plain HTTP GET of the same objects")
     p.add_argument("--registry", help="s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment")
     p.add_argument("--seaweed", action="store_true", help="start a SeaweedFS on loopback and use it instead")
@@ -457,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.command == "benchmark":
             return {"model": run_benchmark, "shard": run_benchmark_shard, "input": run_benchmark_input,
-                    "pull": run_benchmark_pull}[args.action](args)
+                    "pull": run_benchmark_pull, "train": run_benchmark_train,
+                    "accuracy": run_benchmark_accuracy}[args.action](args)
         cfg = config_mod.load(args.params, _parse_set(args.set))
         if args.command == "train" and args.workers:
             from resnet_pipeline.training.launch import launch

@@ -1,0 +1,157 @@
+"""The train stage's throughput over a whole short run, against its own bare step and Keras `model.fit`.
+
+    resnet-pipeline benchmark train [--epochs 5] [--set train.global_batch_size=128 ...]
+
+In one run, on the data of the params (the digits are made in a temporary folder if the project
+has none):
+
+- **stage**: `resnet-pipeline train`'s loop over `--epochs` epochs, validation and checkpoints
+  included, model export excluded;
+- **bare step**: the same trainer's compiled steps on one batch held in memory (no input pipeline,
+  no validation, no checkpoints): the most the stage could do;
+- **model.fit**: the same model, optimizer, schedule and `tf.data` input (validation each epoch)
+  through Keras' own loop.
+
+Each figure leaves out its first chunk of steps (tracing), the same number of images for all.
+Printed as images/s and as ratios stage / bare step and stage / model.fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from resnet_pipeline.config import Config
+from resnet_pipeline.paths import Paths
+
+log = logging.getLogger(__name__)
+
+
+def ensure_data(cfg: Config, root: Path) -> Paths:
+    """The project's shards if they exist, else the digits taken through download, split and shard in `root`."""
+    paths = Paths.from_config(cfg)
+    if (paths.shards / "index.json").exists() and paths.labels.exists():
+        return paths
+    from resnet_pipeline.data.download import download
+    from resnet_pipeline.data.shard import shard
+    from resnet_pipeline.data.split import split
+
+    fresh = Config()
+    paths = Paths.from_config(fresh, root=root)
+    folder = download(fresh.download, paths.raw)
+    split(fresh.split, fresh.base.seed, folder, paths.manifest, paths.labels)
+    shard(fresh.shard, paths.manifest, paths.raw, paths.shards)
+    return paths
+
+
+def _stage(cfg: Config, paths: Paths, work: Path) -> dict:
+    from resnet_pipeline.training.loop import train
+
+    summary = train(cfg.train, cfg, paths.shards, paths.labels, work / "model", work / "checkpoints")
+    images = summary["steps"] * summary["global_batch_size"] - summary["first_chunk_images"]
+    seconds = summary["loop_seconds"] - summary["first_chunk_seconds"]
+    return {"images": images, "seconds": round(seconds, 3), "images_per_sec": round(images / seconds, 2),
+            "first_chunk_images": summary["first_chunk_images"]}
+
+
+def _bare(cfg: Config, paths: Paths, steps: int, skip_images: int) -> dict:
+    import tensorflow as tf
+
+    from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
+    from resnet_pipeline.fileio import read_json
+    from resnet_pipeline.training.strategy import make_strategy
+    from resnet_pipeline.training.trainer import Trainer
+
+    strategy, _ = make_strategy(cfg.train.strategy, cfg.train.cpu_devices)
+    files, n_train = shard_files(paths.shards, "train")
+    gbs = cfg.train.global_batch_size
+    trainer = Trainer(cfg.train, strategy, len(read_json(paths.labels)["classes"]), n_train // gbs)
+    trainer.build()
+    batch = next(iter(make_dataset(files, gbs, Preprocess.from_train(cfg.train), training=True, seed=0)))
+
+    def dataset_fn(ctx):
+        per_replica = ctx.get_per_replica_batch_size(gbs)
+        return tf.data.Dataset.from_tensors(tuple(x[:per_replica] for x in batch)).repeat()
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    chunk = cfg.train.summary_every_steps
+    warm = max(1, -(-skip_images // (gbs * chunk)))
+    for _ in range(warm):
+        trainer.train_steps(iterator, chunk, False)
+    start, done = time.perf_counter(), 0
+    while done < steps:
+        trainer.train_steps(iterator, chunk, False)
+        done += chunk
+    seconds = time.perf_counter() - start
+    return {"images": done * gbs, "seconds": round(seconds, 3), "images_per_sec": round(done * gbs / seconds, 2)}
+
+
+def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
+    import keras
+
+    from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
+    from resnet_pipeline.fileio import read_json
+    from resnet_pipeline.models.resnet import build_resnet, model_arguments
+    from resnet_pipeline.training import optim
+
+    t = cfg.train
+    files, n_train = shard_files(paths.shards, "train")
+    val_files, _ = shard_files(paths.shards, "val")
+    gbs, classes = t.global_batch_size, len(read_json(paths.labels)["classes"])
+    steps_per_epoch = n_train // gbs
+    keras.utils.set_random_seed(cfg.base.seed)
+    # the same L2 as the trainer's 0.5 x decay x sum(w^2), as Keras regularizers on the kernels
+    model = build_resnet(**model_arguments(t, num_classes=classes), weight_decay=t.weight_decay / 2)
+    model.compile(optimizer=optim.make_optimizer(t, optim.make_schedule(t, steps_per_epoch)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+                  jit_compile=t.jit_compile)
+    prep = Preprocess.from_train(t)
+    train_ds = make_dataset(files, gbs, prep, training=True, seed=cfg.base.seed).repeat()
+    val_ds = make_dataset(val_files, gbs, prep, training=False)
+    skip_batches = max(1, skip_images // gbs)
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches = getattr(self, "batches", 0) + 1
+            if self.batches == skip_batches:
+                self.start = time.perf_counter()
+
+        def on_train_end(self, logs=None):
+            self.end = time.perf_counter()
+
+    clock = Clock()
+    model.fit(train_ds, epochs=t.epochs, steps_per_epoch=steps_per_epoch, validation_data=val_ds, verbose=0,
+              callbacks=[clock])
+    images = (t.epochs * steps_per_epoch - skip_batches) * gbs
+    seconds = clock.end - clock.start
+    return {"images": images, "seconds": round(seconds, 3), "images_per_sec": round(images / seconds, 2)}
+
+
+def run(cfg: Config, epochs: int) -> dict:
+    """Stage, bare step and model.fit, in that order, on the same data and settings."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+    with tempfile.TemporaryDirectory(prefix="resnet-bench-train-") as tmp:
+        work = Path(tmp)
+        paths = ensure_data(cfg, work / "project")
+        stage = _stage(cfg, paths, work)
+        bare = _bare(cfg, paths, steps=max(stage["images"] // cfg.train.global_batch_size // 2, 20),
+                     skip_images=stage["first_chunk_images"])
+        fit = _fit(cfg, paths, skip_images=stage["first_chunk_images"])
+    return {"model": f"ResNet-{cfg.train.depth} ({cfg.train.variant})", "epochs": epochs,
+            "global_batch_size": cfg.train.global_batch_size, "stage": stage, "bare_step": bare, "model_fit": fit,
+            "stage_vs_bare_step": round(stage["images_per_sec"] / bare["images_per_sec"], 3),
+            "stage_vs_model_fit": round(stage["images_per_sec"] / fit["images_per_sec"], 3)}
+
+
+def format_result(result: dict) -> str:
+    lines = [f"{result['model']}, {result['epochs']} epochs, global batch {result['global_batch_size']}",
+             f"{'':<12} {'images':>8} {'seconds':>9} {'images/s':>10}"]
+    for key, label in (("stage", "stage"), ("bare_step", "bare step"), ("model_fit", "model.fit")):
+        r = result[key]
+        lines.append(f"{label:<12} {r['images']:>8} {r['seconds']:>9.2f} {r['images_per_sec']:>10.1f}")
+    lines.append(f"stage / bare step: {result['stage_vs_bare_step']:.3f}x   "
+                 f"stage / model.fit: {result['stage_vs_model_fit']:.3f}x")
+    return "\n".join(lines)
