@@ -57,8 +57,9 @@ class Trainer:
                 self.model = build_resnet(**model_arguments(cfg, num_classes=self.num_classes))
                 self.optimizer = optim.make_optimizer(cfg, self.schedule)
                 self.optimizer.build(self.model.trainable_variables)
-                self.averaged = [v for v in self.model.weights if v.dtype.is_floating] if cfg.ema_decay else []
-                self.ema = [tf.Variable(v, trainable=False, name=f"ema/{i}") for i, v in enumerate(self.averaged)]
+                self.averaged = [v for v in self.model.weights if "float" in str(v.dtype)] if cfg.ema_decay else []
+                self.ema = [tf.Variable(tf.convert_to_tensor(v), trainable=False, name=f"ema_{i}")
+                            for i, v in enumerate(self.averaged)]
         finally:
             set_precision("float32")  # the policy is global: leave it as found
         self.decayed = optim.decayed_variables(self.model, cfg.decay_bn_and_bias) if cfg.weight_decay else []
