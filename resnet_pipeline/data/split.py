@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from resnet_pipeline.config import SplitConfig
 from resnet_pipeline.data.images import Inspection, inspect
-from resnet_pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
+from resnet_pipeline.fileio import atomic_write_bytes, atomic_write_json, read_regular, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,6 @@ def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, str, st
         raise ValueError(f"{folder}: class folder(s) {empty} hold no files; every class folder becomes a class, "
                          "so remove the empty ones or add images")
     return classes, files
-
-
-def read_regular(path: Path) -> bytes:
-    """The bytes of a regular file, refusing to follow a link at its last component."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        return f.read()
 
 
 def _conflicting_duplicates(rows: dict[str, list]) -> dict[str, set[str]]:
