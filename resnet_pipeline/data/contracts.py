@@ -105,7 +105,8 @@ def check_index(index: Any, shards_dir: str | Path, split: str, verify_hashes: b
     where = shards_dir / "index.json"
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         raise ContractError(f"{where}: expected {{\"splits\": ..., \"shards\": [...]}}; rerun the shard stage")
-    entries = [e for e in index["shards"] if not isinstance(e, dict) or e.get("split") == split]
+    entries = [e for e in index["shards"] if not isinstance(e, dict) or e.get("split") == split
+               or str(e.get("file", "")).startswith(f"{split}-")]
     names = []
     for number, entry in enumerate(entries):
         if problem := _entry_problem(entry, shards_dir):

@@ -116,7 +116,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     """A hard link to (or a copy of) the file `src` names, following links: dst is a regular file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst, follow_symlinks=True)
+        os.link(os.path.realpath(src), dst)  # Linux link() would link the link itself
     except OSError:
         shutil.copyfile(src, dst)
 
