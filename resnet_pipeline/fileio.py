@@ -75,18 +75,41 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+SYNCFS_ABOVE = 64  # files: above this, one syncfs() of the file system beats an fsync per file
+
+
+def _syncfs(path: str | Path) -> bool:
+    """Flush the whole file system holding `path` (Linux syncfs); False where there is none."""
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if syncfs is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+    return True
+
+
 def fsync_tree(root: str | Path) -> None:
-    """fsync every regular file under `root`, then every folder, deepest first (links not followed)."""
-    for folder, _dirs, files in os.walk(root, topdown=False):
-        for name in files:
-            path = os.path.join(folder, name)
-            if os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    """Make every file and folder under `root` durable (links not followed): an fsync per file, then
+    per folder, deepest first; for a large tree one syncfs() of its file system (160,000 small fresh
+    files: one journal commit instead of 160,000)."""
+    walk = list(os.walk(root, topdown=False))
+    files = [os.path.join(folder, name) for folder, _dirs, names in walk for name in names]
+    if len(files) > SYNCFS_ABOVE and _syncfs(root):
+        return
+    for path in files:
+        if os.path.islink(path):
+            continue
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder, _dirs, _names in walk:
         fsync_dir(folder)
 
 

@@ -112,6 +112,8 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
 
 def _zip_members(archive: Path, zf: zipfile.ZipFile) -> Iterator[_Member]:
     for info in zf.infolist():
+        if info.flag_bits & 0x1:
+            raise _refuse(archive, info.filename, "encrypted (no password is ever given)")
         kind = _zip_kind(info)
         yield _Member(info.filename, kind, info.file_size if kind == "file" else 0, info.compress_size, info)
 
@@ -188,9 +190,12 @@ def _write(archive: Path, dest: Path, m: _Member, source: IO[bytes], budget: lis
         while block := source.read(CHUNK):
             written += len(block)
             budget[0] -= len(block)
-            if written > m.size or budget[0] < 0:
-                raise _limit(archive, f"member {m.name!r} unpacks past its declared {m.size} bytes or the cap; bytes",
-                             written, "download.max_ratio", 0)
+            if written > m.size:
+                raise UnsafeArchiveError(f"{archive}: member {m.name!r} unpacks to more than the {m.size} bytes "
+                                         "its header declares")
+            if budget[0] < 0:
+                raise UnsafeArchiveError(f"{archive}: members unpack to more than the cap of download.max_extract_gb "
+                                         "and download.max_ratio x the archive's size")
             out.write(block)
 
 

@@ -174,3 +174,14 @@ def test_extracted_files_are_regular_with_umask_modes(tmp_path):
     assert (tmp_path / "out/top/b/2.txt").read_bytes() == b"22"
     assert stat.S_IMODE((tmp_path / "out/top/a/1.txt").stat().st_mode) == 0o644
     assert gzip.decompress(archive.read_bytes())[:3]  # a real gzip stream
+
+
+def test_encrypted_zip_member_is_refused_by_name(tmp_path):
+    archive = tmp_path / "locked.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        info = zipfile.ZipInfo("a/secret.png")
+        info.flag_bits |= 0x1  # the encryption flag, as a password-protected zip sets it
+        zf.writestr(info, b"not really encrypted")
+    with pytest.raises(UnsafeArchiveError, match="'a/secret.png': encrypted"):
+        safe_extract(archive, tmp_path / "out")
+    _nothing_written(tmp_path / "out")

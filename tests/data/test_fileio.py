@@ -138,3 +138,20 @@ def test_failed_block_keeps_the_old_folder(tmp_path):
             raise RuntimeError("stage failed")
     assert _content(dest) == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def test_a_large_tree_is_made_durable_in_one_syncfs(tmp_path, monkeypatch):
+    """Which path fsync_tree takes (the flush itself cannot be observed without a power cut)."""
+    from resnet_pipeline import fileio
+
+    calls = []
+    monkeypatch.setattr(fileio, "_syncfs", lambda path: calls.append(path) or True)
+    small, large = tmp_path / "small", tmp_path / "large"
+    for folder, n in ((small, fileio.SYNCFS_ABOVE), (large, fileio.SYNCFS_ABOVE + 1)):
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"{i}.txt").write_text("x")
+    fileio.fsync_tree(small)
+    assert calls == []
+    fileio.fsync_tree(large)
+    assert calls == [large]
