@@ -179,9 +179,11 @@ def test_extracted_files_are_regular_with_umask_modes(tmp_path):
 def test_encrypted_zip_member_is_refused_by_name(tmp_path):
     archive = tmp_path / "locked.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        info = zipfile.ZipInfo("a/secret.png")
-        info.flag_bits |= 0x1  # the encryption flag, as a password-protected zip sets it
-        zf.writestr(info, b"not really encrypted")
+        zf.writestr("a/secret.png", b"not really encrypted")
+    data = bytearray(archive.read_bytes())  # set the encryption flag, as a password-protected zip has it
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        data[data.index(signature) + offset] |= 0x1
+    archive.write_bytes(bytes(data))
     with pytest.raises(UnsafeArchiveError, match="'a/secret.png': encrypted"):
         safe_extract(archive, tmp_path / "out")
     _nothing_written(tmp_path / "out")
