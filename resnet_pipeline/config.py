@@ -93,7 +93,7 @@ class TrainConfig:
     weight_decay: float = field(default=1e-4, metadata=_range(0.0, 1.0))  # L2: the gradient of w gets weight_decay * w
     decay_bn_and_bias: bool = False  # also decay BN gamma/beta and biases
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0, high_open=True))
-    lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "step", "constant"))
+    lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "step", "constant", "linear", "onecycle"))
     lr_decay_at: tuple[float, ...] = field(default=(), metadata={"any_length": True})  # step schedule
     lr_decay_unit: str = field(default="epochs", metadata=_choice("epochs", "steps"))
     lr_decay_factor: float = field(default=0.1, metadata=_range(0.0, 1.0, low_open=True, high_open=True))
@@ -113,12 +113,18 @@ class TrainConfig:
     deterministic: bool = False  # op determinism; each global batch split across the replicas
     checkpoint_every_steps: int = field(default=100, metadata=_range(1, 10**9))
     keep_checkpoints: int = field(default=2, metadata=_range(1, 1000))
-    summary_every_steps: int = field(default=10, metadata=_range(1, 10**9))  # TensorBoard scalars
+    summary_every_steps: int = field(default=10, metadata=_range(1, 10**9))  # host reads, steps.csv rows, TensorBoard
+    validate_every_epochs: int = field(default=1, metadata=_range(1, 10**6))  # and always after the last epoch
+    ema_decay: float = field(default=0.0, metadata=_range(0.0, 1.0, high_open=True))  # 0: off; e.g. 0.999
+    export: str = field(default="last", metadata=_choice("last", "best"))  # best: the best on val
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     top_k: int = field(default=3, metadata=_range(1, 1000))
+    tta: str = field(default="none", metadata=_choice("none", "flip", "shift"))  # test-time views averaged
+    bootstrap_samples: int = field(default=1000, metadata=_range(100, 1_000_000))  # for the 95% intervals
+    bootstrap_seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,12 @@ class RegisterConfig:
     s3_endpoint_url: str | None = None  # S3-compatible stores (else AWS_ENDPOINT_URL, else AWS)
     s3_region: str | None = None  # else AWS_DEFAULT_REGION / the AWS config
     s3_addressing_style: str = field(default="auto", metadata=_choice("auto", "path", "virtual"))
+    allow_unsafe_store: bool = False  # write to a store that ignores If-None-Match / If-Match (see README)
+    gate: str = field(default="better", metadata=_choice("better", "paired_bootstrap"))
+    min_value: float | None = None  # an absolute floor on gate_metric, the first model included
+    max_class_drop: float | None = field(default=None, metadata=_range(0.0, 1.0))  # paired_bootstrap only
+    bootstrap_samples: int = field(default=2000, metadata=_range(100, 1_000_000))
+    bootstrap_seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
@@ -149,14 +161,18 @@ class Config:
                 for group, values in dataclasses.asdict(self).items()}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML to write down, with every URL in it redacted (no userinfo, no query)."""
+        from resnet_pipeline.redact import redact_values
+
+        return yaml.safe_dump(redact_values(self.to_dict()), sort_keys=False)
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": bool, "str | None": str}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": bool, "str | None": str,
+          "float | None": float}
 
 
 def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
-    if value is None and f.type in ("bool | None", "str | None"):
+    if value is None and f.type in ("bool | None", "str | None", "float | None"):
         return None
     if f.type == "tuple[float, ...]" and f.metadata.get("any_length"):
         if (not isinstance(value, (list, tuple))

@@ -38,6 +38,7 @@ from resnet_pipeline.config import DownloadConfig
 from resnet_pipeline.data.archive import ArchiveLimits, safe_extract
 from resnet_pipeline.data.fetch import fetch
 from resnet_pipeline.fileio import staged_dir
+from resnet_pipeline.redact import redact_values
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,10 @@ WRITERS = {
 
 
 def _source_id(cfg: DownloadConfig) -> dict:
-    """What decides the dataset's content (not retries, parallelism or the archive limits)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_CONTENT}
+    """What decides the dataset's content (not retries, parallelism or the archive limits), URLs
+    redacted: a presigned URL's signature changes with every signing, while the archive it names
+    is pinned by its checksum."""
+    return redact_values({k: v for k, v in asdict(cfg).items() if k not in _NOT_CONTENT})
 
 
 def download(cfg: DownloadConfig, raw_dir: str | Path, downloads_dir: str | Path | None = None) -> Path:

@@ -16,7 +16,8 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for split, style in (("train", "-o"), ("val", "--s")):
-            ax.plot(epochs, [h[f"{split}_{metric}"] for h in history], style, label=f"{split} {metric}")
+            values = [float("nan") if h[f"{split}_{metric}"] is None else h[f"{split}_{metric}"] for h in history]
+            ax.plot(epochs, values, style, label=f"{split} {metric}")  # nan: an epoch not validated
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

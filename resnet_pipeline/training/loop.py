@@ -39,16 +39,17 @@ from resnet_pipeline.config import Config, TrainConfig
 from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
 from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
-from resnet_pipeline.models.resnet import build_resnet, model_arguments, recursion_limit
-from resnet_pipeline.training import optim
+from resnet_pipeline.models.resnet import recursion_limit
 from resnet_pipeline.training.strategy import Cluster, make_strategy
+from resnet_pipeline.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_sec")
 STEP_FIELDS = ("step", "loss", "accuracy", "lr")
 # params that do not change what is trained: a run resumes across changes of these
-NOT_IN_FINGERPRINT = ("checkpoint_every_steps", "keep_checkpoints", "summary_every_steps")
+NOT_IN_FINGERPRINT = ("checkpoint_every_steps", "keep_checkpoints", "summary_every_steps", "validate_every_epochs",
+                      "export")
 
 
 class Preempted(RuntimeError):
@@ -91,10 +92,6 @@ def run_fingerprint(cfg: TrainConfig, seed: int, shards_dir: Path) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def set_precision(precision: str) -> None:
-    keras.mixed_precision.set_global_policy("float32" if precision == "float32" else precision)
-
-
 def train(
     cfg: TrainConfig,
     full_config: Config,
@@ -107,7 +104,8 @@ def train(
     strategy: tf.distribute.Strategy | None = None,
     cluster: Cluster | None = None,
 ) -> dict:
-    """Train on the train shards, validate on val each epoch, write `model_dir`; return the summary.
+    """Train on the train shards, validate on val every `validate_every_epochs`, write `model_dir`;
+    return the summary.
 
     Creates the strategy of `cfg.strategy` unless one is given (with its `cluster`); raises
     `Preempted` after saving when SIGTERM arrives, `WorkerFailed` when another worker dies.
@@ -131,81 +129,31 @@ def train(
     total_steps = cfg.epochs * steps_per_epoch
 
     keras.utils.set_random_seed(seed)
-    set_precision(cfg.precision)
-    schedule = optim.make_schedule(cfg, steps_per_epoch)
-    try:
-        with strategy.scope():
-            model = build_resnet(**model_arguments(cfg, num_classes=len(classes)))
-            optimizer = optim.make_optimizer(cfg, schedule)
-            optimizer.build(model.trainable_variables)
-    finally:
-        set_precision("float32")  # the policy is global: leave it as found
-    decayed = optim.decayed_variables(model, cfg.decay_bn_and_bias) if cfg.weight_decay else []
-
-    # the position in the run and the running sums of the current epoch, saved with the weights
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    sums = {k: tf.Variable(0.0, dtype=tf.float64, trainable=False, name=k)
-            for k in ("epoch_loss", "epoch_correct", "epoch_seen", "epoch_seconds", "run_images", "run_seconds")}
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, **sums)
+    trainer = Trainer(cfg, strategy, len(classes), steps_per_epoch)
+    trainer.build()
     run_dir = checkpoint_root / run_fingerprint(cfg, seed, shards_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     # MultiWorkerMirroredStrategy: every worker saves (saving is collective); only the chief keeps it
     scratch = None if cluster.is_chief else Path(tempfile.mkdtemp(prefix=f"resnet-{cluster.name}-"))
-    manager = tf.train.CheckpointManager(checkpoint, str(scratch or run_dir), max_to_keep=cfg.keep_checkpoints)
-    latest = tf.train.latest_checkpoint(str(run_dir))
+    trainer.manage(scratch or run_dir, cfg.keep_checkpoints)
     history_path, steps_path = run_dir / "history.json", run_dir / "steps.csv"
     history: list[dict] = []
     step_rows: list[dict] = []
+    latest = trainer.restore(run_dir)
+    step = int(trainer.step.numpy())
+    sums = {k: float(v.numpy()) for k, v in trainer.sums.items()}
     if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-        step = int(step_var.numpy())
         history = [h for h in read_json(history_path, "history") if h["epoch"] < step // steps_per_epoch] if history_path.exists() else []
         step_rows = [r for r in _read_steps(steps_path) if r["step"] <= step]
         log.info("train: resuming from %s at step %d of %d", latest, step, total_steps)
     else:
         log.info("train: starting %s, %d steps (%d epochs x %d), global batch %d over %d replica(s)",
-                 model.name, total_steps, cfg.epochs, steps_per_epoch, gbs, replicas)
+                 trainer.model.name, total_steps, cfg.epochs, steps_per_epoch, gbs, replicas)
     writer = (tf.summary.create_file_writer(str(Path(tensorboard_root) / run_dir.name))
               if tensorboard_root and cluster.is_chief else tf.summary.create_noop_writer())
 
-    num_classes = len(classes)
-    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-
-    def gradients(images, labels):
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            per_example = optim.per_example_loss(labels, logits, num_classes, cfg.label_smoothing)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=gbs)
-            if decayed:
-                loss += tf.nn.scale_regularization_loss(optim.weight_decay_loss(decayed, cfg.weight_decay))
-            scaled = optimizer.scale_loss(loss) if loss_scaled else loss
-        grads = tape.gradient(scaled, model.trainable_variables)
-        predicted = tf.argmax(logits, -1, output_type=tf.int32)
-        correct = tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
-        return grads, tf.reduce_sum(per_example), correct
-
-    if cfg.jit_compile:  # XLA compiles the forward and backward pass; the update stays outside
-        gradients = tf.function(gradients, jit_compile=True)
-
-    def step_fn(images, labels, stop):
-        grads, loss_sum, correct = gradients(images, labels)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss_sum, correct, tf.identity(stop)  # per replica: summed, it says if any worker was told to stop
-
-    @tf.function
-    def train_step(iterator, stop):
-        images, labels = next(iterator)
-        outputs = strategy.run(step_fn, args=(images, labels, stop))
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None) for x in outputs]
-
-    @tf.function
-    def eval_step(images, labels):
-        logits = model(images, training=False)
-        per_example = optim.per_example_loss(labels, logits, num_classes, 0.0)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-        return tf.reduce_sum(per_example), correct
-
-    def save(step: int) -> str:
-        path = manager.save(checkpoint_number=step)
+    def save(at: int) -> str:
+        path = trainer.save(at, sums)
         if cluster.is_chief:
             atomic_write_json(history_path, history)
             _write_steps(steps_path, step_rows)
@@ -213,7 +161,6 @@ def train(
 
     prep = Preprocess.from_train(cfg)
     val_ds = make_dataset(val_files, gbs, prep, training=False)
-    step = int(step_var.numpy())
     verbose = (1 if _interactive() else 2) if cluster.is_chief else 0
     try:
         with _SigtermWatcher() as sigterm, writer.as_default():
@@ -230,52 +177,34 @@ def train(
                     print(f"Epoch {epoch + 1}/{cfg.epochs}", flush=True)
                 bar = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "accuracy", "img/s"], verbose=verbose)
                 clock = time.perf_counter()
-                for i in range(done_in_epoch, steps_per_epoch):
-                    lr = float(schedule(step))
-                    loss, correct, stop = train_step(iterator, tf.constant(1.0 if sigterm.requested else 0.0))
-                    step += 1
-                    loss, correct = float(loss), float(correct)
+                while step < (epoch + 1) * steps_per_epoch:
+                    n = _steps_to_next_stop(step, steps_per_epoch, cfg)
+                    lr = float(trainer.schedule(step))
+                    loss, correct, stop = trainer.train_steps(iterator, n, sigterm.requested)
+                    step += n
                     now = time.perf_counter()
-                    sums["epoch_loss"].assign_add(loss)
-                    sums["epoch_correct"].assign_add(correct)
-                    sums["epoch_seen"].assign_add(gbs)
-                    sums["epoch_seconds"].assign_add(now - clock)
-                    sums["run_images"].assign_add(gbs)
-                    sums["run_seconds"].assign_add(now - clock)
+                    for name, value in (("epoch_loss", loss), ("epoch_correct", correct), ("epoch_seen", n * gbs),
+                                        ("epoch_seconds", now - clock), ("run_images", n * gbs),
+                                        ("run_seconds", now - clock)):
+                        sums[name] += value
                     clock = now
-                    step_var.assign(step)
-                    seen = float(sums["epoch_seen"].numpy())
-                    rate = seen / max(float(sums["epoch_seconds"].numpy()), 1e-9)
-                    step_rows.append({"step": step, "loss": loss / gbs, "accuracy": correct / gbs, "lr": lr})
-                    bar.update(i + 1, [("loss", float(sums["epoch_loss"].numpy()) / seen),
-                                       ("accuracy", float(sums["epoch_correct"].numpy()) / seen), ("img/s", rate)])
-                    if step % cfg.summary_every_steps == 0:
-                        tf.summary.scalar("train/loss", loss / gbs, step=step)
-                        tf.summary.scalar("train/accuracy", correct / gbs, step=step)
-                        tf.summary.scalar("train/lr", lr, step=step)
-                        tf.summary.scalar("train/images_per_sec", rate, step=step)
-                    if float(stop) > 0:
+                    rate = sums["epoch_seen"] / max(sums["epoch_seconds"], 1e-9)
+                    step_rows.append({"step": step, "loss": loss / (n * gbs), "accuracy": correct / (n * gbs), "lr": lr})
+                    bar.update(step - epoch * steps_per_epoch, [("loss", sums["epoch_loss"] / sums["epoch_seen"]),
+                               ("accuracy", sums["epoch_correct"] / sums["epoch_seen"]), ("img/s", rate)])
+                    if step % cfg.summary_every_steps == 0 or n < cfg.summary_every_steps:
+                        for name, value in (("loss", loss / (n * gbs)), ("accuracy", correct / (n * gbs)), ("lr", lr),
+                                            ("images_per_sec", rate)):
+                            tf.summary.scalar(f"train/{name}", value, step=step)
+                    if stop:
                         path = save(step)
                         raise Preempted(step, path if cluster.is_chief else str(run_dir))
                     if step % cfg.checkpoint_every_steps == 0 and step % steps_per_epoch:
                         save(step)
-                seen = float(sums["epoch_seen"].numpy())
-                val_loss = val_correct = 0.0
-                for images, labels in val_ds:
-                    vl, vc = eval_step(images, labels)
-                    val_loss, val_correct = val_loss + float(vl), val_correct + float(vc)
-                history.append({
-                    "epoch": epoch, "step": step, "lr": float(schedule(step)),
-                    "train_loss": float(sums["epoch_loss"].numpy()) / seen,
-                    "train_accuracy": float(sums["epoch_correct"].numpy()) / seen,
-                    "val_loss": val_loss / n_val, "val_accuracy": val_correct / n_val,
-                    "images_per_sec": seen / max(float(sums["epoch_seconds"].numpy()), 1e-9),
-                })
-                for name in ("loss", "accuracy"):
-                    tf.summary.scalar(f"val/{name}", history[-1][f"val_{name}"], step=step)
-                log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in history[-1].items()})
+                history.append(_epoch_record(trainer, epoch, step, sums, val_ds, n_val, cfg, run_dir, cluster))
+                log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in history[-1].items() if v is not None})
                 for name in ("epoch_loss", "epoch_correct", "epoch_seen", "epoch_seconds"):
-                    sums[name].assign(0.0)
+                    sums[name] = 0.0
                 save(step)
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError,
             tf.errors.InternalError) as err:
@@ -290,18 +219,49 @@ def train(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    images, seconds = float(sums["run_images"].numpy()), float(sums["run_seconds"].numpy())
+    images, seconds = sums["run_images"], sums["run_seconds"]
     summary = {
         "steps": step, "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch,
         "global_batch_size": gbs, "replicas": replicas, "workers": cluster.workers,
         "strategy": _strategy_name(strategy), "precision": cfg.precision, "jit_compile": cfg.jit_compile,
         "wall_time_sec": round(seconds, 3),
         "images_per_sec": round(images / seconds, 2) if seconds > 0 else None,
+        "exported": cfg.export, "ema_decay": cfg.ema_decay,
+        "best_val_accuracy": float(trainer.best_val.numpy()) if float(trainer.best_val.numpy()) >= 0 else None,
         "final": history[-1] if history else None,
     }
     if cluster.is_chief:
-        _write_model_dir(model, full_config, history, summary, classes, model_dir, step_rows)
+        trainer.finalize(run_dir)
+        _write_model_dir(trainer.model, full_config, history, summary, classes, model_dir, step_rows)
     return summary
+
+
+def _steps_to_next_stop(step: int, steps_per_epoch: int, cfg: TrainConfig) -> int:
+    """Steps to run on the device before the host looks again: up to the next summary, checkpoint or
+    epoch end, whichever comes first."""
+    epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
+    marks = [epoch_end]
+    for every in (cfg.summary_every_steps, cfg.checkpoint_every_steps):
+        marks.append((step // every + 1) * every)
+    return max(1, min(marks) - step)
+
+
+def _epoch_record(trainer: Trainer, epoch: int, step: int, sums: dict, val_ds, n_val: int, cfg: TrainConfig,
+                  run_dir: Path, cluster: Cluster) -> dict:
+    """The epoch's row of history.csv; validation only every `validate_every_epochs` and at the end."""
+    seen = sums["epoch_seen"]
+    record = {"epoch": epoch, "step": step, "lr": float(trainer.schedule(step)),
+              "train_loss": sums["epoch_loss"] / seen, "train_accuracy": sums["epoch_correct"] / seen,
+              "val_loss": None, "val_accuracy": None,
+              "images_per_sec": seen / max(sums["epoch_seconds"], 1e-9)}
+    last = epoch + 1 == cfg.epochs
+    if n_val and ((epoch + 1) % cfg.validate_every_epochs == 0 or last):
+        val_loss, val_correct = trainer.validate(val_ds)
+        record.update(val_loss=val_loss / n_val, val_accuracy=val_correct / n_val)
+        for name in ("loss", "accuracy"):
+            tf.summary.scalar(f"val/{name}", record[f"val_{name}"], step=step)
+        trainer.keep_if_best(record["val_accuracy"], run_dir, cluster.is_chief)
+    return record
 
 
 def _strategy_name(strategy: tf.distribute.Strategy) -> str:

@@ -2,7 +2,9 @@
 
 - Schedules: `step` divides the lr by 1/`lr_decay_factor` at `lr_decay_at` epochs (ImageNet:
   [30, 60, 90]) or steps (CIFAR: [32000, 48000] of 64k), `cosine` decays to zero over the run,
-  `constant`; each after an optional linear warmup from lr/10 over `warmup_epochs`.
+  `linear` goes straight to zero, `constant`; each after an optional linear warmup from lr/10
+  over `warmup_epochs`. `onecycle` (Smith's one-cycle, as the fast CIFAR recipes use it) rises
+  from lr/10 to lr over the first quarter of the steps and falls linearly to zero.
 - Linear scaling rule (`scale_lr`, Goyal et al. 2017): lr x global_batch_size / 256.
 - Weight decay is L2 added to the loss by the trainer, 0.5 x decay x sum(w^2), so that the
   gradient of w gets `weight_decay` x w as in the paper's SGD; BN gamma/beta and biases are skipped
@@ -21,6 +23,7 @@ import tensorflow as tf
 from resnet_pipeline.config import TrainConfig
 
 DECAYED_NAMES = ("kernel",)
+ONECYCLE_PEAK = 0.25  # fraction of the run spent rising to the peak lr
 BN_AND_BIAS_NAMES = ("gamma", "beta", "bias")
 
 
@@ -39,10 +42,15 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if self.kind == "step":
             passed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries]) if self.boundaries else 0.0
             lr = base * tf.pow(tf.constant(self.factor, tf.float32), passed)
-        elif self.kind == "cosine":
+        elif self.kind in ("cosine", "linear"):
             span = float(max(self.total_steps - self.warmup_steps, 1))
             progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
-            lr = 0.5 * base * (1.0 + tf.cos(math.pi * progress))
+            lr = 0.5 * base * (1.0 + tf.cos(math.pi * progress)) if self.kind == "cosine" else base * (1.0 - progress)
+        elif self.kind == "onecycle":  # up from base/10 over the first quarter, then linearly down to zero
+            peak = float(max(int(self.total_steps * ONECYCLE_PEAK), 1))
+            up = base / 10 + (base - base / 10) * step / peak
+            down = base * tf.clip_by_value((self.total_steps - step) / max(self.total_steps - peak, 1.0), 0.0, 1.0)
+            lr = tf.where(step < peak, up, down)
         else:
             lr = base
         if self.warmup_steps > 0:
@@ -62,7 +70,7 @@ def base_learning_rate(cfg: TrainConfig) -> float:
 
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> WarmupSchedule:
     total = cfg.epochs * steps_per_epoch
-    warmup = min(cfg.warmup_epochs * steps_per_epoch, max(total - 1, 0))
+    warmup = 0 if cfg.lr_schedule == "onecycle" else min(cfg.warmup_epochs * steps_per_epoch, max(total - 1, 0))
     per_unit = steps_per_epoch if cfg.lr_decay_unit == "epochs" else 1
     boundaries = tuple(int(round(b * per_unit)) for b in cfg.lr_decay_at) if cfg.lr_schedule == "step" else ()
     return WarmupSchedule(base_learning_rate(cfg), total, warmup, cfg.lr_schedule, boundaries, cfg.lr_decay_factor)

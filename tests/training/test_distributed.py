@@ -31,7 +31,8 @@ STEPS_PER_EPOCH = 22
 # summation order, even the same device with another convolution library, drifts past 1e-3 in a
 # few steps.
 DETERMINISTIC = ["train.deterministic=true", "train.sync_bn=true", "train.zero_init_residual=true",
-                 "train.lr=0.01", "train.lr_schedule=constant", "train.warmup_epochs=0"]
+                 "train.lr=0.01", "train.lr_schedule=constant", "train.warmup_epochs=0",
+                 "train.summary_every_steps=1"]  # a steps.csv row per step, to compare step by step
 
 
 def _env(**extra) -> dict:
@@ -180,7 +181,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_dead_worker_fails_the_run_in_bounded_time_and_a_restart_resumes(work):
-    common = ["train.epochs=2", "train.checkpoint_every_steps=4"]
+    common = ["train.epochs=2", "train.checkpoint_every_steps=4", "train.summary_every_steps=1"]
     ckpt_root = work / "artifacts/checkpoints"
     launcher = subprocess.Popen(_cmd(common, workers=2), cwd=work, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
