@@ -5,6 +5,7 @@
     resnet-pipeline predict --model MODEL_DIR|NAME[:VERSION|@ALIAS] IMAGE... [--top-k K] [--json]
     resnet-pipeline model summary [--depth 50] [--variant v1|v1.5|v2|cifar] [--image-size 224]
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
+    resnet-pipeline benchmark ingest [--sizes 10000,40000,160000] [--classes 100] [--s3-objects 2000] [--no-s3]
     resnet-pipeline benchmark pull --seaweed [--pin] | --registry s3://BUCKET/PREFIX [--size-mb 100] [--rounds 3]
 
 Each stage subcommand reads params once, validates them, and calls the stage function with the
@@ -339,6 +340,26 @@ def run_benchmark_accuracy(args) -> int:
     return 0
 
 
+def run_benchmark_ingest(args) -> int:
+    from resnet_pipeline.benchmark.ingest import format_result, run
+
+    try:
+        sizes = [int(n) for n in args.sizes.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sizes: received {args.sizes!r}; expected comma-separated image counts") from None
+    if len(sizes) < 2 or min(sizes) < args.classes or args.classes < 2:
+        raise ConfigError(f"--sizes {args.sizes} / --classes {args.classes}: allowed: 2 or more sizes, "
+                          "each at least the class count, and 2 classes or more")
+    if args.s3_objects < 0 or args.s3_workers < 1:
+        raise ConfigError(f"--s3-objects {args.s3_objects} / --s3-workers {args.s3_workers}: allowed: >= 0 / >= 1")
+    result = run(sizes, classes=args.classes, s3_objects=0 if args.no_s3 else args.s3_objects,
+                 s3_workers=args.s3_workers)
+    print(format_result(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def run_benchmark_pull(args) -> int:
     from resnet_pipeline.benchmark.pull import format_result, run
 
@@ -475,6 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override a param")
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
+    p = bench_sub.add_parser("ingest", help="download/split/shard time, images/s and peak RSS at growing sizes; "
+                                            "parallel vs sequential S3 folder download")
+    p.add_argument("--sizes", default="10000,40000,160000", help="image counts (default: 10000,40000,160000)")
+    p.add_argument("--classes", type=int, default=100, help="class folders (default: 100)")
+    p.add_argument("--s3-objects", type=int, default=2000, help="objects of the S3 folder download (default: 2000)")
+    p.add_argument("--s3-workers", type=int, default=16, help="parallel requests compared with 1 (default: 16)")
+    p.add_argument("--no-s3", action="store_true", help="skip the S3 part (no SeaweedFS started)")
+    p.add_argument("--output", help="also write the figures as JSON to this file")
+
     p = bench_sub.add_parser("pull", help="registry pull MB/s vs a plain HTTP GET of the same objects")
     p.add_argument("--registry", help="s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment")
     p.add_argument("--seaweed", action="store_true", help="start a SeaweedFS on loopback and use it instead")
@@ -501,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.command == "benchmark":
             return {"model": run_benchmark, "shard": run_benchmark_shard, "input": run_benchmark_input,
-                    "pull": run_benchmark_pull, "train": run_benchmark_train,
+                    "ingest": run_benchmark_ingest, "pull": run_benchmark_pull, "train": run_benchmark_train,
                     "accuracy": run_benchmark_accuracy}[args.action](args)
         cfg = config_mod.load(args.params, _parse_set(args.set))
         if args.command == "train" and args.workers:

@@ -33,7 +33,7 @@ def _range(low: float | None = None, high: float | None = None, *, low_open: boo
 
 @dataclass(frozen=True)
 class BaseConfig:
-    seed: int = 42
+    seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
     data_dir: str = "data"
     artifacts_dir: str = "artifacts"
 
@@ -47,7 +47,12 @@ class DownloadConfig:
     path: str | None = None  # imagefolder: a local folder or s3://bucket/prefix
     s3_endpoint_url: str | None = None  # imagefolder on an S3-compatible store (else AWS_ENDPOINT_URL)
     voc_drop_multiclass: bool = False
-    retries: int = field(default=5, metadata=_range(0))
+    retries: int = field(default=5, metadata=_range(0, 100))
+    # archives: refused when they hold more members, unpack to more bytes, or compress more than this
+    max_members: int = field(default=1_000_000, metadata=_range(1, 10**9))
+    max_extract_gb: float = field(default=200.0, metadata=_range(0.0, 10**6, low_open=True))
+    max_ratio: float = field(default=100.0, metadata=_range(1.0, 10**6))  # unpacked bytes / archive bytes
+    s3_workers: int = field(default=16, metadata=_range(1, 256))  # parallel requests of an s3:// imagefolder
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,14 @@ class SplitConfig:
     train: float = field(default=0.8, metadata=_range(0.0, 1.0, low_open=True))
     val: float = field(default=0.1, metadata=_range(0.0, 1.0))
     test: float = field(default=0.1, metadata=_range(0.0, 1.0, low_open=True))
-    min_side: int = field(default=8, metadata=_range(1))  # smaller images are excluded
+    min_side: int = field(default=8, metadata=_range(1, 65535))  # smaller images are excluded
 
 
 @dataclass(frozen=True)
 class ShardConfig:
-    target_shard_mb: float = field(default=64.0, metadata=_range(0.0, low_open=True))
-    workers: int = field(default=0, metadata=_range(0))  # processes preparing records; 0: one per CPU
-    max_shorter_side: int = field(default=0, metadata=_range(0))  # shrink larger images at write time; 0: off
+    target_shard_mb: float = field(default=64.0, metadata=_range(0.0, 10**6, low_open=True))
+    workers: int = field(default=0, metadata=_range(0, 1024))  # processes preparing records; 0: one per CPU
+    max_shorter_side: int = field(default=0, metadata=_range(0, 65535))  # shrink larger images at write time; 0: off
     jpeg_quality: int = field(default=90, metadata=_range(1, 100))  # of re-encoded JPEGs
 
 
@@ -78,23 +83,23 @@ class TrainConfig:
     use_bias: bool | None = None
     zero_init_residual: bool = False
     bn_momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, high_open=True))
-    bn_epsilon: float = field(default=1e-5, metadata=_range(0.0, low_open=True))
-    epochs: int = field(default=30, metadata=_range(1))
-    global_batch_size: int = field(default=64, metadata=_range(1))  # per-replica batch: this / replicas
+    bn_epsilon: float = field(default=1e-5, metadata=_range(0.0, 1.0, low_open=True))
+    epochs: int = field(default=30, metadata=_range(1, 10**6))
+    global_batch_size: int = field(default=64, metadata=_range(1, 2**20))  # per-replica batch: this / replicas
     optimizer: str = field(default="sgd", metadata=_choice("sgd", "adam"))
-    lr: float = field(default=0.1, metadata=_range(0.0, low_open=True))
+    lr: float = field(default=0.1, metadata=_range(0.0, 100.0, low_open=True))
     scale_lr: bool = False  # linear scaling rule: lr x global_batch_size / 256
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    weight_decay: float = field(default=1e-4, metadata=_range(0.0))  # L2: the gradient of w gets weight_decay * w
+    weight_decay: float = field(default=1e-4, metadata=_range(0.0, 1.0))  # L2: the gradient of w gets weight_decay * w
     decay_bn_and_bias: bool = False  # also decay BN gamma/beta and biases
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0, high_open=True))
     lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "step", "constant", "linear", "onecycle"))
     lr_decay_at: tuple[float, ...] = field(default=(), metadata={"any_length": True})  # step schedule
     lr_decay_unit: str = field(default="epochs", metadata=_choice("epochs", "steps"))
     lr_decay_factor: float = field(default=0.1, metadata=_range(0.0, 1.0, low_open=True, high_open=True))
-    warmup_epochs: int = field(default=1, metadata=_range(0))
+    warmup_epochs: int = field(default=1, metadata=_range(0, 10**6))
     augment: str = field(default="cifar", metadata=_choice("cifar", "imagenet", "seed", "none"))
-    pad_crop: int = field(default=4, metadata=_range(0))
+    pad_crop: int = field(default=4, metadata=_range(0, 1024))
     random_flip: bool = False
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # per channel, of pixels scaled to [0, 1]
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
@@ -106,20 +111,20 @@ class TrainConfig:
     precision: str = field(default="float32", metadata=_choice("float32", "mixed_float16", "mixed_bfloat16"))
     jit_compile: bool = False  # XLA
     deterministic: bool = False  # op determinism; each global batch split across the replicas
-    checkpoint_every_steps: int = field(default=100, metadata=_range(1))
-    keep_checkpoints: int = field(default=2, metadata=_range(1))
-    summary_every_steps: int = field(default=10, metadata=_range(1))  # host reads, steps.csv rows, TensorBoard
-    validate_every_epochs: int = field(default=1, metadata=_range(1))  # and always after the last epoch
+    checkpoint_every_steps: int = field(default=100, metadata=_range(1, 10**9))
+    keep_checkpoints: int = field(default=2, metadata=_range(1, 1000))
+    summary_every_steps: int = field(default=10, metadata=_range(1, 10**9))  # host reads, steps.csv rows, TensorBoard
+    validate_every_epochs: int = field(default=1, metadata=_range(1, 10**6))  # and always after the last epoch
     ema_decay: float = field(default=0.0, metadata=_range(0.0, 1.0, high_open=True))  # 0: off; e.g. 0.999
     export: str = field(default="last", metadata=_choice("last", "best"))  # best: the best on val
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    top_k: int = field(default=3, metadata=_range(1))
+    top_k: int = field(default=3, metadata=_range(1, 1000))
     tta: str = field(default="none", metadata=_choice("none", "flip", "shift"))  # test-time views averaged
     bootstrap_samples: int = field(default=1000, metadata=_range(100, 1_000_000))  # for the 95% intervals
-    bootstrap_seed: int = field(default=0, metadata=_range(0))
+    bootstrap_seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,7 @@ class RegisterConfig:
     model_name: str = "resnet-digits"
     alias: str = "champion"  # the alias the gate promotes a better version to
     gate_metric: str = "top1"  # a test figure of metrics.json; loss is better lower, the others higher
-    min_improvement: float = field(default=0.0, metadata=_range(0.0))  # strictly better, and by at least this
+    min_improvement: float = field(default=0.0, metadata=_range(0.0, 10**6))  # strictly better, and by at least this
     s3_endpoint_url: str | None = None  # S3-compatible stores (else AWS_ENDPOINT_URL, else AWS)
     s3_region: str | None = None  # else AWS_DEFAULT_REGION / the AWS config
     s3_addressing_style: str = field(default="auto", metadata=_choice("auto", "path", "virtual"))
@@ -137,7 +142,7 @@ class RegisterConfig:
     min_value: float | None = None  # an absolute floor on gate_metric, the first model included
     max_class_drop: float | None = field(default=None, metadata=_range(0.0, 1.0))  # paired_bootstrap only
     bootstrap_samples: int = field(default=2000, metadata=_range(100, 1_000_000))
-    bootstrap_seed: int = field(default=0, metadata=_range(0))
+    bootstrap_seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,8 @@ def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
         if (not isinstance(value, (list, tuple))
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
             raise ConfigError(f"{key}: expected a list of numbers, received {value!r}")
+        if not all(math.isfinite(v) for v in value):
+            raise ConfigError(f"{key}: received {value!r}; allowed: finite numbers (no NaN or infinity)")
         if any(v <= 0 for v in value) or list(value) != sorted(set(value)):
             raise ConfigError(f"{key}: received {value!r}; allowed: increasing numbers > 0")
         return tuple(float(v) for v in value)
@@ -180,6 +187,8 @@ def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
         if (not isinstance(value, (list, tuple)) or len(value) != 3
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
             raise ConfigError(f"{key}: expected a list of 3 numbers (one per RGB channel), received {value!r}")
+        if not all(math.isfinite(v) for v in value):
+            raise ConfigError(f"{key}: received {value!r}; allowed: finite numbers (no NaN or infinity)")
         if key.endswith(".std") and min(value) <= 0:
             raise ConfigError(f"{key}: received {value!r}; allowed: numbers > 0")
         return tuple(float(v) for v in value)

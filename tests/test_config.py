@@ -3,6 +3,7 @@ naming the key and the value received, and the CLI refuses bad params before any
 
 from __future__ import annotations
 
+import dataclasses as _dc
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,58 @@ def test_image_size_below_the_total_stride_fails_before_training(tmp_path, repo_
 def test_unknown_key_message_names_the_value(tmp_path, repo_root):
     with pytest.raises(ConfigError, match=r"train\.foo.*3"):
         load(_write(tmp_path, _with(repo_root, "train", "foo", 3)))
+
+
+# --- finite numbers and bounds for every float and count (issue 15) --------------------------
+
+_NUMERIC = [(group.name, f) for group in _dc.fields(Config) for f in _dc.fields(type(getattr(Config(), group.name)))
+            if f.type in ("int", "float")]
+
+
+@pytest.mark.parametrize("group, f", _NUMERIC, ids=[f"{g}.{f.name}" for g, f in _NUMERIC])
+def test_every_count_and_float_has_both_bounds(group, f):
+    if (group, f.name) == ("train", "depth"):  # checked against the depth table instead
+        return
+    assert f.metadata.get("low") is not None and f.metadata.get("high") is not None, f"{group}.{f.name}"
+
+
+_FLOATS = [(g, f.name) for g, f in _NUMERIC if f.type == "float"]
+
+
+@pytest.mark.parametrize("group, key", _FLOATS, ids=[f"{g}.{k}" for g, k in _FLOATS])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), ".nan", ".inf"])
+def test_nan_and_inf_are_refused_naming_the_key(group, key, value):
+    raw = {group: {key: value}}
+    if isinstance(value, str):  # as YAML spells them
+        raw = yaml.safe_load(f"{group}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"{group}\.{key}"):
+        from_dict(raw)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("mean", [0.5, float("nan"), 0.5]), ("std", [1.0, float("inf"), 1.0]),
+    ("lr_decay_at", [30, float("inf")]), ("lr_decay_at", [float("nan")]),
+])
+def test_nan_and_inf_in_lists_are_refused(key, value):
+    train = {key: value, "lr_schedule": "step", "lr_decay_at": [30]} if key != "lr_decay_at" else {
+        key: value, "lr_schedule": "step"}
+    with pytest.raises(ConfigError, match=rf"train\.{key}: .*finite numbers"):
+        from_dict({"train": train})
+
+
+@pytest.mark.parametrize("group, key, value, allowed", [
+    ("download", "retries", 101, "<= 100"), ("download", "retries", 10**12, "<= 100"),
+    ("download", "max_members", 0, ">= 1"), ("download", "max_ratio", 0.5, ">= 1.0"),
+    ("download", "max_extract_gb", 0, "> 0.0"), ("download", "s3_workers", 1000, "<= 256"),
+    ("shard", "workers", 10**6, "<= 1024"), ("train", "epochs", 10**9, "<= 1000000"),
+    ("base", "seed", -1, ">= 0"), ("base", "seed", 2**40, "<= 4294967295"),
+])
+def test_counts_out_of_bounds_name_the_key_and_the_bound(group, key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        from_dict({group: {key: value}})
+    assert f"{group}.{key}: received {value!r}" in str(err.value) and allowed in str(err.value)
+
+
+def test_archive_limits_from_params():
+    d = from_dict({"download": {"max_members": 10, "max_extract_gb": 0.5, "max_ratio": 3}}).download
+    assert (d.max_members, d.max_extract_gb, d.max_ratio) == (10, 0.5, 3.0)

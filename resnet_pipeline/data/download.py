@@ -19,6 +19,7 @@ the same download params is reused.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import logging
@@ -34,7 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from resnet_pipeline.config import DownloadConfig
-from resnet_pipeline.data.fetch import fetch, safe_extract
+from resnet_pipeline.data.archive import ArchiveLimits, safe_extract
+from resnet_pipeline.data.fetch import fetch
 from resnet_pipeline.fileio import staged_dir
 from resnet_pipeline.redact import redact_values
 
@@ -68,6 +70,10 @@ def _fetch_archive(cfg: DownloadConfig, downloads: Path, url: str, md5: str | No
     return fetch(url, downloads / name, sha256=cfg.sha256, md5=md5, retries=cfg.retries)
 
 
+def _limits(cfg: DownloadConfig) -> ArchiveLimits:
+    return ArchiveLimits(cfg.max_members, int(cfg.max_extract_gb * 2**30), cfg.max_ratio)
+
+
 def _count(dest: Path) -> int:
     return sum(1 for p in dest.rglob("*") if p.is_file() and p.name != COMPLETE)
 
@@ -77,7 +83,7 @@ def _write_cifar10(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
 
     archive = _fetch_archive(cfg, downloads, cfg.url or formats.CIFAR10_URL, cfg.md5 or formats.CIFAR10_MD5)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".extract.") as extracted:
-        safe_extract(archive, extracted)
+        safe_extract(archive, extracted, limits=_limits(cfg))
         return formats.cifar10_binary_to_folder(Path(extracted), dest)
 
 
@@ -91,7 +97,7 @@ def _write_voc2012(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
 
     archive = _fetch_archive(cfg, downloads, cfg.url or formats.VOC2012_URL, cfg.md5 or formats.VOC2012_MD5)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".extract.") as extracted:
-        safe_extract(archive, extracted, select=_voc_member)
+        safe_extract(archive, extracted, select=_voc_member, limits=_limits(cfg))
         summary = formats.voc_to_folder(Path(extracted), dest, drop_multiclass=cfg.voc_drop_multiclass)
     log.info("download: voc2012 %s", summary)
     return summary["images"]
@@ -108,11 +114,20 @@ def _image_folder_root(folder: Path) -> Path:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link to (or a copy of) the file `src` names, following links: dst is a regular file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)
+        os.link(os.path.realpath(src), dst)  # Linux link() would link the link itself
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copyfile(src, dst)
+
+
+def _refuse_empty_classes(where: str, classes: dict[str, int]) -> None:
+    """An empty class folder would silently give a model with one class fewer: refuse it by name."""
+    empty = sorted(name for name, count in classes.items() if count == 0)
+    if empty:
+        raise ValueError(f"download.path: class folder(s) {empty} under {where} hold no files; "
+                         "remove them or add images (every class folder becomes a class)")
 
 
 def _move_tree(src: Path, dest: Path) -> None:
@@ -123,46 +138,85 @@ def _move_tree(src: Path, dest: Path) -> None:
 def _write_archive(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
     archive = _fetch_archive(cfg, downloads, cfg.url, cfg.md5)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".extract.") as extracted:
-        safe_extract(archive, extracted)
+        safe_extract(archive, extracted, limits=_limits(cfg))
         _move_tree(_image_folder_root(Path(extracted)), dest)
     return _count(dest)
 
 
 def _write_imagefolder(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
     if cfg.path.startswith("s3://"):
-        return _download_s3_folder(cfg.path, dest, cfg.s3_endpoint_url)
+        return _download_s3_folder(cfg.path, dest, cfg.s3_endpoint_url, cfg.s3_workers)
     source = Path(cfg.path).expanduser()
     if not source.is_dir():
         raise FileNotFoundError(f"download.path: {source} is not a folder; expected one sub-folder per class")
+    classes = {p.name: 0 for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")}
     for file in sorted(source.rglob("*")):
         if file.is_file():
-            _link_or_copy(file, dest / file.relative_to(source))
+            relative = file.relative_to(source)
+            if relative.parts[0] in classes:
+                classes[relative.parts[0]] += 1
+            _link_or_copy(file, dest / relative)
+    _refuse_empty_classes(str(source), classes)
     return _count(dest)
 
 
-def _download_s3_folder(url: str, dest: Path, endpoint_url: str | None) -> int:
-    """Every object under s3://bucket/prefix/ into dest, keeping the key below the prefix."""
+def _s3_keys(client, bucket: str, prefix: str, url: str) -> tuple[list[str], dict[str, int]]:
+    """Object keys under the prefix (checked: none may escape it) and the file count per class folder."""
+    keys, classes = [], {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            relative = Path(key[len(prefix):])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise ValueError(f"download.path: object key {key!r} under {url} escapes the folder")
+            if not relative.parts:
+                continue
+            is_marker = key.endswith("/")
+            if is_marker or len(relative.parts) > 1:
+                classes.setdefault(relative.parts[0], 0)
+            if not is_marker:
+                keys.append(key)
+                if len(relative.parts) > 1:
+                    classes[relative.parts[0]] += 1
+    return keys, classes
+
+
+def _download_s3_folder(url: str, dest: Path, endpoint_url: str | None, workers: int = 16) -> int:
+    """Every object under s3://bucket/prefix/ into dest, keeping the key below the prefix; `workers`
+    requests at a time. Every key is checked before the first object is fetched."""
     import boto3
+    from botocore.config import Config as BotoConfig
 
     parsed = urlparse(url)
     bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
     if not bucket:
         raise ValueError(f"download.path: received {url!r}; expected s3://bucket/prefix")
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    client = boto3.client("s3", endpoint_url=endpoint_url or None)
-    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+    client = boto3.client("s3", endpoint_url=endpoint_url or None,
+                          config=BotoConfig(max_pool_connections=max(10, workers)))
+    keys, classes = _s3_keys(client, bucket, prefix, url)
     if not keys:
         raise FileNotFoundError(f"download.path: no objects under {url}; expected one sub-folder per class")
-    for key in tqdm(keys, desc="download s3", unit="file", disable=None):
-        relative = Path(key[len(prefix):])
-        if relative.is_absolute() or ".." in relative.parts:
-            raise ValueError(f"download.path: object key {key!r} under {url} escapes the folder")
-        target = dest / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, key, str(target))
+    _refuse_empty_classes(url, classes)
+    targets = [dest / key[len(prefix):] for key in keys]
+    for folder in sorted({t.parent for t in targets}):
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def get(item: tuple[str, Path]) -> None:
+        key, target = item
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        with open(target, "xb") as f:
+            for block in body.iter_chunks(1 << 20):
+                f.write(block)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for _ in tqdm(pool.map(get, zip(keys, targets)), total=len(keys), desc="download s3", unit="file",
+                      disable=None):
+            pass
     return len(keys)
 
+
+_NOT_CONTENT = ("retries", "s3_workers", "max_members", "max_extract_gb", "max_ratio")
 
 WRITERS = {
     "digits": _write_digits,
@@ -174,9 +228,10 @@ WRITERS = {
 
 
 def _source_id(cfg: DownloadConfig) -> dict:
-    """What identifies the dataset's source, URLs redacted: a presigned URL's signature changes with
-    every signing, while the archive it names is pinned by its checksum."""
-    return redact_values({k: v for k, v in asdict(cfg).items() if k != "retries"})
+    """What decides the dataset's content (not retries, parallelism or the archive limits), URLs
+    redacted: a presigned URL's signature changes with every signing, while the archive it names
+    is pinned by its checksum."""
+    return redact_values({k: v for k, v in asdict(cfg).items() if k not in _NOT_CONTENT})
 
 
 def download(cfg: DownloadConfig, raw_dir: str | Path, downloads_dir: str | Path | None = None) -> Path:

@@ -2,8 +2,8 @@
 
 `fetch` streams a URL (http(s), `file://` or a local path) into `<dest>.part` beside `dest`,
 resuming with a `Range` request after a dropped connection, and moves it into place only once its
-digests match. `safe_extract` unpacks a tar (any compression) or zip after refusing the whole
-archive if any member could write outside the destination.
+digests match. `safe_extract` (from `archive`, re-exported here) unpacks a tar or zip after
+vetting every member.
 """
 
 from __future__ import annotations
@@ -13,19 +13,15 @@ import hashlib
 import http.client
 import logging
 import os
-import posixpath
-import stat
-import tarfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
-from typing import Callable
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 from tqdm import tqdm
 
+from resnet_pipeline.data.archive import ArchiveLimits, UnsafeArchiveError, safe_extract  # noqa: F401
 from resnet_pipeline.redact import redact_text, redact_url
 
 logger = logging.getLogger(__name__)
@@ -35,10 +31,6 @@ CHUNK = 1 << 20  # 1 MiB
 
 class DownloadError(RuntimeError):
     """A download failed for good: bad status, retries exhausted or checksum mismatch."""
-
-
-class UnsafeArchiveError(ValueError):
-    """An archive member would escape the destination or is not a regular file, folder or safe link."""
 
 
 class _Retryable(Exception):
@@ -189,119 +181,3 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
     os.replace(part, dest)
     logger.info("downloaded %s -> %s", shown, dest)
     return dest
-
-
-def _absolute(name: str) -> bool:
-    """POSIX-absolute, leading backslash, or a Windows drive (`C:`)."""
-    return name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":" and name[0].isalpha())
-
-
-class _Checker:
-    """Vets members in archive order, following the archive's own symlinks as extraction would."""
-
-    def __init__(self, archive: Path) -> None:
-        self.archive = archive
-        self.links: dict[str, str] = {}  # where a symlink will sit (resolved) -> its target
-
-    def _resolve(self, path: str, depth: int = 0) -> str | None:
-        """`path` (relative to dest) with every symlink followed; None if it leaves dest."""
-        parts: list[str] = []
-        for comp in path.split("/"):
-            if comp in ("", "."):
-                continue
-            if comp == "..":
-                if not parts:
-                    return None
-                parts.pop()
-                continue
-            parts.append(comp)
-            target = self.links.get("/".join(parts))
-            if target is not None:
-                if depth > 32 or _absolute(target):
-                    return None
-                resolved = self._resolve("/".join(parts[:-1] + [target]), depth + 1)
-                if resolved is None:
-                    return None
-                parts = resolved.split("/") if resolved else []
-        return "/".join(parts)
-
-    def check(self, name: str, kind: str, linkname: str = "") -> None:
-        """Raise UnsafeArchiveError unless member `name` of `kind` (file/dir/sym/hard/dev) is safe."""
-        why = None
-        if _absolute(name):
-            why = "absolute path"
-        elif ".." in name.replace("\\", "/").split("/"):
-            why = "'..' component"
-        elif kind == "dev":
-            why = "device file or FIFO"
-        elif kind == "sym":
-            parent = self._resolve(posixpath.dirname(name.rstrip("/")))
-            if parent is None or _absolute(linkname) or self._resolve(posixpath.join(parent, linkname)) is None:
-                why = f"symlink to {linkname!r} points outside the destination"
-            else:
-                self.links[posixpath.join(parent, posixpath.basename(name.rstrip("/")))] = linkname
-        elif kind == "hard" and (_absolute(linkname) or self._resolve(linkname) is None):
-            why = f"hardlink to {linkname!r} points outside the destination"
-        if why is None and kind != "sym" and self._resolve(name) is None:
-            why = "path leads outside the destination through a symlink"
-        if why:
-            raise UnsafeArchiveError(f"{self.archive}: unsafe member {name!r}: {why}")
-
-
-def _check_tar(archive: Path, tar: tarfile.TarFile) -> None:
-    checker = _Checker(archive)
-    for m in tar.getmembers():
-        kind = "sym" if m.issym() else "hard" if m.islnk() else "dev" if (m.isdev() or m.isfifo()) else "file"
-        checker.check(m.name, kind, m.linkname)
-
-
-def _zip_kind(info: zipfile.ZipInfo) -> str:
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
-        return "sym"
-    return "dev" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) else "file"
-
-
-def _check_zip(archive: Path, zf: zipfile.ZipFile) -> None:
-    checker = _Checker(archive)
-    for info in zf.infolist():
-        kind = _zip_kind(info)
-        target = zf.read(info).decode("utf-8", "replace") if kind == "sym" else ""
-        checker.check(info.filename, kind, target)
-
-
-def safe_extract(archive: str | Path, dest: str | Path, *,
-                 select: Callable[[str], bool] | None = None) -> list[str]:
-    """Extract a .tar / .tar.gz / .tgz / .zip (detected by content, not name) into dest; return member names extracted.
-
-    Every member is checked (even those `select` skips) before anything is written.
-    """
-    archive, dest = Path(archive), Path(dest)
-    keep = select or (lambda name: True)
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tar:
-            _check_tar(archive, tar)
-            members = [m for m in tar.getmembers() if keep(m.name)]
-            dest.mkdir(parents=True, exist_ok=True)
-            tar.extractall(dest, members=members, filter="data")
-        names = [m.name for m in members]
-    elif zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            _check_zip(archive, zf)
-            dest.mkdir(parents=True, exist_ok=True)
-            names = []
-            for info in zf.infolist():
-                if not keep(info.filename):
-                    continue
-                if _zip_kind(info) == "sym":
-                    link = dest / info.filename
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    link.unlink(missing_ok=True)
-                    os.symlink(zf.read(info).decode("utf-8"), link)
-                else:
-                    zf.extract(info, dest)
-                names.append(info.filename)
-    else:
-        raise ValueError(f"{archive}: not a tar or zip archive")
-    logger.info("extracted %d members of %s into %s", len(names), archive, dest)
-    return names

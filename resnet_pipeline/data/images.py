@@ -1,6 +1,10 @@
 """Checking and normalising encoded images with Pillow (no TensorFlow, so process pools start fast).
 
-`inspect` opens an image once and says whether training can use it; `prepare` gives the bytes a
+`inspect` decodes an image once and says whether training can use it: Pillow decodes every pixel
+(`img.load()`), and a JPEG or PNG, which a shard stores as it is, must also be whole the way
+TensorFlow's decoder wants it: a PNG's chunks all present with good CRCs up to its IEND, a JPEG's
+last scan closed by its EOI marker (Pillow forgives a PNG cut after its pixel data; TensorFlow
+does not). `prepare` gives the bytes a
 shard stores: the original file when it is already an RGB or grayscale JPEG or PNG that fits, else
 the image converted to RGB (grayscale, CMYK, palette, alpha and 16-bit inputs) and re-encoded, and
 shrunk first when its shorter side exceeds a cap. The format is read from the content, never the
@@ -10,13 +14,56 @@ file name: a PNG named `.jpg` is a PNG.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
 # formats and modes that TensorFlow's decode_image reads as they are
 _NATIVE = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
+
+
+# every status but "ok" starts with one of these, then ": details" (the shard stage checks them)
+REASONS = ("empty file", "not an image", "too large", "truncated", "undecodable", "too small",
+           "symbolic link", "not a regular file")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_problem(data: bytes) -> str | None:
+    """Why a PNG is not whole (a chunk cut, a bad CRC, no IHDR, IDAT or IEND), or None."""
+    pos, seen = len(PNG_SIGNATURE), []
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if length > 2**31 - 1 or end > len(data):
+            return f"truncated: PNG chunk {kind!r} at byte {pos} runs past the end of the file"
+        crc = struct.unpack(">I", data[end - 4:end])[0]
+        if zlib.crc32(data[pos + 4:end - 4]) != crc:
+            return f"undecodable: PNG chunk {kind!r} at byte {pos} has a bad CRC"
+        seen.append(kind)
+        if kind == b"IEND":
+            break
+        pos = end
+    if not seen or seen[0] != b"IHDR":
+        return "undecodable: PNG does not start with its IHDR chunk"
+    if b"IDAT" not in seen:
+        return "undecodable: PNG has no IDAT (pixel data) chunk"
+    if seen[-1] != b"IEND":
+        return "truncated: PNG ends before its IEND chunk"
+    return None
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """Why a JPEG is not whole (its last scan not closed by an EOI marker), or None. Entropy-coded
+    data cannot hold FF D9 or FF DA (an FF there is stuffed), so the last SOS and EOI are markers."""
+    sos, eoi = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    if sos < 0:
+        return "undecodable: JPEG has no scan (SOS marker)"
+    if eoi < sos:
+        return "truncated: JPEG ends before the EOI marker of its last scan"
+    return None
 
 
 class Inspection(NamedTuple):
@@ -45,6 +92,10 @@ def inspect(data: bytes, min_side: int = 1) -> Inspection:
     except (OSError, SyntaxError, ValueError) as err:
         reason = "truncated" if "truncated" in str(err) else "undecodable"
         return Inspection(0, 0, fmt, "", f"{reason}: {err}")
+    whole = {"PNG": png_problem, "JPEG": jpeg_problem}.get(fmt)
+    problem = whole(data) if whole else None
+    if problem:
+        return Inspection(0, 0, fmt, "", problem)
     if min(width, height) < min_side:
         return Inspection(width, height, fmt, mode, f"too small: {width}x{height}, below the minimum side of {min_side}")
     return Inspection(width, height, fmt, mode, "ok")

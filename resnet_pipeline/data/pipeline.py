@@ -25,8 +25,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from resnet_pipeline.data.contracts import check_index
 from resnet_pipeline.data.shard import INDEX
-from resnet_pipeline.fileio import read_json
+from resnet_pipeline.fileio import read_json, recover_dir
 
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -53,10 +54,12 @@ class Preprocess:
 
 
 def shard_files(shards_dir: str | Path, split: str) -> tuple[list[str], int]:
-    """The shard files of `split` in order, and their total record count, from index.json."""
+    """The shard files of `split` in order, and their total record count, from index.json, checked
+    against the files (names, counts, sha256) before any is read."""
     shards_dir = Path(shards_dir)
+    recover_dir(shards_dir)
     index = read_json(shards_dir / INDEX, "shard index")
-    entries = [s for s in index["shards"] if s["split"] == split]
+    entries = check_index(index, shards_dir, split)
     if not entries:
         raise ValueError(f"{shards_dir / INDEX}: no shards for split {split!r}")
     return [str(shards_dir / s["file"]) for s in entries], sum(s["records"] for s in entries)

@@ -10,6 +10,7 @@ writes it. Tests hold both byte-equal to TensorFlow's.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import google_crc32c
 
 from resnet_pipeline.data.images import prepare
-from resnet_pipeline.fileio import sha256_bytes, sha256_file
+from resnet_pipeline.fileio import read_regular, sha256_bytes, sha256_file
 
 
 def _varint(n: int) -> bytes:
@@ -53,13 +54,22 @@ def encode_example(features: dict[str, bytes | int]) -> bytes:
     return _field(1, entries)
 
 
+def read_inside(root: str | Path, relative: str) -> bytes:
+    """The bytes of the regular file `root/relative`, refused if any link takes it out of `root`."""
+    path = Path(root) / relative
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, base]) != base:
+        raise ValueError(f"{path}: resolves to {real}, outside {base}; the manifest's paths must stay in raw/")
+    return read_regular(path)
+
+
 def make_record(raw_dir: str | Path, row: dict, max_shorter_side: int = 0, jpeg_quality: int = 90) -> bytes:
     """The serialized Example of one manifest row, with the design.md keys.
 
     Raises ValueError naming the file if its content changed since the manifest was written.
     """
     path = Path(raw_dir) / row["path"]
-    data = path.read_bytes()
+    data = read_inside(raw_dir, row["path"])
     if sha256_bytes(data) != row["sha256"]:
         raise ValueError(
             f"{path}: content changed since the manifest was written (sha256 differs from the manifest's); "

@@ -30,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from resnet_pipeline.config import ShardConfig
+from resnet_pipeline.data.contracts import check_manifest_rows, read_classes
 from resnet_pipeline.data.records import framed_records, write_shard_file
 from resnet_pipeline.data.split import read_manifest
 from resnet_pipeline.fileio import atomic_write_json, staged_dir
@@ -46,9 +47,17 @@ def shard_name(split: str, index: int, total: int) -> str:
     return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
 
 
-def plan_shards(cfg: ShardConfig, manifest_path: str | Path) -> list[dict]:
-    """The shards to write: `{"file", "split", "rows"}` each, rows in record order."""
-    rows = [r for r in read_manifest(manifest_path).to_pylist() if r["status"] == "ok"]
+def plan_shards(cfg: ShardConfig, manifest_path: str | Path, labels_path: str | Path | None = None) -> list[dict]:
+    """The shards to write: `{"file", "split", "rows"}` each, rows in record order.
+
+    Every manifest row is checked first against `labels_path` (default: labels.json beside the
+    manifest): a relative path inside raw/, a label in range, a known split and status.
+    """
+    manifest_path = Path(manifest_path)
+    classes = read_classes(labels_path or manifest_path.with_name("labels.json"))
+    all_rows = read_manifest(manifest_path).to_pylist()
+    check_manifest_rows(all_rows, manifest_path, classes)
+    rows = [r for r in all_rows if r["status"] == "ok"]
     plans = []
     for split in SPLITS:
         records = sorted((r for r in rows if r["split"] == split), key=lambda r: (r["sha256"], r["path"]))
@@ -85,6 +94,31 @@ def write_index(entries: list[dict], out_dir: str | Path) -> dict:
     return index
 
 
+def _write_in_order(folder: Path, plans: list[dict], pieces, bar) -> list[str]:
+    """Append pieces `(shard number, record count, bytes)`, which come in shard order, to their
+    files with one file open at a time (whatever the shard count); return each shard's sha256."""
+    hashes = [hashlib.sha256() for _ in plans]
+    current, f = -1, None
+    try:
+        for i, count, data in pieces:
+            if i != current:
+                if f:
+                    f.close()
+                for empty in range(current + 1, i):  # shards without records are empty files
+                    open(folder / plans[empty]["file"], "wb").close()
+                f = open(folder / plans[i]["file"], "wb")
+                current = i
+            f.write(data)
+            hashes[i].update(data)
+            bar.update(count)
+    finally:
+        if f:
+            f.close()
+    for empty in range(current + 1, len(plans)):
+        open(folder / plans[empty]["file"], "wb").close()
+    return [h.hexdigest() for h in hashes]
+
+
 def shard(cfg: ShardConfig, manifest_path: str | Path, raw_dir: str | Path, out_dir: str | Path) -> dict:
     """Write the shards of every split; return the index (also written to `out_dir/index.json`)."""
     plans = plan_shards(cfg, manifest_path)
@@ -101,18 +135,10 @@ def shard(cfg: ShardConfig, manifest_path: str | Path, raw_dir: str | Path, out_
     rows_of = [rows for _, rows in pieces]
     try:
         with staged_dir(out_dir) as tmp, tqdm(total=total, desc="shard", unit="img", disable=None) as bar:
-            files = [open(tmp / plan["file"], "wb") for plan in plans]
-            hashes = [hashlib.sha256() for _ in plans]
-            try:
-                for (i, rows), data in zip(pieces, pool.map(prepare, rows_of) if pool else map(prepare, rows_of)):
-                    files[i].write(data)
-                    hashes[i].update(data)
-                    bar.update(len(rows))
-            finally:
-                for f in files:
-                    f.close()
+            results = pool.map(prepare, rows_of) if pool else map(prepare, rows_of)
+            hashes = _write_in_order(tmp, plans, ((i, len(rows), data) for (i, rows), data in zip(pieces, results)), bar)
             entries = [{"file": plan["file"], "split": plan["split"], "records": len(plan["rows"]),
-                        "sha256": h.hexdigest()} for plan, h in zip(plans, hashes)]
+                        "sha256": h} for plan, h in zip(plans, hashes)]
             index = write_index(entries, tmp)
     finally:
         if pool:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,8 +21,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from resnet_pipeline.config import SplitConfig
-from resnet_pipeline.data.images import inspect
-from resnet_pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
+from resnet_pipeline.data.images import Inspection, inspect
+from resnet_pipeline.fileio import atomic_write_bytes, atomic_write_json, read_regular, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +50,46 @@ def assign_split(sha256: str, seed: int, cfg: SplitConfig) -> str:
     return "val" if u < cfg.train + cfg.val else "test"
 
 
-def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, str]]]:
-    """Class names (sorted) and (file, class name) pairs of a one-folder-per-class tree.
+def _walk_class(folder: Path, class_dir: Path) -> Iterator[tuple[Path, str | None]]:
+    """(file, problem) of every non-hidden entry below a class folder; links are listed, never followed."""
+    for here, dirs, names in os.walk(class_dir, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(dirs):
+            if os.path.islink(os.path.join(here, name)):
+                yield Path(here, name), "symbolic link: not followed (links may point out of the dataset)"
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            mode = os.lstat(os.path.join(here, name)).st_mode
+            problem = (None if stat.S_ISREG(mode) else
+                       "symbolic link: not followed (links may point out of the dataset)" if stat.S_ISLNK(mode)
+                       else "not a regular file: a device, FIFO or socket")
+            yield Path(here, name), problem
 
-    Every file that is not hidden is listed, whatever its name: the check of its content decides.
+
+def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, str, str | None]]]:
+    """Class names (sorted) and (file, class name, problem) triples of a one-folder-per-class tree.
+
+    Every entry that is not hidden is listed, whatever its name: the check of its content decides.
+    Links are listed with their problem and never read. A class folder that is a link, or that
+    holds no entry, is an error naming it.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: image folder not found; run the download stage first")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    linked = [p.name for p in entries if p.is_symlink()]
+    if linked:
+        raise ValueError(f"{folder}: class folder(s) {linked} are symbolic links, which are not followed "
+                         "(links may point out of the dataset); copy the images in instead")
+    classes = [p.name for p in entries if p.is_dir()]
     if len(classes) < 2:
         raise ValueError(f"{folder}: found {len(classes)} class folder(s) {classes}; expected at least 2")
-    files = [
-        (f, c)
-        for c in classes
-        for f in sorted((folder / c).rglob("*"))
-        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)
-    ]
+    files = [(f, c, problem) for c in classes for f, problem in _walk_class(folder, folder / c)]
+    found = {c for _, c, _ in files}
+    empty = [c for c in classes if c not in found]
+    if empty:
+        raise ValueError(f"{folder}: class folder(s) {empty} hold no files; every class folder becomes a class, "
+                         "so remove the empty ones or add images")
     return classes, files
 
 
@@ -84,13 +111,14 @@ def split(cfg: SplitConfig, seed: int, image_folder: str | Path, manifest_path: 
     image_folder = Path(image_folder)
     classes, files = scan_image_folder(image_folder)
     rows = {name: [] for name in SCHEMA.names}
-    for file, class_name in tqdm(files, desc="split", unit="img", disable=None):
-        data = file.read_bytes()
+    label_of = {name: i for i, name in enumerate(classes)}
+    for file, class_name, problem in tqdm(files, desc="split", unit="img", disable=None):
+        data = b"" if problem else read_regular(file)
+        found = Inspection(0, 0, "", "", problem) if problem else inspect(data, cfg.min_side)
         digest = sha256_bytes(data)
-        found = inspect(data, cfg.min_side)
         values = {
             "path": file.relative_to(image_folder.parent).as_posix(),
-            "label": classes.index(class_name),
+            "label": label_of[class_name],
             "label_name": class_name,
             "split": assign_split(digest, seed, cfg),
             "sha256": digest,

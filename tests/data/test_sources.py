@@ -182,3 +182,46 @@ def test_cli_refuses_a_source_without_its_keys(tmp_path, repo_root, monkeypatch,
     assert code == 2
     assert "download.sha256: required for dataset 'archive'" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_imagefolder_from_s3_in_parallel_refuses_empty_classes_and_escaping_keys(tmp_path, s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = s3_server.make_bucket("images-parallel")
+    client = s3_server.client()
+    files = {f"c{i % 3}/img_{i:02d}.jpg": jpeg(i) for i in range(40)}
+    for name, content in files.items():
+        client.put_object(Bucket=bucket, Key=f"many/{name}", Body=content)
+    folder = download(DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/many", s3_workers=8,
+                                     s3_endpoint_url=s3_server.endpoint_url), tmp_path / "raw")
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.jpg")} == files
+
+    client.put_object(Bucket=bucket, Key="many/zebra/", Body=b"")  # a 'folder' with nothing in it
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['zebra'\] under s3://images-parallel/many"):
+        download(DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/many",
+                                s3_endpoint_url=s3_server.endpoint_url), tmp_path / "raw2")
+    assert not (tmp_path / "raw2" / "imagefolder").exists()
+
+
+class _ListingOf:
+    """A listing only, as AWS S3 would return for keys with `..` (it stores them as sent). A test
+    double because SeaweedFS refuses such keys at PUT, so a real server cannot list one."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def get_paginator(self, name: str):
+        assert name == "list_objects_v2"
+        return self
+
+    def paginate(self, Bucket: str, Prefix: str):  # noqa: N803 - boto3's spelling
+        return [{"Contents": [{"Key": k} for k in self.keys if k.startswith(Prefix)]}]
+
+
+@pytest.mark.parametrize("key", ["set/c1/../../../evil.jpg", "set/../evil.jpg", "set//etc/passwd"])
+def test_s3_keys_escaping_the_prefix_are_refused_before_any_download(key):
+    from resnet_pipeline.data.download import _s3_keys
+
+    with pytest.raises(ValueError, match="escapes the folder"):
+        _s3_keys(_ListingOf(["set/c0/a.jpg", key]), "b", "set/", "s3://b/set")

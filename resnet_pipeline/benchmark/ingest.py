@@ -1,0 +1,197 @@
+"""Scale of the data stages: download (imagefolder), split and shard at growing sizes, and the S3
+image-folder download with parallel requests against one request at a time.
+
+    resnet-pipeline benchmark ingest [--sizes 10000,40000,160000] [--classes 100] [--s3-objects 2000]
+                                     [--s3-workers 16] [--no-s3] [--output FILE]
+
+A folder of small JPEGs (64x48, `--classes` classes) is generated for the largest size and the
+smaller sizes take a subset of it. Each stage runs in a fresh process, so that its peak RSS is its
+own (`ru_maxrss`; the shard workers' peak is reported beside it). The per-image cost at the largest
+size is compared with the smallest. The S3 part uploads `--s3-objects` JPEGs to a SeaweedFS on
+loopback (`resnet_pipeline.devs3`, imported only here) and times the download stage's S3 folder
+download with 1 and with `--s3-workers` requests at a time, and the sequential `download_file`
+loop it replaced, in alternating rounds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import logging
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SIZE = (64, 48)
+
+
+def make_folder(folder: Path, n_images: int, classes: int, seed: int = 0) -> Path:
+    """`n_images` distinct random 64x48 JPEGs in `classes` folders `c000`, ... (image i in class i % classes)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (folder / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
+    base = np.linspace(0, 200, SIZE[0] * SIZE[1] * 3).reshape(SIZE[1], SIZE[0], 3)
+    for i in range(n_images):
+        pixels = (base + rng.integers(0, 56, base.shape)).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"c{i % classes:03d}" / f"img_{i:06d}.jpg", format="JPEG", quality=85)
+    return folder
+
+
+def subset(source: Path, dest: Path, n_images: int) -> Path:
+    """Hard links to the first `n_images` images (by index) of a `make_folder` folder."""
+    for file in source.glob("*/*.jpg"):
+        if int(file.stem.split("_")[1]) < n_images:
+            (dest / file.parent.name).mkdir(parents=True, exist_ok=True)
+            os.link(file, dest / file.parent.name / file.name)
+    return dest
+
+
+def _stage(name: str, work: str, source: str) -> dict:
+    """Run one stage in this (fresh) process; return its seconds and peak RSS figures."""
+    from resnet_pipeline.config import DownloadConfig, ShardConfig, SplitConfig
+    from resnet_pipeline.data.download import download
+    from resnet_pipeline.data.shard import shard
+    from resnet_pipeline.data.split import split
+
+    work_dir = Path(work)
+    start = time.perf_counter()
+    if name == "download":
+        download(DownloadConfig(dataset="imagefolder", path=source), work_dir / "raw")
+    elif name == "split":
+        split(SplitConfig(), 42, work_dir / "raw" / "imagefolder", work_dir / "manifest.parquet", work_dir / "labels.json")
+    else:
+        shard(ShardConfig(), work_dir / "manifest.parquet", work_dir / "raw", work_dir / "shards")
+    seconds = time.perf_counter() - start
+    kb = 1024  # ru_maxrss is in KiB on Linux
+    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb / 2**20,
+            "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kb / 2**20}
+
+
+def _in_child(name: str, work: Path, source: Path) -> dict:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_stage, name, str(work), str(source)).result()
+
+
+def run_stages(sizes: list[int], classes: int, work: Path) -> list[dict]:
+    """Figures of download, split and shard at every size (one row per stage and size)."""
+    source = make_folder(work / "source", max(sizes), classes)
+    rows = []
+    for n in sizes:
+        here = work / f"n{n}"
+        src = source if n == max(sizes) else subset(source, here / "source", n)
+        for name in ("download", "split", "shard"):
+            figures = _in_child(name, here, src)
+            rows.append({"stage": name, "images": n, **figures, "us_per_image": figures["seconds"] / n * 1e6})
+            log.info("benchmark ingest: %s of %d images: %.2f s", name, n, figures["seconds"])
+        shutil.rmtree(here, ignore_errors=True)
+    return rows
+
+
+def growth(rows: list[dict]) -> dict[str, float]:
+    """Per-image cost at the largest size / at the smallest, per stage."""
+    out = {}
+    for name in ("download", "split", "shard"):
+        mine = sorted((r for r in rows if r["stage"] == name), key=lambda r: r["images"])
+        out[name] = mine[-1]["us_per_image"] / mine[0]["us_per_image"]
+    return out
+
+
+def _sequential_download_file(client, bucket: str, prefix: str, dest: Path) -> None:
+    """The download stage's S3 loop before it went parallel: list, then download_file one by one."""
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    for key in keys:
+        target = dest / key[len(prefix):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(target))
+
+
+def run_s3(n_objects: int, workers: int, work: Path, server=None, rounds: int = 2) -> dict:
+    """Seconds of the S3 folder download with `workers` requests, with 1, and the old loop (medians)."""
+    from resnet_pipeline.data.download import _download_s3_folder
+
+    own = server is None
+    if own:
+        from resnet_pipeline.devs3 import SeaweedS3
+
+        server = SeaweedS3(work / "seaweed").start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key,
+                      AWS_DEFAULT_REGION="us-east-1")
+    try:
+        bucket = server.make_bucket(f"bench-ingest-{os.getpid()}-{time.monotonic_ns() % 10**6}")
+        client = server.client()
+        files = sorted(make_folder(work / "s3-source", n_objects, 10, seed=1).glob("*/*.jpg"))
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # within the client's 10 connections
+            list(pool.map(lambda f: client.put_object(Bucket=bucket, Key=f"set/{f.parent.name}/{f.name}",
+                                                      Body=f.read_bytes()), files))
+        url = f"s3://{bucket}/set"
+        runs: dict[str, list[float]] = {"parallel": [], "sequential": [], "download_file loop": []}
+        for r in range(rounds):
+            for kind in (runs if r % 2 == 0 else reversed(list(runs))):
+                dest = work / f"s3-{r}-{kind.replace(' ', '_')}"
+                start = time.perf_counter()
+                if kind == "download_file loop":
+                    _sequential_download_file(client, bucket, "set/", dest)
+                else:
+                    count = _download_s3_folder(url, dest, server.endpoint_url, workers if kind == "parallel" else 1)
+                    assert count == n_objects, (count, n_objects)
+                runs[kind].append(time.perf_counter() - start)
+                shutil.rmtree(dest, ignore_errors=True)
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        return {"objects": n_objects, "workers": workers, "seconds": med,
+                "speedup_vs_sequential": med["sequential"] / med["parallel"],
+                "speedup_vs_download_file_loop": med["download_file loop"] / med["parallel"],
+                "rounds": {k: [round(t, 3) for t in v] for k, v in runs.items()}}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if own:
+            server.stop()
+
+
+def run(sizes: list[int], *, classes: int = 100, s3_objects: int = 2000, s3_workers: int = 16,
+        work_dir: Path | None = None, s3_server=None) -> dict:
+    """Every figure of the benchmark (see the module doc); `s3_objects=0` skips the S3 part."""
+    own = work_dir is None
+    work = Path(work_dir or tempfile.mkdtemp(prefix="bench-ingest-"))
+    try:
+        rows = run_stages(sorted(sizes), classes, work)
+        s3 = run_s3(s3_objects, s3_workers, work, s3_server) if s3_objects else None
+        return {"sizes": sorted(sizes), "classes": classes, "stages": rows, "growth": growth(rows), "s3": s3}
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def format_result(r: dict) -> str:
+    out = io.StringIO()
+    out.write(f"{'stage':<9} {'images':>8} {'seconds':>9} {'images/s':>9} {'us/image':>9} "
+              f"{'peak RSS MB':>12} {'workers MB':>11}\n")
+    for row in r["stages"]:
+        out.write(f"{row['stage']:<9} {row['images']:>8} {row['seconds']:>9.2f} {row['images'] / row['seconds']:>9.0f} "
+                  f"{row['us_per_image']:>9.1f} {row['rss_mb']:>12.0f} {row['workers_rss_mb']:>11.0f}\n")
+    small, large = r["sizes"][0], r["sizes"][-1]
+    for name, g in r["growth"].items():
+        out.write(f"per-image cost {name} at {large} / at {small}: {g:.2f}x\n")
+    if r["s3"]:
+        s = r["s3"]
+        sec = s["seconds"]
+        out.write(f"S3 folder of {s['objects']} objects: {s['workers']} requests at a time {sec['parallel']:.2f} s, "
+                  f"one at a time {sec['sequential']:.2f} s ({s['speedup_vs_sequential']:.2f}x), "
+                  f"old download_file loop {sec['download_file loop']:.2f} s "
+                  f"({s['speedup_vs_download_file_loop']:.2f}x)  rounds: {s['rounds']}\n")
+    return out.getvalue().rstrip("\n")
