@@ -313,7 +313,7 @@ def run_benchmark_input(args) -> int:
 
     rows = compare(Path(args.images) if args.images else None, count=args.count, image_size=args.image_size,
                    batch_size=args.batch_size, max_shorter_side=args.max_shorter_side,
-                   generator_images=args.generator_images)
+                   generator_images=args.generator_images, photos=args.photos)
     print(format_rows(rows))
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
@@ -476,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "image_dataset_from_directory and JPEG decoding alone")
     p.add_argument("--images", help="a folder of JPEGs, one sub-folder per class (default: generate --count)")
     p.add_argument("--count", type=int, default=1000, help="JPEGs of 500x375 to generate (default: 1000)")
+    p.add_argument("--photos", action="store_true",
+                   help="make the JPEGs from the photos bundled with scikit-learn and matplotlib (real content)")
     p.add_argument("--image-size", type=int, default=224, help="output side (default: 224)")
     p.add_argument("--batch-size", type=int, default=32, help="batch (default: 32)")
     p.add_argument("--max-shorter-side", type=int, default=256, help="our shards' resize at write time (default: 256)")

@@ -16,7 +16,11 @@ then `n_images` images are counted by each batch's first dimension. The sources 
 alternating rounds (`repeats`), so that a slow spell of the machine falls on all of them, and a row
 reports the median. `ratio` is ours / that row: how many times faster our pipeline is.
 
-    resnet-pipeline benchmark input [--images DIR] [--count 1000] [--image-size 224] [--batch-size 32]
+    resnet-pipeline benchmark input [--images DIR | --photos] [--count 1000] [--image-size 224] [--batch-size 32]
+
+`--photos` builds the folder from the photographs the installed packages ship (random 500x375
+crops and mirror images of china.jpg, flower.jpg and grace_hopper.jpg), so that the figure on real
+content can be rerun anywhere; without it, the folder holds generated images.
 
 `compare` shards the folder with our stages (shorter side capped at write time) and times our
 training pipeline against the others.
@@ -106,6 +110,47 @@ def make_jpeg_folder(folder: Path, n_images: int = 1000, size: tuple[int, int] =
         rng = np.random.default_rng([seed, i])
         img = _synthetic_photo(rng, width, height, label, classes)
         img.save(folder / f"c{label:0{digits}d}" / f"img_{i:05d}.jpg", format="JPEG", quality=quality)
+    return folder
+
+
+def bundled_photos() -> list:
+    """The photographs that the installed packages ship: scikit-learn's china.jpg and flower.jpg,
+    matplotlib's grace_hopper.jpg (real content, where JPEG cost depends on what is in the picture)."""
+    import matplotlib.cbook
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    photos = [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+        photos.append(img.convert("RGB"))
+    return photos
+
+
+def make_photo_folder(folder: Path, n_images: int = 1000, size: tuple[int, int] = (500, 375), classes: int = 10,
+                      seed: int = 0, quality: int = 90) -> Path:
+    """Write `n_images` JPEGs of `size` (width, height), random crops (and mirror images) of the
+    bundled photos, into class sub-folders `c00`, `c01`, ...; the same folder on every call."""
+    from PIL import Image
+
+    if n_images < 1 or classes < 1:
+        raise ValueError(f"n_images and classes must be positive; received {n_images}, {classes}")
+    photos, width, height = bundled_photos(), size[0], size[1]
+    folder = Path(folder)
+    digits = max(2, len(str(classes - 1)))
+    for c in range(classes):
+        (folder / f"c{c:0{digits}d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        rng = np.random.default_rng([seed, i])
+        photo = photos[i % len(photos)]
+        scale = max(width / photo.width, height / photo.height, 1.0)  # native resolution when the crop fits
+        if scale > 1.0:
+            photo = photo.resize((int(np.ceil(photo.width * scale)), int(np.ceil(photo.height * scale))))
+        x0 = int(rng.integers(0, photo.width - width + 1))
+        y0 = int(rng.integers(0, photo.height - height + 1))
+        crop = photo.crop((x0, y0, x0 + width, y0 + height))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop.save(folder / f"c{i % classes:0{digits}d}" / f"photo_{i:05d}.jpg", format="JPEG", quality=quality)
     return folder
 
 
@@ -299,7 +344,7 @@ def format_rows(rows: list[dict]) -> str:
 
 def compare(images: Path | None, *, count: int = 1000, image_size: int = 224, batch_size: int = 32,
             max_shorter_side: int = 256, generator_images: int = 320, repeats: int = 2,
-            work_dir: Path | None = None) -> list[dict]:
+            work_dir: Path | None = None, photos: bool = False) -> list[dict]:
     """Shard `images` (or `count` generated JPEGs) with our stages and time our training pipeline
     (random-resized-crop + flip, the ImageNet recipe) against the references, in one run."""
     import shutil
@@ -314,7 +359,8 @@ def compare(images: Path | None, *, count: int = 1000, image_size: int = 224, ba
     work = Path(work_dir or tempfile.mkdtemp(prefix="bench-input-"))
     try:
         if images is None:
-            images = make_jpeg_folder(work / "raw" / "images", count)
+            make = make_photo_folder if photos else make_jpeg_folder
+            images = make(work / "raw" / "images", count)
         images = Path(images)
         split(SplitConfig(), 42, images, work / "manifest.parquet", work / "labels.json")
         index = shard(ShardConfig(max_shorter_side=max_shorter_side, target_shard_mb=8), work / "manifest.parquet",
