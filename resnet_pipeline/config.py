@@ -242,7 +242,7 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
 
 
 def _check_cross_fields(cfg: Config) -> None:
-    from resnet_pipeline.models.resnet import allowed_depths, model_arguments, total_stride  # the table lives with the model
+    from resnet_pipeline.models.specs import allowed_depths, model_arguments, total_stride  # no TensorFlow
 
     s = cfg.split
     total = s.train + s.val + s.test
