@@ -83,7 +83,7 @@ def split(cfg: SplitConfig, seed: int, image_folder: str | Path, manifest_path: 
     """
     image_folder = Path(image_folder)
     classes, files = scan_image_folder(image_folder)
-    rows = {name: [] for name in SCHEMA.names}
+    rows: dict[str, list] = {name: [] for name in SCHEMA.names}
     for file, class_name in tqdm(files, desc="split", unit="img", disable=None):
         data = file.read_bytes()
         digest = sha256_bytes(data)

@@ -85,7 +85,7 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
     meta = {"params": yaml.safe_load(files["params.yaml"].read_text()), "metrics": metrics, "data": data,
             "git_commit": git_commit(root), "environment": environment(),
             "labels": read_json(files["labels.json"], "labels").get("classes"), "gate": decision}
-    version = reg.register(name, files, meta)
+    version = reg.register(name, {**files}, meta)  # a copy typed as register's dict[str, str | Path]
     promotion = {"alias": alias, "promoted": False, "error": None}
     if decision["promote"]:
         try:
