@@ -22,12 +22,26 @@ BIN = Path(sys.executable).parent
 UV = BIN / "uv"
 
 
-def _run(cmd: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return env
+
+
+def _run(cmd: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return _run_together([cmd], cwd, timeout)[0]
+
+
+def _run_together(cmds: list[list], cwd: Path, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Run independent commands at the same time (each TensorFlow import takes seconds); all must succeed."""
+    procs = [subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    done = []
+    for cmd, proc in zip(cmds, procs):
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}"
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +91,13 @@ def test_wheel_with_cpu_extra_installs_into_a_new_venv_and_its_command_works(whe
     helped = _run([command, "--help"], work).stdout
     assert helped.startswith("usage: resnet-pipeline") and "registry" in helped and "predict" in helped
 
-    summary = _run([command, "model", "summary", "--depth", "50", "--variant", "v1"], work).stdout
-    assert "trainable params:     25,557,032" in summary  # torchvision's count for ResNet-50
-
     dest = work / "pulled"
     _run([command, "registry", "pull", "digits:1", dest, "--registry", tiny_model.registry], work)
     images = [str(p) for p in tiny_model.images]
-    theirs = json.loads(_run([command, "predict", "--model", dest, "--json", *images], work).stdout)
+    summary, predicted = _run_together([[command, "model", "summary", "--depth", "50", "--variant", "v1"],
+                                        [command, "predict", "--model", dest, "--json", *images]], work)
+    assert "trainable params:     25,557,032" in summary.stdout  # torchvision's count for ResNet-50
+    theirs = json.loads(predicted.stdout)
     assert main(["predict", "--model", str(tiny_model.model_dir), "--json", *images]) == 0
     ours = json.loads(capsys.readouterr().out)
     assert [[t["label"] for t in p["top_k"]] for p in theirs] == [[t["label"] for t in p["top_k"]] for p in ours]

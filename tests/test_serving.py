@@ -26,11 +26,16 @@ def _pull(capsys, registry: Path, spec: str, dest: Path) -> tuple[int, str, str]
     return code, out.out, out.err
 
 
-def _saved_model_cli(*args: str) -> str:
-    proc = subprocess.run([str(BIN / "saved_model_cli"), *args], capture_output=True, text=True, timeout=300,
-                          env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+def _saved_model_cli(*calls: list[str]) -> list[str]:
+    """Run `saved_model_cli` with each argument list, at the same time (each imports TensorFlow); the outputs."""
+    procs = [subprocess.Popen([str(BIN / "saved_model_cli"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=ENV) for args in calls]
+    outputs = []
+    for args, proc in zip(calls, procs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"saved_model_cli {args}: {err[-3000:]}"
+        outputs.append(out)
+    return outputs
 
 
 def _files(root: Path) -> set[str]:
@@ -60,18 +65,18 @@ def test_saved_model_cli_shows_serving_default_and_runs_it_like_predict(tiny_mod
                                                                          monkeypatch):
     dest = tmp_path / "base"
     assert _pull(capsys, tiny_model.registry, "digits:1", dest)[0] == 0
-    shown = _saved_model_cli("show", "--all", "--dir", str(dest / "1"))
+    inputs = tmp_path / "image_bytes.npy"
+    np.save(inputs, np.array([p.read_bytes() for p in tiny_model.images], dtype=object), allow_pickle=True)
+    outdir = tmp_path / "outputs"
+    shown, _ = _saved_model_cli(["show", "--all", "--dir", str(dest / "1")],
+                                ["run", "--dir", str(dest / "1"), "--tag_set", "serve", "--signature_def",
+                                 "serving_default", "--inputs", f"image_bytes={inputs}", "--outdir", str(outdir)])
     section = shown.split("signature_def['serving_default']:", 1)[1].split("signature_def[", 1)[0]
     assert "inputs['image_bytes'] tensor_info:" in section and "dtype: DT_STRING" in section
     for name in ("classes", "probabilities", "class_ids"):
         assert f"outputs['{name}'] tensor_info:" in section
     assert "signature_def['serving_images']:" in shown
 
-    inputs = tmp_path / "image_bytes.npy"
-    np.save(inputs, np.array([p.read_bytes() for p in tiny_model.images], dtype=object), allow_pickle=True)
-    outdir = tmp_path / "outputs"
-    _saved_model_cli("run", "--dir", str(dest / "1"), "--tag_set", "serve", "--signature_def", "serving_default",
-                     "--inputs", f"image_bytes={inputs}", "--outdir", str(outdir))
     served = [row[0].decode() for row in np.load(outdir / "classes.npy", allow_pickle=True)]
 
     monkeypatch.setenv("RESNET_PIPELINE_CACHE", str(tmp_path / "cache"))
