@@ -108,8 +108,8 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {f: (root / f).read_bytes() for f in _files(root)}
 
 
-@pytest.mark.parametrize("case", ["tampered file", "no saved model", "version already there", "dest is a file",
-                                  "unknown version"])
+@pytest.mark.parametrize("case", ["tampered file", "tampered file, no dest yet", "no saved model",
+                                  "version already there", "dest is a file", "unknown version"])
 def test_refusals_name_the_problem_and_leave_dest_as_it_was(case, tiny_model, tmp_path, capsys):
     from resnet_pipeline.registry import LocalRegistry
 
@@ -118,7 +118,9 @@ def test_refusals_name_the_problem_and_leave_dest_as_it_was(case, tiny_model, tm
     dest.mkdir(parents=True)
     (dest / "README").write_text("kept\n")
     spec = "digits:1"
-    if case == "tampered file":
+    if case.startswith("tampered file"):
+        if case.endswith("no dest yet"):
+            shutil.rmtree(dest)
         [data] = (registry / "models/digits/versions/1/saved_model/variables").glob("variables.data-*")
         raw = bytearray(data.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
@@ -145,7 +147,8 @@ def test_refusals_name_the_problem_and_leave_dest_as_it_was(case, tiny_model, tm
     code, out, err = _pull(capsys, registry, spec, dest)
     assert code == 2 and out == ""
     assert err.startswith("resnet-pipeline registry: error: ") and expected in err, err
-    if case == "tampered file":
+    if case.startswith("tampered file"):
         assert "fails verification" in err
     assert _tree(dest.parent) == before  # nothing added, nothing changed
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["digits"]  # no staging folder left
+    left = [] if case.endswith("no dest yet") else ["digits"]  # DEST not created by a failed pull
+    assert sorted(p.name for p in dest.parent.iterdir()) == left  # and no staging folder left

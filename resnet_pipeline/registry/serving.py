@@ -41,7 +41,7 @@ def pull_for_serving(registry: Registry, spec: str | Spec, dest: str | Path) -> 
         raise RegistryError(f"{dest}: exists and is not a folder; expected a TF Serving model base path")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise RegistryError(f"{target}: version {version} of {name} is already there; refusing to overwrite it")
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.{version}."))
     try:
         pulled = registry.pull(Spec(name, version=version), staging / "version")
@@ -55,6 +55,7 @@ def pull_for_serving(registry: Registry, spec: str | Spec, dest: str | Path) -> 
             if (pulled / file).is_file():
                 os.replace(pulled / file, extra / file)
         _fsync_tree(saved_model)
+        dest.mkdir(exist_ok=True)
         if target.exists():
             target.rmdir()  # empty, checked above
         os.rename(saved_model, target)
