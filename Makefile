@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make run    install (if needed) and run the whole pipeline with `dvc repro`
-#   make test   install (if needed) and run the tests
+#   make test   install (if needed), lint and type-check (seconds), then run the tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup setup-gpu run test flow lock clean
+.PHONY: setup setup-gpu run lint fmt test flow lock clean
 
 setup: $(STAMP)
 
@@ -36,7 +36,19 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/resnet-pipeline registry show $$($(PY) -c "import yaml; print(yaml.safe_load(open('params.yaml'))['register']['model_name'])")
 
-test: $(STAMP)
+# ruff (lint, then format check) and mypy, configured in pyproject.toml; seconds, before the long suite.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The mechanical fixes: format the tree, apply ruff's safe autofixes, format what they touched.
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
 
 flow: $(STAMP)

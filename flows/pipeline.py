@@ -171,7 +171,8 @@ def report_markdown(cfg: Config, record: dict) -> str:
         f"Registered as **[{name}:{version}]({link})** in `{record['registry']}`.\n\n"
         f"| test metric | value |\n|---|---|\n{rows}\n\n"
         f"## Gate: {verdict} to `{gate['alias']}`\n\n"
-        f"| | {gate['metric']} |\n|---|---|\n| this version | {gate['candidate']} |\n| {gate['alias']} | {champion} |\n\n"
+        f"| | {gate['metric']} |\n|---|---|\n| this version | {gate['candidate']} |\n"
+        f"| {gate['alias']} | {champion} |\n\n"
         f"{gate['reason']}\n\n"
         f"Pull it with `resnet-pipeline registry pull {name}:{version} DEST --registry {record['registry']}`.\n"
     )

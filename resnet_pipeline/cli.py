@@ -2,6 +2,7 @@
 
     resnet-pipeline download|split|shard|train|evaluate|register [--params params.yaml] [--set train.epochs=3]
     resnet-pipeline registry list|show|pull|promote|gc ... [--registry FOLDER|s3://BUCKET/PREFIX]
+    resnet-pipeline registry pull SPEC DEST [--layout registry|tf-serving]
     resnet-pipeline predict --model MODEL_DIR|NAME[:VERSION|@ALIAS] IMAGE... [--top-k K] [--json]
     resnet-pipeline model summary [--depth 50] [--variant v1|v1.5|v2|cifar] [--image-size 224]
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
@@ -37,7 +38,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         try:
             overrides[key] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err.problem})") from None
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({getattr(err, 'problem', err)})") from None
     return overrides
 
 
@@ -164,6 +165,11 @@ def run_registry(args) -> int:
     elif args.action == "show":
         manifest = reg.manifest(args.model)
         print(json.dumps(manifest, indent=2) if args.json else _describe(manifest, reg.aliases(manifest["name"])))
+    elif args.action == "pull" and args.layout == "tf-serving":
+        from resnet_pipeline.registry.serving import pull_for_serving
+
+        target = pull_for_serving(reg, args.model, args.dest)
+        print(f"pulled {args.model} to {target} (TF Serving: --model_base_path={Path(args.dest).resolve()})")
     elif args.action == "pull":
         dest = reg.pull(args.model, args.dest)
         print(f"pulled {args.model} to {dest}")
@@ -417,7 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="the whole manifest (or history) as JSON")
             p.add_argument("--history", action="store_true", help="every promotion attempt of NAME@ALIAS")
         if action == "pull":
-            p.add_argument("dest", help="destination folder (must not exist or be empty)")
+            p.add_argument("dest", help="destination folder (must not exist or be empty; with --layout tf-serving "
+                                        "the model base path, where DEST/VERSION must not exist or be empty)")
+            p.add_argument("--layout", choices=("registry", "tf-serving"), default="registry",
+                           help="registry: the version's files as stored (default); tf-serving: its SavedModel "
+                                "as DEST/VERSION/saved_model.pb, variables/, assets/ for tensorflow_model_server")
         if action == "promote":
             p.add_argument("alias", help="alias to point at the version, such as champion or staging")
         if action == "gc":

@@ -258,7 +258,8 @@ def _check_cross_fields(cfg: Config) -> None:
     stride = total_stride(t.variant, t.depth)
     if t.image_size < stride:
         raise ConfigError(
-            f"train.image_size: received {t.image_size}; ResNet-{t.depth} ({t.variant}) needs at least {stride}, its total stride"
+            f"train.image_size: received {t.image_size}; ResNet-{t.depth} ({t.variant}) needs at least {stride}, "
+            "its total stride"
         )
     if t.lr_schedule == "step" and not t.lr_decay_at:
         raise ConfigError("train.lr_decay_at: the step schedule needs the epochs (or steps) to divide the "

@@ -165,11 +165,11 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, shards_dir: str | Path,
         probs = tf.add_n([tf.nn.softmax(tf.cast(model(v, training=False), tf.float32)) for v in views]) / len(views)
         return tf.math.log(tf.maximum(probs, 1e-12)) if len(views) > 1 else tf.cast(model(images, training=False), tf.float32)
 
-    logits, labels = [], []
+    logit_batches, label_batches = [], []
     for images, y in ds:
-        logits.append(predict(images).numpy())
-        labels.append(y.numpy())
-    logits, labels = np.concatenate(logits), np.concatenate(labels)
+        logit_batches.append(predict(images).numpy())
+        label_batches.append(y.numpy())
+    logits, labels = np.concatenate(logit_batches), np.concatenate(label_batches)
     if len(labels) != n_test:
         raise ValueError(f"{shards_dir}: read {len(labels)} test records, index.json lists {n_test}")
     ids = record_ids(files)
@@ -204,13 +204,13 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, shards_dir: str | Path,
         writer.writeheader()
         writer.writerows(per_class)
     with open(out_dir / "confusion.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows((classes[a], classes[p]) for a, p in zip(labels, predicted))
+        rows = csv.writer(f)
+        rows.writerow(["actual", "predicted"])
+        rows.writerows((classes[a], classes[p]) for a, p in zip(labels, predicted))
     with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["actual/predicted", *classes])
-        writer.writerows([name, *map(int, row)] for name, row in zip(classes, confusion))
+        rows = csv.writer(f)
+        rows.writerow(["actual/predicted", *classes])
+        rows.writerows([name, *map(int, row)] for name, row in zip(classes, confusion))
     plot_confusion(confusion, classes, out_dir / "confusion.png")
     write_predictions(out_dir / "predictions.parquet", ids, labels, predicted, logits)
     atomic_write_json(out_dir / "metrics.json", metrics)  # last: the stage is done when it exists

@@ -33,7 +33,9 @@ class ServingModule(tf.Module):
 
     def __init__(self, model: keras.Model, classes: list[str], prep: Preprocess, top_k: int):
         super().__init__(name="resnet_serving")
-        self.model = model
+        # Not a tracked attribute: the SavedModel keeps the tf.Variables the signatures capture
+        # (`captured_variables`, set by export_saved_model), not a second copy of the Keras model's.
+        object.__setattr__(self, "model", model)
         self.class_names = tf.constant(list(classes), tf.string)
         self.k = min(top_k, len(classes))
         self.prep = prep
@@ -75,6 +77,10 @@ def export_saved_model(model: keras.Model, classes: list[str], prep: Preprocess,
     with recursion_limit():  # tracing ResNet-1202 goes deeper than Python's default limit
         signatures = {SIGNATURE_BYTES: module.serve_bytes.get_concrete_function(),
                       SIGNATURE_IMAGES: module.serve_images.get_concrete_function()}
+        # Track the tf.Variables the signatures capture, as keras.export.ExportArchive does: with only the
+        # Keras model tracked, TF1-style loaders (TF Serving, `saved_model_cli run`) restore other copies
+        # and the graph reads uninitialised variables (keras-team/keras#20095).
+        module.captured_variables = list({id(v): v for fn in signatures.values() for v in fn.variables}.values())
         with staged_dir(dest) as tmp:
             tf.saved_model.save(module, str(tmp), signatures=signatures)
     log.info("export: SavedModel with signatures %s in %s", ", ".join(signatures), dest)

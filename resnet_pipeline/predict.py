@@ -103,12 +103,12 @@ def predict(model_dir: str | Path, images: list[str | Path], top_k: int | None =
     prep = Preprocess.from_train(cfg.train, int(model.input_shape[1]))
     k = min(top_k or cfg.evaluate.top_k, len(classes))
 
-    probabilities = []
+    batches = []
     for start in range(0, len(encoded), BATCH):
         batch = tf.stack([eval_image(tf.constant(b), prep) for b in encoded[start : start + BATCH]])
         logits = tf.cast(model(batch, training=False), tf.float32)
-        probabilities.append(tf.nn.softmax(logits, axis=-1).numpy())
-    probabilities = np.concatenate(probabilities)
+        batches.append(tf.nn.softmax(logits, axis=-1).numpy())
+    probabilities = np.concatenate(batches)
     results = []
     for path, p in zip(images, probabilities):
         best = np.argsort(-p, kind="stable")[:k]

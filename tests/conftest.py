@@ -55,3 +55,12 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(digits_data, tmp_path_factory):
+    """Version 1 of `digits` in a local registry: a ResNet-20 trained 20 steps, with its SavedModel
+    (tests/tiny_model.py); shared by the serving and packaging tests."""
+    from tests.tiny_model import make_tiny_model
+
+    return make_tiny_model(digits_data, tmp_path_factory.mktemp("tiny-model"))

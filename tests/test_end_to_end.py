@@ -23,7 +23,8 @@ from tests.project import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore", "resnet_pipeline", "flows"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".gitignore",
+                 "resnet_pipeline", "flows"]
 STAGES = ("download", "split", "shard", "train", "evaluate", "register")
 
 
@@ -272,3 +273,53 @@ def _md5_of_outs(project: Path, outs: list[str]) -> dict[str, str]:
 def _bucket_keys(client, bucket: str) -> set[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
+
+
+def test_dvc_plots_are_each_defined_once_with_their_axes(dvc_project: Path):
+    shown = json.loads(_run([str(BIN / "dvc"), "plots", "show", "--json"], dvc_project).stdout)
+    assert not shown.get("errors"), shown["errors"]
+    assert sorted(shown["data"]) == sorted(["loss", "accuracy", "step-loss", "learning-rate", "confusion", "per-class-f1",
+                                            "artifacts/model/curves.png", "artifacts/eval/confusion.png"])
+    assert all(len(renders) == 1 for renders in shown["data"].values()), {k: len(v) for k, v in shown["data"].items()}
+    encoding = {name: shown["data"][name][0]["content"]["encoding"] for name in ("loss", "step-loss", "per-class-f1")}
+    assert encoding["loss"]["x"]["field"] == "epoch" and encoding["loss"]["y"]["scale"] == {"type": "log"}
+    assert (encoding["step-loss"]["x"]["field"], encoding["step-loss"]["y"]["field"]) == ("step", "loss")
+    assert encoding["step-loss"]["y"]["scale"] == {"type": "log"}
+    assert (encoding["per-class-f1"]["x"]["field"], encoding["per-class-f1"]["y"]["field"]) == ("f1", "class")
+
+
+def test_dvc_artifacts_get_from_a_fresh_clone_fetches_the_model(dvc_project: Path, tmp_path: Path):
+    """`dvc push` to a local remote, `git clone`, `gto register` the artifact, `dvc artifacts get` from the clone.
+
+    The remote is a folder given by its absolute path (added in the project's git-ignored config.local), as a
+    second checkout shares one: with the relative `../.dvc-remote` of .dvc/config, a clone's remote is its own
+    folder, and DVC 3.67's `push --all-commits` resolves it against `/` for other commits (/.dvc-remote)."""
+    dvc = str(BIN / "dvc")
+    remote = tmp_path / "remote"
+    _run([dvc, "remote", "add", "--local", "shared", str(remote)], dvc_project)
+    try:  # --all-commits: HEAD's outputs, whatever an earlier test's `dvc exp run` left in the workspace
+        _run([dvc, "push", "--all-commits", "-r", "shared"], dvc_project, timeout=600)
+    finally:
+        _run([dvc, "remote", "remove", "--local", "shared"], dvc_project)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(dvc_project), str(clone)], tmp_path)
+    assert not (clone / "artifacts").exists() and not (clone / ".dvc/cache").exists()
+    env_identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                    "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = subprocess.run([str(BIN / "gto"), "register", "resnet-classifier", "--version", "v1.0.0"], cwd=clone,
+                          env={**_env(), **env_identity}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _run([dvc, "remote", "modify", "--local", "local", "url", str(remote)], clone)
+    lock = yaml.safe_load(_run(["git", "show", "HEAD:dvc.lock"], clone).stdout)  # what the clone checks out
+    md5 = {o["path"]: o["md5"] for o in lock["stages"]["train"]["outs"]}
+
+    got = _run([dvc, "artifacts", "get", str(clone), "resnet-classifier", "-o", "model"], tmp_path)
+    assert "Downloaded" in got.stdout + got.stderr
+    model = tmp_path / "model"
+    assert {p.relative_to(model).as_posix() for p in model.iterdir()} >= {"model.keras", "saved_model", "labels.json",
+                                                                          "config.yaml"}
+    import hashlib
+
+    for name in ("model.keras", "labels.json", "config.yaml"):
+        assert hashlib.md5((model / name).read_bytes()).hexdigest() == md5[f"artifacts/model/{name}"], name
+    assert (model / "saved_model/saved_model.pb").exists() and (model / "saved_model/variables").is_dir()

@@ -35,6 +35,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -319,7 +320,7 @@ def run(folder: Path, ours: Callable[[], tf.data.Dataset] | None, *, image_size:
             del source
             gc.collect()
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in factories:
         rows.append({"name": name, "images_per_sec": statistics.median(runs[name]), "ratio": None,
                      "images": counted[name], "runs": runs[name]})

@@ -16,6 +16,7 @@ import gc
 import logging
 import statistics
 import time
+from typing import Any
 from collections.abc import Callable
 
 import keras
@@ -45,7 +46,7 @@ def build_pair(variant: str, depth: int, input_shape: tuple[int, int, int], num_
     base = "v1" if variant in ("v1", "v1.5") else variant
     if depth not in SPECS.get(base, {}):
         raise ValueError(f"depth: received {depth} for variant {variant!r}; allowed: {', '.join(map(str, SPECS.get(base, {})))}")
-    layout = dict(KERAS_APPLICATIONS_LAYOUT.get(variant, {}))
+    layout: dict[str, Any] = dict(KERAS_APPLICATIONS_LAYOUT.get(variant, {}))
     if variant == "v1" and SPECS["v1"][depth].block != "bottleneck":
         layout.pop("stride_in_1x1")  # basic blocks have no 1x1
     ours = build_resnet(depth, base, input_shape=input_shape, num_classes=num_classes, **layout)
@@ -101,7 +102,7 @@ def benchmark_depth(variant: str, depth: int, *, batch_size: int, image_size: in
     if reference is not None:
         models[f"keras.applications.{keras_application_name(variant, depth)}"] = reference
     fns = {label: step_functions(model, images, labels) for label, model in models.items()}
-    durations = {(label, phase): [] for label in models for phase in PHASES}
+    durations: dict[tuple[str, str], list[float]] = {(label, phase): [] for label in models for phase in PHASES}
     per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
     for phase in PHASES:
         for label in models:

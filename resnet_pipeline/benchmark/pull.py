@@ -70,6 +70,12 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _pid(server) -> int:
+    """The process id of a started SeaweedS3."""
+    if server.process is None:
+        raise RuntimeError("benchmark pull: the SeaweedFS server is not running")
+    return server.process.pid
+
 def run(registry: str | None, *, seaweed: bool = False, size_mb: float = 100.0, rounds: int = 3,
         pin: bool = False, part_mb: float | None = None, connections: int | None = None) -> dict:
     """Register a version of `size_mb`, then time pulls and plain GETs in `rounds` alternating rounds."""
@@ -93,8 +99,10 @@ def run(registry: str | None, *, seaweed: bool = False, size_mb: float = 100.0, 
             server.make_bucket("bench-pull")
             reg = open_registry("s3://bench-pull/registry", endpoint_url=server.endpoint_url, region=server.region,
                                 access_key=server.access_key, secret_key=server.secret_key)
-        else:
+        elif registry:
             reg = open_registry(registry)
+        else:
+            raise ValueError("benchmark pull: give either --registry s3://... or --seaweed")
         if not isinstance(reg.storage, S3Storage):
             raise ValueError(f"benchmark pull: {registry!r} is not an s3:// registry; presigned GETs need S3")
         if part_mb:
@@ -103,7 +111,7 @@ def run(registry: str | None, *, seaweed: bool = False, size_mb: float = 100.0, 
             reg.storage.download_concurrency = connections
         src = work / "src"
         src.mkdir()
-        files = {"model.keras": _random_file(src / "model.keras", int(size_mb * 1e6))}
+        files: dict[str, str | Path] = {"model.keras": _random_file(src / "model.keras", int(size_mb * 1e6))}
         for name, text in (("params.yaml", "train:\n  epochs: 1\n"), ("labels.json", '{"classes": ["a", "b"]}\n'),
                            ("metrics.json", '{"test": {"top1": 0.5}}\n')):
             (src / name).write_text(text)
@@ -119,7 +127,7 @@ def run(registry: str | None, *, seaweed: bool = False, size_mb: float = 100.0, 
             order = ("pull", "get") if r % 2 == 0 else ("get", "pull")
             for what in order:
                 dest = work / f"{what}-{r}"
-                server_cpu = _process_cpu_seconds(server.process.pid) if server else 0.0
+                server_cpu = _process_cpu_seconds(_pid(server)) if server else 0.0
                 start_cpu, start = _cpu_seconds(), time.perf_counter()
                 if what == "pull":
                     reg.pull(f"{name}:{version}", dest)
@@ -129,7 +137,7 @@ def run(registry: str | None, *, seaweed: bool = False, size_mb: float = 100.0, 
                 times[what].append(time.perf_counter() - start)
                 cpu[what].append(_cpu_seconds() - start_cpu)
                 if server:
-                    cpu[f"server_{what}"].append(_process_cpu_seconds(server.process.pid) - server_cpu)
+                    cpu[f"server_{what}"].append(_process_cpu_seconds(_pid(server)) - server_cpu)
                 shutil.rmtree(dest)
         reg.storage.delete([o.key for o in reg.storage.list(f"models/{name}/")])
         pull_s, get_s = statistics.median(times["pull"]), statistics.median(times["get"])

@@ -14,6 +14,7 @@ import gc
 import logging
 import statistics
 import time
+from typing import Any
 
 import keras
 import numpy as np
@@ -100,7 +101,7 @@ def benchmark_replicas(variant: str, depth: int, *, replicas: int, batch_size: i
                 fn()
                 durations[label].append(time.perf_counter() - start)
         log.info("benchmark: replicas round %d/%d done", r, rounds)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, d in durations.items():
         mean = statistics.fmean(d)
         rows.append({"model": f"ResNet-{depth} {variant}, {label}", "depth": depth, "variant": variant,

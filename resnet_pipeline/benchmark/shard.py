@@ -67,7 +67,8 @@ def format_result(r: dict) -> str:
     return "\n".join([
         f"images: {r['images']}  shorter side capped at {r['max_shorter_side'] or 'no cap'}  files: {r['files']}",
         f"1 worker:   {r['seconds_1_worker']:.2f} s  ({r['images'] / r['seconds_1_worker']:.0f} images/s)",
-        f"{w} workers:  {r[f'seconds_{w}_workers']:.2f} s  ({r['images'] / r[f'seconds_{w}_workers']:.0f} images/s)",
+        f"{w} workers:  {r[f'seconds_{w}_workers']:.2f} s  "
+        f"({r['images'] / r[f'seconds_{w}_workers']:.0f} images/s)",
         f"speed-up:   {r['speedup']:.2f}x  (medians of {len(r['rounds']['1'])} alternating rounds: {r['rounds']})",
         f"shards byte-identical: {'yes' if r['byte_identical'] else 'NO'}",
     ])

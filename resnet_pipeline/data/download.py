@@ -136,6 +136,7 @@ def _move_tree(src: Path, dest: Path) -> None:
 
 
 def _write_archive(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
+    assert cfg.url is not None  # config requires download.url for dataset 'archive'
     archive = _fetch_archive(cfg, downloads, cfg.url, cfg.md5)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".extract.") as extracted:
         safe_extract(archive, extracted, limits=_limits(cfg))
@@ -144,6 +145,7 @@ def _write_archive(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
 
 
 def _write_imagefolder(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
+    assert cfg.path is not None  # config requires download.path for dataset 'imagefolder'
     if cfg.path.startswith("s3://"):
         return _download_s3_folder(cfg.path, dest, cfg.s3_endpoint_url, cfg.s3_workers)
     source = Path(cfg.path).expanduser()

@@ -129,13 +129,13 @@ def prepare(data: bytes, max_shorter_side: int = 0, jpeg_quality: int = 90) -> P
     with Image.open(io.BytesIO(data)) as img:
         fmt, size = img.format, img.size
         too_big = max_shorter_side and min(size) > max_shorter_side
-        if (fmt, img.mode) in _NATIVE and not too_big:
+        if fmt is not None and (fmt, img.mode) in _NATIVE and not too_big:
             return Prepared(data, fmt.lower(), *size)
         img.load()
         out = _to_rgb(img)
         if too_big:
             scale = max_shorter_side / min(size)
-            new = tuple(max(1, round(d * scale)) for d in size)
+            new = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
             out = out.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
         buf = io.BytesIO()
         if fmt == "JPEG":  # a lossy source stays lossy: smaller shards, faster decoding

@@ -214,7 +214,7 @@ def make_dataset(
         ds = ds.repeat()
     ds = ds.enumerate()  # the record's position in the epoch seeds its augmentation
     local = batch_size * local_replicas  # records this pipeline feeds per global step
-    if split:
+    if split and ctx is not None:
         start = pipeline_id * local
         ds = ds.batch(batch_size * ctx.num_replicas_in_sync, drop_remainder=True)
         ds = ds.map(lambda i, r: (i[start : start + local], r[start : start + local])).unbatch()

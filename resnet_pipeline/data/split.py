@@ -110,7 +110,7 @@ def split(cfg: SplitConfig, seed: int, image_folder: str | Path, manifest_path: 
     """
     image_folder = Path(image_folder)
     classes, files = scan_image_folder(image_folder)
-    rows = {name: [] for name in SCHEMA.names}
+    rows: dict[str, list] = {name: [] for name in SCHEMA.names}
     label_of = {name: i for i, name in enumerate(classes)}
     for file, class_name, problem in tqdm(files, desc="split", unit="img", disable=None):
         data = b"" if problem else read_regular(file)

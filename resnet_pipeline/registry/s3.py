@@ -15,6 +15,7 @@ same credentials, endpoint and addressing style), written in place and hashed in
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import re
@@ -236,7 +237,7 @@ class S3Storage:
                     out.append(ObjectInfo(obj["Key"][strip:], obj["Size"], obj["LastModified"]))
         return sorted(out, key=lambda o: o.key)
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:  # `list` is the method above
         for start in range(0, len(keys), 1000):
             batch = keys[start:start + 1000]
             with self._errors(batch[0]):

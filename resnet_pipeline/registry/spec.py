@@ -41,7 +41,9 @@ def parse_spec(spec: str) -> Spec:
         raise RegistryError(f"model spec {spec!r}: empty; expected {SPEC_FORMS}")
     if ":" in spec and "@" in spec:
         raise RegistryError(f"model spec {spec!r}: give a version or an alias, not both; expected {SPEC_FORMS}")
-    name, sep, rest = re.fullmatch(r"([^:@]*)(?:([:@])(.*))?", spec, re.DOTALL).groups(default="")
+    match = re.fullmatch(r"([^:@]*)(?:([:@])(.*))?", spec, re.DOTALL)
+    assert match is not None  # the pattern matches every string
+    name, sep, rest = match.groups(default="")
     try:
         check_name(name)
     except RegistryError as err:
