@@ -253,7 +253,8 @@ def record_ids(files: list[str]) -> dict[str, np.ndarray]:
                 "image/filename": tf.io.FixedLenFeature([], tf.string, default_value="")}
     ds = tf.data.Dataset.from_tensor_slices(files).interleave(
         tf.data.TFRecordDataset, cycle_length=min(4, len(files)), deterministic=True, num_parallel_calls=tf.data.AUTOTUNE)
-    sha, names = [], []
+    sha: list[str] = []
+    names: list[str] = []
     for batch in ds.batch(1024).map(lambda r: tf.io.parse_example(r, features)):
         sha.extend(v.decode() for v in batch["image/sha256"].numpy())
         names.extend(v.decode() for v in batch["image/filename"].numpy())

@@ -95,10 +95,10 @@ def _tar_members(archive: Path, tar: tarfile.TarFile, limits: ArchiveLimits) -> 
 def _zip_count(archive: Path) -> int:
     """The member count of the end-of-central-directory record, read before the directory is."""
     with open(archive, "rb") as f:
-        end = zipfile._EndRecData(f)  # noqa: SLF001 - the record zipfile itself trusts
+        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # the record zipfile itself trusts
     if not end:
         raise ValueError(f"{archive}: not a tar or zip archive")
-    return int(end[zipfile._ECD_ENTRIES_TOTAL])  # noqa: SLF001
+    return int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:

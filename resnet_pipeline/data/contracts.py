@@ -53,7 +53,7 @@ def _row_problem(row: dict, classes: list[str]) -> str | None:
     if why := relative_inside(row.get("path")):
         return f"path {row.get('path')!r}: {why}; expected a path relative to raw/"
     label = row.get("label")
-    if not _is_int(label) or not 0 <= label < len(classes):
+    if not isinstance(label, int) or not _is_int(label) or not 0 <= label < len(classes):
         return f"label {label!r}: expected an integer in 0..{len(classes) - 1} (the classes of labels.json)"
     if row.get("label_name") != classes[label]:
         return f"label_name {row.get('label_name')!r}: labels.json names class {label} {classes[label]!r}"
@@ -89,7 +89,7 @@ def _entry_problem(entry: Any, shards_dir: Path) -> str | None:
         return f"records {entry.get('records')!r}: expected a count >= 0"
     if not isinstance(entry.get("sha256"), str) or not _HEX64.match(entry["sha256"]):
         return f"sha256 {entry.get('sha256')!r}: expected 64 lowercase hexadecimal digits"
-    path = shards_dir / name
+    path = shards_dir / str(name)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

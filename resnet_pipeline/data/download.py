@@ -164,7 +164,8 @@ def _write_imagefolder(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
 
 def _s3_keys(client, bucket: str, prefix: str, url: str) -> tuple[list[str], dict[str, int]]:
     """Object keys under the prefix (checked: none may escape it) and the file count per class folder."""
-    keys, classes = [], {}
+    keys: list[str] = []
+    classes: dict[str, int] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             key = obj["Key"]

@@ -108,6 +108,7 @@ def _write_in_order(folder: Path, plans: list[dict], pieces, bar) -> list[str]:
                     open(folder / plans[empty]["file"], "wb").close()
                 f = open(folder / plans[i]["file"], "wb")
                 current = i
+            assert f is not None
             f.write(data)
             hashes[i].update(data)
             bar.update(count)

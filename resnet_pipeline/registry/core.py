@@ -25,6 +25,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,7 @@ class AliasState:
 
     @property
     def version(self) -> int | None:
-        return None if self.record is None else self.record["version"]
+        return None if self.record is None else int(self.record["version"])
 
 
 class Registry:
@@ -127,7 +128,7 @@ class Registry:
         s = parse_spec(spec) if isinstance(spec, str) else spec
         if s.alias is not None:
             state = self.alias(s.name, s.alias)
-            if state.record is None:
+            if state.version is None:
                 raise RegistryError(f"model {s}: no alias {s.alias!r} for {s.name!r} in {self.location}")
             return s.name, state.version
         versions = self.versions(s.name)
@@ -207,7 +208,7 @@ class Registry:
         self.storage.put(self._token_key(name, token), _dumps({"version": number, "at": now_iso()}))
         return number
 
-    def _collect(self, name: str, files: dict[str, str | Path]) -> dict[str, Path]:
+    def _collect(self, name: str, files: Mapping[str, str | Path]) -> dict[str, Path]:
         """Version file name -> local file, folders expanded; every name checked."""
         entries: dict[str, Path] = {}
         for target, source in sorted(files.items()):
@@ -225,12 +226,12 @@ class Registry:
             check_file_name(target, f"model {name!r}")
         return entries
 
-    def registration_token(self, name: str, files: dict[str, str | Path], context: dict | None = None) -> str:
+    def registration_token(self, name: str, files: Mapping[str, str | Path], context: dict | None = None) -> str:
         """A token for registering these files (by content) with `context` (what else makes the
         registration, e.g. its params): the same files and context give the same token."""
         return claims.content_token(check_name(name), _describe(self._collect(name, files)), context or {})
 
-    def register(self, name: str, files: dict[str, str | Path], metadata: dict | None = None, *,
+    def register(self, name: str, files: Mapping[str, str | Path], metadata: dict | None = None, *,
                  token: str | None = None) -> int:
         """Upload `files` (name in the version -> a file, or a folder uploaded recursively) as a new
         version, with `metadata` in its manifest; return the version number.
@@ -311,12 +312,12 @@ class Registry:
 
     def aliases(self, name: str) -> dict[str, int]:
         prefix = f"models/{check_name(name)}/aliases/"
-        out = {}
+        out: dict[str, int] = {}
         for obj in self.storage.list(prefix):
             rest = obj.key[len(prefix):]
             if "/" not in rest and rest.endswith(".json"):
                 state = self.alias(name, rest[:-len(".json")])
-                if state.record is not None:
+                if state.version is not None:
                     out[state.alias] = state.version
         return out
 
@@ -341,7 +342,7 @@ class Registry:
         except Conflict:
             now = self.alias(name, alias)
             won = now.record is not None and now.record.get("attempt") == attempt  # a retried request won
-            actual = now.version
+            actual = now.version if now.version is not None else version
         self._record_history(name, alias, {"outcome": "won" if won else "lost", "version": version,
                                            "expected_previous": state.version, "actual_previous":
                                            state.version if won else actual, "at": record["updated_at"],

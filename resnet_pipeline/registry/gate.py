@@ -62,7 +62,7 @@ def paired(candidate: dict, champion: dict) -> tuple[np.ndarray, np.ndarray, np.
     """(candidate correct, champion correct, labels) on the images both were tested on, matched by
     sha256 (exact duplicates share a split and a label, so the first row of each sha256 is kept)."""
     def index(rows: dict) -> dict:
-        out = {}
+        out: dict[str, tuple[int, bool]] = {}
         for sha, label, correct in zip(rows["sha256"], rows["label"], rows["correct"]):
             out.setdefault(sha, (int(label), bool(correct)))
         return out
@@ -155,7 +155,7 @@ def _paired_decision(decision: dict, predictions: tuple[dict, dict] | None, min_
     interval = paired_bootstrap(cand, champ, samples=samples, seed=seed)
     drops = class_drops(cand, champ, labels, classes)
     decision.update(paired_bootstrap=interval, class_drops=drops, max_class_drop=max_class_drop)
-    worst = max(drops, key=drops.get) if drops else None
+    worst = max(drops, key=lambda c: drops[c]) if drops else None
     where = (f"the 95% interval of top-1 (candidate - {alias} version {version}) over {interval['images']} paired "
              f"test images is [{interval['low']:+.4f}, {interval['high']:+.4f}] (mean {interval['mean']:+.4f})")
     if interval["low"] <= min_improvement:

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+import builtins
 from typing import Protocol
 
 from resnet_pipeline.registry.transfer import copy_hashing
@@ -72,7 +73,7 @@ class Storage(Protocol):
 
     def list(self, prefix: str) -> list[ObjectInfo]: ...
 
-    def delete(self, keys: list[str]) -> None: ...
+    def delete(self, keys: builtins.list[str]) -> None: ...
 
     def url(self, key: str) -> str:
         """The object's address, for messages."""
@@ -199,7 +200,7 @@ class LocalStorage:
                     out.append(ObjectInfo(key, st.st_size, when, _local_etag(st)))
         return sorted(out, key=lambda o: o.key)
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         parents = set()
         for key in keys:
             path = self._path(key)

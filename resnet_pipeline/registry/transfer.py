@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 CHUNK = 1 << 20
 HASH_CHUNK = 8 * CHUNK
@@ -42,7 +42,7 @@ class WrongSize(Exception):
 
 @dataclass
 class Opened:
-    stream: BinaryIO  # has readinto() and close()
+    stream: Any  # a binary stream with readinto() and close() (an HTTP response, a file)
     start: int  # offset of the stream's first byte in the object
     total: int  # the object's size
     etag: str | None
@@ -95,6 +95,7 @@ def download(fetch: Fetch, path: str | Path, *, part_size: int = 16 * CHUNK, con
             if not live:
                 return buf
             handed.put((part, buf, n))  # the hasher takes this buffer as it is: no second read of the bytes
+            assert part.buffers is not None
             return part.buffers.get()
 
         try:

@@ -162,7 +162,8 @@ def train(
     prep = Preprocess.from_train(cfg)
     val_ds = make_dataset(val_files, gbs, prep, training=False)
     verbose = (1 if _interactive() else 2) if cluster.is_chief else 0
-    timing = {"start": time.perf_counter(), "first": None, "first_images": 0}  # the first chunk traces the step
+    start = time.perf_counter()
+    timing: dict[str, float] = {"first": -1.0, "first_images": 0, "loop": 0.0}  # the first chunk traces the step
     try:
         with _SigtermWatcher() as sigterm, writer.as_default():
             while step < total_steps:
@@ -189,8 +190,8 @@ def train(
                                         ("run_seconds", now - clock)):
                         sums[name] += value
                     clock = now
-                    if timing["first"] is None:
-                        timing["first"], timing["first_images"] = now - timing["start"], n * gbs
+                    if timing["first"] < 0:
+                        timing["first"], timing["first_images"] = now - start, n * gbs
                     rate = sums["epoch_seen"] / max(sums["epoch_seconds"], 1e-9)
                     step_rows.append({"step": step, "loss": loss / (n * gbs), "accuracy": correct / (n * gbs), "lr": lr})
                     bar.update(step - epoch * steps_per_epoch, [("loss", sums["epoch_loss"] / sums["epoch_seen"]),
@@ -209,7 +210,7 @@ def train(
                 for name in ("epoch_loss", "epoch_correct", "epoch_seen", "epoch_seconds"):
                     sums[name] = 0.0
                 save(step)
-        timing["loop"] = time.perf_counter() - timing["start"]
+        timing["loop"] = time.perf_counter() - start
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError,
             tf.errors.InternalError) as err:
         if cluster.workers <= 1:
@@ -232,8 +233,8 @@ def train(
         "images_per_sec": round(images / seconds, 2) if seconds > 0 else None,
         "exported": cfg.export, "ema_decay": cfg.ema_decay,
         # the epochs' wall time with validation and checkpoints, and its first chunk (tracing included)
-        "loop_seconds": round(timing.get("loop", 0.0), 3), "first_chunk_seconds": round(timing["first"] or 0.0, 3),
-        "first_chunk_images": timing["first_images"],
+        "loop_seconds": round(timing["loop"], 3), "first_chunk_seconds": round(max(timing["first"], 0.0), 3),
+        "first_chunk_images": int(timing["first_images"]),
         "best_val_accuracy": float(trainer.best_val.numpy()) if float(trainer.best_val.numpy()) >= 0 else None,
         "final": history[-1] if history else None,
     }
