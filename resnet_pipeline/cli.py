@@ -66,9 +66,10 @@ def run_train(cfg: Config, paths: Paths) -> Any:
     strategy, cluster = make_strategy(cfg.train.strategy, cfg.train.cpu_devices)
     from resnet_pipeline.training.loop import Preempted, train
 
+    registry = _open_registry(cfg, paths.root) if config_mod.init_kind(cfg.train.init) == "registry" else None
     try:
         summary = train(cfg.train, cfg, paths.shards, paths.labels, paths.model_dir, paths.checkpoints,
-                        tensorboard_root=paths.tensorboard, strategy=strategy, cluster=cluster)
+                        tensorboard_root=paths.tensorboard, strategy=strategy, cluster=cluster, registry=registry)
     except Preempted as stop:
         print(f"resnet-pipeline train: {stop}", file=sys.stderr)
         raise SystemExit(PREEMPTED_EXIT) from None

@@ -93,7 +93,7 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
                           min_improvement=min_improvement)
         meta = {"params": params, "metrics": metrics, "data": data, "git_commit": git_commit(root),
                 "environment": environment(), "labels": read_json(files["labels.json"], "labels").get("classes"),
-                "gate": decision}
+                "gate": decision, "init": _init_record(model_dir)}
         version = reg.register(name, files, meta, token=token)
     promotion = {"alias": alias, "promoted": False, "error": None}
     if champion.version == version:
@@ -108,6 +108,11 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
               "gate": decision, "promotion": promotion}
     atomic_write_json(out, record)
     return record
+
+
+def _init_record(model_dir: Path) -> dict | None:
+    """The model's starting weights (`init.json` of the train stage: source, sha256, layers loaded)."""
+    return read_json(model_dir / "init.json", "init record") if (model_dir / "init.json").is_file() else None
 
 
 def champion_summary(registry: Registry | str | Path, name: str, alias: str = "champion") -> dict | None:

@@ -40,7 +40,8 @@ from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
 from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
 from resnet_pipeline.models.resnet import build_resnet, model_arguments, recursion_limit
-from resnet_pipeline.training import optim
+from resnet_pipeline.training import finetune, optim
+from resnet_pipeline.training.init import init_cache_dir, load_initial_weights
 from resnet_pipeline.training.strategy import Cluster, make_strategy
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,13 @@ def train(
     tensorboard_root: str | Path | None = None,
     strategy: tf.distribute.Strategy | None = None,
     cluster: Cluster | None = None,
+    registry=None,
 ) -> dict:
     """Train on the train shards, validate on val each epoch, write `model_dir`; return the summary.
 
     Creates the strategy of `cfg.strategy` unless one is given (with its `cluster`); raises
     `Preempted` after saving when SIGTERM arrives, `WorkerFailed` when another worker dies.
+    `registry` is where a `train.init` registry spec is fetched from.
     """
     if strategy is None:
         strategy, cluster = make_strategy(cfg.strategy, cfg.cpu_devices)
@@ -136,6 +139,8 @@ def train(
     try:
         with strategy.scope():
             model = build_resnet(**model_arguments(cfg, num_classes=len(classes)))
+            init_record = load_initial_weights(model, cfg, cache_dir=init_cache_dir(), registry=registry)
+            tuner = finetune.FineTune(model, cfg)  # the layers that train after the head phase
             optimizer = optim.make_optimizer(cfg, schedule)
             optimizer.build(model.trainable_variables)
     finally:
@@ -188,6 +193,7 @@ def train(
 
     def step_fn(images, labels, stop):
         grads, loss_sum, correct = gradients(images, labels)
+        grads = tuner.scale(grads, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss_sum, correct, tf.identity(stop)  # per replica: summed, it says if any worker was told to stop
 
@@ -219,6 +225,10 @@ def train(
         with _SigtermWatcher() as sigterm, writer.as_default():
             while step < total_steps:
                 epoch, done_in_epoch = divmod(step, steps_per_epoch)
+                if tuner.enter(epoch):  # other trainable layers: trace the step again
+                    train_step = tf.function(train_step.python_function)
+                    if cfg.jit_compile:
+                        gradients = tf.function(gradients.python_function, jit_compile=True)
 
                 def dataset_fn(ctx: tf.distribute.InputContext, epoch=epoch, skip=done_in_epoch):
                     return make_dataset(train_files, ctx.get_per_replica_batch_size(gbs), prep, training=True,
@@ -300,7 +310,8 @@ def train(
         "final": history[-1] if history else None,
     }
     if cluster.is_chief:
-        _write_model_dir(model, full_config, history, summary, classes, model_dir, step_rows)
+        _write_model_dir(model, full_config, history, summary, classes, model_dir, step_rows,
+                         {"init": init_record, "finetune": tuner.describe()})
     return summary
 
 
@@ -333,10 +344,12 @@ def _interactive() -> bool:
     return sys.stdout.isatty()
 
 
-def _write_model_dir(model, full_config: Config, history, summary, classes, model_dir: Path, step_rows=()) -> None:
-    """model.keras, the SavedModel, the resolved config, history.csv, steps.csv, curves.png and
-    train.json, swapped in as a whole."""
+def _write_model_dir(model, full_config: Config, history, summary, classes, model_dir: Path, step_rows=(),
+                     init=None) -> None:
+    """model.keras, the SavedModel, the resolved config, history.csv, steps.csv, curves.png,
+    train.json and init.json (the starting weights and fine-tuning), swapped in as a whole."""
     with staged_dir(model_dir) as tmp:
+        atomic_write_json(tmp / "init.json", init or {"init": None})
         with recursion_limit():  # ResNet-1202's graph is deeper than Python's default limit
             model.save(tmp / "model.keras")
         from resnet_pipeline.export import export_saved_model  # the SavedModel for serving
