@@ -6,6 +6,7 @@
     resnet-pipeline model summary [--depth 50] [--variant v1|v1.5|v2|cifar] [--image-size 224]
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
     resnet-pipeline benchmark pull --seaweed [--pin] | --registry s3://BUCKET/PREFIX [--size-mb 100] [--rounds 3]
+    resnet-pipeline benchmark warmstart [--epochs 3] [--source-epochs 10] [--seeds 1,2,3]
 
 Each stage subcommand reads params once, validates them, and calls the stage function with the
 typed config and the paths of design.md (relative to the current folder).
@@ -291,6 +292,26 @@ def run_benchmark(args) -> int:
     return 0
 
 
+def run_benchmark_warmstart(args) -> int:
+    import tempfile
+
+    from resnet_pipeline.benchmark.warmstart import format_result, run
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds: received {args.seeds!r}; expected comma-separated integers such as 1,2,3") from None
+    for flag, value in (("--epochs", args.epochs), ("--source-epochs", args.source_epochs)):
+        if value < 1:
+            raise ConfigError(f"{flag}: received {value}; allowed: 1 or more")
+    with tempfile.TemporaryDirectory(prefix="warmstart-") as tmp:
+        result = run(args.workdir or tmp, epochs=args.epochs, source_epochs=args.source_epochs, seeds=seeds)
+    print(format_result(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def run_benchmark_shard(args) -> int:
     from resnet_pipeline.benchmark.shard import format_result, run
 
@@ -411,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(N logical CPU devices when there is no GPU)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
+    p = bench_sub.add_parser("warmstart", help="fine-tuning from a registered model vs from scratch, on digits tasks")
+    p.add_argument("--epochs", type=int, default=3, help="epochs on the second task, both arms (default: 3)")
+    p.add_argument("--source-epochs", type=int, default=10, help="epochs on the first task (default: 10)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: 1,2,3)")
+    p.add_argument("--workdir", help="folder for data, runs and the registry (default: a temporary one, removed)")
+    p.add_argument("--output", help="also write the figures as JSON to this file")
+
     p = bench_sub.add_parser("shard", help="shard stage time with 1 and N worker processes")
     p.add_argument("--images", help="an image folder, one sub-folder per class (default: generate --count JPEGs)")
     p.add_argument("--count", type=int, default=2000, help="JPEGs of 500x375 to generate (default: 2000)")
@@ -456,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.command == "benchmark":
             return {"model": run_benchmark, "shard": run_benchmark_shard, "input": run_benchmark_input,
-                    "pull": run_benchmark_pull}[args.action](args)
+                    "pull": run_benchmark_pull, "warmstart": run_benchmark_warmstart}[args.action](args)
         cfg = config_mod.load(args.params, _parse_set(args.set))
         if args.command == "train" and args.workers:
             from resnet_pipeline.training.launch import launch

@@ -83,3 +83,27 @@ def test_freeze_bn_trainable_from_and_the_head_phase_on_two_replicas_through_a_r
             assert all(moved), name
     record = (work / "artifacts/model/init.json").read_text()
     assert '"trainable_from": "conv3"' in record and "start.keras" in record
+
+
+def test_warmstart_benchmark_smoke_registers_and_fine_tunes_from_the_version(tmp_path):
+    """The benchmark at its smallest: one seed, one epoch each (its figures come from the command)."""
+    import json
+
+    from resnet_pipeline.benchmark.warmstart import SOURCE, format_result, run
+    from resnet_pipeline.registry import open_registry, register_model
+
+    result = run(tmp_path, epochs=1, source_epochs=1, seeds=(1,), overrides={"global_batch_size": 128})
+    row = result["rows"][0]
+    assert 0 <= row["scratch"] <= 1 and 0 <= row["warm"] <= 1 and row["gain"] == row["warm"] - row["scratch"]
+    assert "seed" in format_result(result) and f"registered as {SOURCE}:1" in format_result(result)
+    record = json.loads((tmp_path / "runs/b-warm-1/model/init.json").read_text())["init"]
+    assert record["init"] == f"{SOURCE}@champion" and record["reinitialised"] == ["logits"]  # 6 classes, then 4
+    assert record["source"] == f"{SOURCE}@champion ({SOURCE}:1)" and len(record["sha256"]) == 64
+    scratch = json.loads((tmp_path / "runs/b-scratch-1/model/init.json").read_text())
+    assert scratch["init"] is None
+    reg = open_registry(tmp_path / "registry")  # the fine-tuned model registered: its metadata says where it started
+    register_model(reg, "digits-b", tmp_path / "runs/b-warm-1/model", tmp_path / "runs/b-warm-1/eval",
+                   tmp_path / "registered-b.json")
+    meta = reg.manifest("digits-b:1")["init"]
+    assert meta["init"]["sha256"] == record["sha256"] and meta["init"]["loaded"] == record["loaded"]
+    assert meta["finetune"]["head_epochs"] == 0
