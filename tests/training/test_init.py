@@ -7,6 +7,7 @@ tests/httpserver.py with their sha256, and loaded through `train.init`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -224,3 +225,20 @@ def test_init_params_are_checked_naming_the_key(train, message):
     with pytest.raises(ConfigError) as err:
         from_dict({"train": train})
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("mode,module", [("caffe", "resnet"), ("tf", "resnet_v2")])
+def test_preprocess_modes_are_keras_applications_own(mode, module):
+    """train.preprocess caffe / tf normalise as keras.applications' preprocess_input; auto follows imagenet."""
+    import tensorflow as tf
+
+    from resnet_pipeline.data.pipeline import Preprocess, eval_image
+
+    pixels = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    ours = eval_image(tf.io.encode_png(pixels), Preprocess(8, mode=mode)).numpy()
+    expected = getattr(keras.applications, module).preprocess_input(pixels.astype("float32")[None])[0]
+    np.testing.assert_allclose(ours, np.asarray(expected), atol=1e-4)
+    variant = "v1" if mode == "caffe" else "v2"
+    cfg = from_dict({"train": {"init": "imagenet", "variant": variant, "depth": 50, "image_size": 64}}).train
+    assert Preprocess.from_train(cfg).mode == mode
+    assert Preprocess.from_train(dataclasses.replace(cfg, preprocess="scale")).mode == "scale"
