@@ -55,8 +55,9 @@ def _train_and_evaluate(cfg: Config, data: Path, out: Path, registry=None) -> di
 
 
 def run(work: str | Path, *, epochs: int = 3, source_epochs: int = 10, seeds: tuple[int, ...] = (1, 2, 3),
-        overrides: dict | None = None, recipe: dict | None = None) -> dict:
-    """Train A, register it, then B from scratch and warm-started per seed; return the figures."""
+        overrides: dict | None = None, recipe: dict | None = None, project_params_arm: bool = True) -> dict:
+    """Train A, register it, then B from scratch and warm-started per seed; return the figures.
+    `project_params_arm=False` leaves out the from-scratch run with the project's params."""
     from resnet_pipeline.data.download import download
     from resnet_pipeline.registry import open_registry
     from resnet_pipeline.registry.stage import register_model
@@ -79,8 +80,8 @@ def run(work: str | Path, *, epochs: int = 3, source_epochs: int = 10, seeds: tu
         for seed in seeds:
             row = {"seed": seed}
             recipe = RECIPE if recipe is None else recipe
-            for arm, init, extra in (("scratch_default", None, {}), ("scratch", None, recipe),
-                                     ("warm", f"{SOURCE}@champion", recipe)):
+            arms = [("scratch_default", None, {})] if project_params_arm else []
+            for arm, init, extra in arms + [("scratch", None, recipe), ("warm", f"{SOURCE}@champion", recipe)]:
                 arm_cfg = from_dict({"base": {"seed": seed}, "train": {**base["train"], **extra, "init": init}})
                 row[arm] = _train_and_evaluate(arm_cfg, task_b, work / "runs" / f"b-{arm}-{seed}",
                                                registry if init else None)["top1"]
@@ -99,7 +100,8 @@ def run(work: str | Path, *, epochs: int = 3, source_epochs: int = 10, seeds: tu
                        "recipe": RECIPE if recipe is None else recipe},
             "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k in (overrides or {})},
             "rows": rows,
-            "mean": {k: statistics.fmean(r[k] for r in rows) for k in ("scratch_default", "scratch", "warm", "gain")},
+            "mean": {k: statistics.fmean(r.get(k, float("nan")) for r in rows)
+                     for k in ("scratch_default", "scratch", "warm", "gain")},
             "gain_sd": statistics.stdev(gains) if len(gains) > 1 else None, "min_gain": min(gains)}
 
 
@@ -110,7 +112,7 @@ def format_result(result: dict) -> str:
              f"scratch and warm (from {SOURCE}@champion) with {result['target']['recipe']}; "
              "scratch_default with the project's params; gain = warm - scratch",
              f"{'seed':>6} {'scratch_default':>16} {'scratch':>9} {'warm':>9} {'gain':>9}"]
-    lines += [f"{r['seed']:>6} {r['scratch_default']:>16.4f} {r['scratch']:>9.4f} {r['warm']:>9.4f} {r['gain']:>+9.4f}"
+    lines += [f"{r['seed']:>6} {r.get('scratch_default', float('nan')):>16.4f} {r['scratch']:>9.4f} {r['warm']:>9.4f} {r['gain']:>+9.4f}"
               for r in result["rows"]]
     m = result["mean"]
     sd = f" (sd {result['gain_sd']:.4f})" if result["gain_sd"] is not None else ""
