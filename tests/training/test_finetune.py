@@ -13,7 +13,6 @@ import subprocess
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from resnet_pipeline.models.resnet import build_resnet, recursion_limit
