@@ -8,6 +8,7 @@
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
     resnet-pipeline benchmark ingest [--sizes 10000,40000,160000] [--classes 100] [--s3-objects 2000] [--no-s3]
     resnet-pipeline benchmark pull --seaweed [--pin] | --registry s3://BUCKET/PREFIX [--size-mb 100] [--rounds 3]
+    resnet-pipeline benchmark warmstart [--epochs 3] [--source-epochs 10] [--seeds 1,2,3]
 
 Each stage subcommand reads params once, validates them, and calls the stage function with the
 typed config and the paths of design.md (relative to the current folder).
@@ -68,9 +69,10 @@ def run_train(cfg: Config, paths: Paths) -> Any:
     strategy, cluster = make_strategy(cfg.train.strategy, cfg.train.cpu_devices)
     from resnet_pipeline.training.loop import Preempted, train
 
+    registry = _open_registry(cfg, paths.root) if config_mod.init_kind(cfg.train.init) == "registry" else None
     try:
         summary = train(cfg.train, cfg, paths.shards, paths.labels, paths.model_dir, paths.checkpoints,
-                        tensorboard_root=paths.tensorboard, strategy=strategy, cluster=cluster)
+                        tensorboard_root=paths.tensorboard, strategy=strategy, cluster=cluster, registry=registry)
     except Preempted as stop:
         print(f"resnet-pipeline train: {stop}", file=sys.stderr)
         raise SystemExit(PREEMPTED_EXIT) from None
@@ -299,6 +301,26 @@ def run_benchmark(args) -> int:
     return 0
 
 
+def run_benchmark_warmstart(args) -> int:
+    import tempfile
+
+    from resnet_pipeline.benchmark.warmstart import format_result, run
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds: received {args.seeds!r}; expected comma-separated integers such as 1,2,3") from None
+    for flag, value in (("--epochs", args.epochs), ("--source-epochs", args.source_epochs)):
+        if value < 1:
+            raise ConfigError(f"{flag}: received {value}; allowed: 1 or more")
+    with tempfile.TemporaryDirectory(prefix="warmstart-") as tmp:
+        result = run(args.workdir or tmp, epochs=args.epochs, source_epochs=args.source_epochs, seeds=seeds)
+    print(format_result(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def run_benchmark_shard(args) -> int:
     from resnet_pipeline.benchmark.shard import format_result, run
 
@@ -474,6 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(N logical CPU devices when there is no GPU)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
+    p = bench_sub.add_parser("warmstart", help="fine-tuning from a registered model vs from scratch, on digits tasks")
+    p.add_argument("--epochs", type=int, default=3, help="epochs on the second task, both arms (default: 3)")
+    p.add_argument("--source-epochs", type=int, default=10, help="epochs on the first task (default: 10)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: 1,2,3)")
+    p.add_argument("--workdir", help="folder for data, runs and the registry (default: a temporary one, removed)")
+    p.add_argument("--output", help="also write the figures as JSON to this file")
+
     p = bench_sub.add_parser("shard", help="shard stage time with 1 and N worker processes")
     p.add_argument("--images", help="an image folder, one sub-folder per class (default: generate --count JPEGs)")
     p.add_argument("--count", type=int, default=2000, help="JPEGs of 500x375 to generate (default: 2000)")
@@ -544,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "benchmark":
             return {"model": run_benchmark, "shard": run_benchmark_shard, "input": run_benchmark_input,
                     "ingest": run_benchmark_ingest, "pull": run_benchmark_pull, "train": run_benchmark_train,
-                    "accuracy": run_benchmark_accuracy}[args.action](args)
+                    "accuracy": run_benchmark_accuracy, "warmstart": run_benchmark_warmstart}[args.action](args)
         cfg = config_mod.load(args.params, _parse_set(args.set))
         if args.command == "train" and args.workers:
             from resnet_pipeline.training.launch import launch

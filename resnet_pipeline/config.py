@@ -16,6 +16,18 @@ import yaml
 
 DATASETS = ("digits", "cifar10", "voc2012", "imagefolder", "archive")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+# input normalisation: scale ([0, 1], then train.mean/std), caffe (BGR, 0..255 minus the ImageNet
+# means: keras.applications ResNet v1), tf ([-1, 1]: ResNetV2); auto: the weights' own with init imagenet
+PREPROCESS_MODES = ("auto", "scale", "caffe", "tf")
+IMAGENET_DEPTHS = (50, 101, 152)
+# what keras.applications' ImageNet weights need, per variant (models.resnet.KERAS_APPLICATIONS_LAYOUT
+# without bn_momentum, which does not change what the weights compute)
+IMAGENET_LAYOUT = {
+    "v1": {"stride_in_1x1": True, "use_bias": True, "bn_epsilon": 1.001e-5, "shortcut": "auto"},
+    "v2": {"v2_stride_last": True, "use_bias": None, "bn_epsilon": 1.001e-5, "shortcut": "auto"},
+}
+IMAGENET_DEFAULTS = {"v1": {**IMAGENET_LAYOUT["v1"], "bn_momentum": 0.99},
+                     "v2": {**IMAGENET_LAYOUT["v2"], "bn_momentum": 0.99}}
 
 
 class ConfigError(ValueError):
@@ -117,6 +129,15 @@ class TrainConfig:
     validate_every_epochs: int = field(default=1, metadata=_range(1, 10**6))  # and always after the last epoch
     ema_decay: float = field(default=0.0, metadata=_range(0.0, 1.0, high_open=True))  # 0: off; e.g. 0.999
     export: str = field(default="last", metadata=_choice("last", "best"))  # best: the best on val
+    # starting weights and fine-tuning (README, "Fine-tuning")
+    init: str | None = None  # null (from scratch), imagenet, a weights file path or URL, or NAME@ALIAS / NAME:VERSION
+    init_url: str | None = None  # imagenet: a mirror (URL or folder ending in /) or the file itself
+    init_sha256: str | None = None  # of the weights file; required for an http(s) init
+    preprocess: str = field(default="auto", metadata=_choice(*PREPROCESS_MODES))
+    freeze_bn: bool = False  # every BatchNormalization in inference mode, its statistics and gamma/beta fixed
+    trainable_from: str | None = None  # conv2..conv5 or logits: freeze the stem and the stages before it
+    head_epochs: int = field(default=0, metadata=_range(0, 10**6))  # train only the head for the first N epochs
+    head_lr_multiplier: float = field(default=1.0, metadata=_range(0.0, 1000.0, low_open=True))  # sgd only
 
 
 @dataclass(frozen=True)
@@ -264,10 +285,96 @@ def _check_cross_fields(cfg: Config) -> None:
     if t.lr_schedule == "step" and not t.lr_decay_at:
         raise ConfigError("train.lr_decay_at: the step schedule needs the epochs (or steps) to divide the "
                           "lr at, such as [30, 60, 90]; received []")
+    if t.init == "imagenet":  # before the builder's checks: its layout options are the weights'
+        _check_imagenet_layout(t)
     try:  # the builder's own checks of the option combinations, named by their params keys
         model_arguments(t, num_classes=10)
     except ValueError as err:
         raise ConfigError(f"train.{err}") from None
+    _check_init(t)
+
+
+def init_kind(init: str | None) -> str | None:
+    """What `train.init` names: None, "imagenet", "url", "path" or "registry"."""
+    if init is None:
+        return None
+    if init == "imagenet":
+        return "imagenet"
+    if "://" in init:
+        return "url"
+    if init.endswith((".h5", ".keras")) or "/" in init or Path(init).exists():
+        return "path"
+    return "registry"
+
+
+def input_mode(t: TrainConfig) -> str:
+    """The input normalisation of `train.preprocess`, `auto` resolved: the ImageNet weights' own
+    (caffe for v1, tf for v2) with init imagenet, else scale."""
+    if t.preprocess != "auto":
+        return t.preprocess
+    return ("caffe" if t.variant == "v1" else "tf") if t.init == "imagenet" else "scale"
+
+
+def stage_names(variant: str) -> tuple[str, ...]:
+    """The names `train.trainable_from` takes: the stages of the variant, then the classifier."""
+    return ("conv2", "conv3", "conv4") + (("conv5",) if variant != "cifar" else ()) + ("logits",)
+
+
+def _check_init(t: TrainConfig) -> None:
+    from resnet_pipeline.redact import redact_url
+
+    kind = init_kind(t.init)
+    if kind == "url" and not t.init.startswith(("http://", "https://", "file://")):
+        raise ConfigError(f"train.init: received {redact_url(t.init)!r}; allowed URLs: http(s):// or file://")
+    if kind == "registry":
+        from resnet_pipeline.registry.spec import parse_spec
+        from resnet_pipeline.registry.storage import RegistryError
+
+        try:
+            parse_spec(t.init)
+        except RegistryError as err:
+            raise ConfigError(f"train.init: {err}; or null, imagenet, a .h5/.weights.h5/.keras file or URL") from None
+    if t.init_url is not None and kind != "imagenet":
+        raise ConfigError(f"train.init_url: received {redact_url(t.init_url)!r}; only init imagenet takes a mirror "
+                          "(give the file itself as train.init)")
+    if t.init_sha256 is not None and (len(t.init_sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in t.init_sha256)):
+        raise ConfigError(f"train.init_sha256: received {t.init_sha256!r}; allowed: 64 hexadecimal digits")
+    if kind == "url" and t.init.startswith(("http://", "https://")) and t.init_sha256 is None:
+        raise ConfigError(f"train.init_sha256: required to download train.init {redact_url(t.init)!r}, received null")
+    mode = input_mode(t)
+    if mode != "scale":
+        for key, neutral in (("mean", (0.0, 0.0, 0.0)), ("std", (1.0, 1.0, 1.0))):
+            if getattr(t, key) != neutral:
+                raise ConfigError(f"train.{key}: received {list(getattr(t, key))}, which train.preprocess {mode!r} "
+                                  "ignores; set train.preprocess: scale to normalise with train.mean and train.std")
+    if t.trainable_from is not None and t.trainable_from not in stage_names(t.variant):
+        raise ConfigError(f"train.trainable_from: received {t.trainable_from!r} for variant {t.variant!r}; allowed: "
+                          f"null or {', '.join(map(repr, stage_names(t.variant)))}")
+    if t.head_epochs >= t.epochs:
+        raise ConfigError(f"train.head_epochs: received {t.head_epochs}; allowed: fewer than train.epochs ({t.epochs})")
+    if t.head_lr_multiplier != 1.0 and t.optimizer != "sgd":
+        raise ConfigError(f"train.head_lr_multiplier: received {t.head_lr_multiplier:g} with optimizer "
+                          f"{t.optimizer!r}; allowed: 1 (the multiplier scales the head's gradients, which "
+                          "only sgd turns into a proportional step)")
+
+
+def _check_imagenet_layout(t: TrainConfig) -> None:
+    if t.variant not in IMAGENET_LAYOUT:
+        raise ConfigError(f"train.variant: received {t.variant!r}; init imagenet needs 'v1' or 'v2' "
+                          "(keras.applications ResNet50/101/152 or ResNet50V2/101V2/152V2)")
+    if t.depth not in IMAGENET_DEPTHS:
+        raise ConfigError(f"train.depth: received {t.depth}; init imagenet has weights for depths "
+                          f"{', '.join(map(str, IMAGENET_DEPTHS))}")
+    for key, needed in IMAGENET_LAYOUT[t.variant].items():
+        if getattr(t, key) != needed:
+            raise ConfigError(f"train.{key}: received {getattr(t, key)!r}; the ImageNet weights of ResNet-{t.depth} "
+                              f"({t.variant}) need {needed!r} (keras.applications' layout)")
+
+
+def _imagenet_defaults(raw_train: dict, variant: Any) -> dict:
+    """With init imagenet, keras.applications' layout for the options params leave out."""
+    defaults = IMAGENET_DEFAULTS.get(variant, {}) if isinstance(variant, str) else {}
+    return {**{k: v for k, v in defaults.items() if k not in raw_train}, **raw_train}
 
 
 def _check_download(d: DownloadConfig) -> None:
@@ -296,6 +403,9 @@ def from_dict(raw: Any, source: str = "params") -> Config:
     unknown = sorted(set(raw) - set(classes))
     if unknown:
         raise ConfigError(f"{source}: unknown group {unknown[0]!r}; allowed groups: {', '.join(classes)}")
+    train_raw = raw.get("train")
+    if isinstance(train_raw, dict) and train_raw.get("init") == "imagenet":
+        raw = {**raw, "train": _imagenet_defaults(train_raw, train_raw.get("variant", TrainConfig.variant))}
     try:
         cfg = Config(**{name: _build_section(name, classes[name], raw.get(name)) for name in classes})
         _check_cross_fields(cfg)

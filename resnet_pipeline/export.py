@@ -4,7 +4,8 @@ Signatures of the exported SavedModel:
 
 - `serving_default`: `image_bytes`, a string tensor of shape [N] holding encoded images (JPEG, PNG,
   GIF or BMP), decoded and preprocessed exactly as the evaluate stage does (`eval_image`);
-- `serving_images`: `images`, float32 [N, S, S, 3], images already preprocessed.
+- `serving_images`: `images`, float32 [N, S, S, 3], images already preprocessed (normalised as
+  the model's `train.preprocess`: caffe, tf or scale).
 
 Both return `classes` (string [N, k], the top-k class names, best first), `probabilities`
 (float32 [N, k], softmax) and `class_ids` (int32 [N, k]), with k = min(top_k, number of classes).

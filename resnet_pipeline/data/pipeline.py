@@ -10,7 +10,9 @@ Augmentations (`Preprocess.augment`):
 - `none`: the eval transform.
 
 Eval resizes the shorter side to `image_size / eval_crop` and takes the centre `image_size` square.
-Pixels are scaled to [0, 1], then normalised with the per-channel `mean` and `std`.
+Normalisation (`Preprocess.mode`, params `train.preprocess`): `scale` puts pixels in [0, 1], then
+normalises with the per-channel `mean` and `std`; `caffe` is keras.applications' ResNet v1 input
+(channels RGB -> BGR, 0..255 minus the ImageNet means); `tf` is ResNetV2's ([-1, 1]).
 
 Every random choice is a stateless op seeded by (seed, position of the record in the epoch), so
 an epoch's images are a function of the seed alone, whatever the parallelism, and a resumed run
@@ -34,6 +36,8 @@ FEATURES = {
     "image/class/label": tf.io.FixedLenFeature([], tf.int64),
 }
 AUGMENTATIONS = ("cifar", "imagenet", "seed", "none")
+MODES = ("scale", "caffe", "tf")
+CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)  # keras.applications.imagenet_utils, mode="caffe"
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,19 @@ class Preprocess:
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     eval_crop: float = 1.0
+    mode: str = "scale"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: received {self.mode!r}; allowed: {', '.join(map(repr, MODES))}")
 
     @classmethod
     def from_train(cls, cfg, image_size: int | None = None) -> "Preprocess":
-        """From a TrainConfig (params.yaml `train:`)."""
+        """From a TrainConfig (params.yaml `train:`), `train.preprocess: auto` resolved."""
+        from resnet_pipeline.config import input_mode
+
         return cls(image_size or cfg.image_size, cfg.augment, cfg.pad_crop, cfg.random_flip,
-                   tuple(cfg.mean), tuple(cfg.std), cfg.eval_crop)
+                   tuple(cfg.mean), tuple(cfg.std), cfg.eval_crop, input_mode(cfg))
 
 
 def shard_files(shards_dir: str | Path, split: str) -> tuple[list[str], int]:
@@ -78,7 +89,12 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def _normalize(image: tf.Tensor, prep: Preprocess) -> tf.Tensor:
-    image = tf.cast(image, tf.float32) / 255.0
+    image = tf.cast(image, tf.float32)
+    if prep.mode == "caffe":
+        return image[..., ::-1] - tf.constant(CAFFE_BGR_MEANS, tf.float32)
+    if prep.mode == "tf":
+        return image / 127.5 - 1.0
+    image = image / 255.0
     if prep.mean != (0.0, 0.0, 0.0) or prep.std != (1.0, 1.0, 1.0):
         image = (image - tf.constant(prep.mean, tf.float32)) / tf.constant(prep.std, tf.float32)
     return image

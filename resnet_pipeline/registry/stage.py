@@ -101,7 +101,7 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
                           min_improvement=min_improvement, predictions=predictions, classes=classes, **options)
         meta = {"params": params, "metrics": metrics, "data": data, "git_commit": git_commit(root),
                 "environment": environment(), "labels": read_json(files["labels.json"], "labels").get("classes"),
-                "gate": decision}
+                "gate": decision, "init": _init_record(model_dir)}
         version = reg.register(name, files, meta, token=token)
     promotion = {"alias": alias, "promoted": False, "error": None}
     if champion.version == version:
@@ -128,6 +128,11 @@ def _paired_predictions(reg: Registry, name: str, version: int | None, champion_
     with tempfile.TemporaryDirectory(prefix="resnet-gate-") as tmp:
         theirs = reg.fetch_file(Spec(name, version=version), PREDICTIONS, Path(tmp) / PREDICTIONS)
         return read_predictions(files[PREDICTIONS]), read_predictions(theirs)
+
+
+def _init_record(model_dir: Path) -> dict | None:
+    """The model's starting weights (`init.json` of the train stage: source, sha256, layers loaded)."""
+    return read_json(model_dir / "init.json", "init record") if (model_dir / "init.json").is_file() else None
 
 
 def champion_summary(registry: Registry | str | Path, name: str, alias: str = "champion") -> dict | None:

@@ -103,12 +103,14 @@ def train(
     tensorboard_root: str | Path | None = None,
     strategy: tf.distribute.Strategy | None = None,
     cluster: Cluster | None = None,
+    registry=None,
 ) -> dict:
     """Train on the train shards, validate on val every `validate_every_epochs`, write `model_dir`;
     return the summary.
 
     Creates the strategy of `cfg.strategy` unless one is given (with its `cluster`); raises
     `Preempted` after saving when SIGTERM arrives, `WorkerFailed` when another worker dies.
+    `registry` is where a `train.init` registry spec is fetched from.
     """
     if strategy is None:
         strategy, cluster = make_strategy(cfg.strategy, cfg.cpu_devices)
@@ -129,7 +131,7 @@ def train(
     total_steps = cfg.epochs * steps_per_epoch
 
     keras.utils.set_random_seed(seed)
-    trainer = Trainer(cfg, strategy, len(classes), steps_per_epoch)
+    trainer = Trainer(cfg, strategy, len(classes), steps_per_epoch, registry=registry)
     trainer.build()
     run_dir = checkpoint_root / run_fingerprint(cfg, seed, shards_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +170,7 @@ def train(
         with _SigtermWatcher() as sigterm, writer.as_default():
             while step < total_steps:
                 epoch, done_in_epoch = divmod(step, steps_per_epoch)
+                trainer.enter_epoch(epoch)  # the head phase of fine-tuning ends at an epoch boundary
 
                 def dataset_fn(ctx: tf.distribute.InputContext, epoch=epoch, skip=done_in_epoch):
                     return make_dataset(train_files, ctx.get_per_replica_batch_size(gbs), prep, training=True,
@@ -240,7 +243,8 @@ def train(
     }
     if cluster.is_chief:
         trainer.finalize(run_dir)
-        _write_model_dir(trainer.model, full_config, history, summary, classes, model_dir, step_rows)
+        _write_model_dir(trainer.model, full_config, history, summary, classes, model_dir, step_rows,
+                         {"init": trainer.init_record, "finetune": trainer.tuner.describe()})
     return summary
 
 
@@ -301,10 +305,12 @@ def _interactive() -> bool:
     return sys.stdout.isatty()
 
 
-def _write_model_dir(model, full_config: Config, history, summary, classes, model_dir: Path, step_rows=()) -> None:
-    """model.keras, the SavedModel, the resolved config, history.csv, steps.csv, curves.png and
-    train.json, swapped in as a whole."""
+def _write_model_dir(model, full_config: Config, history, summary, classes, model_dir: Path, step_rows=(),
+                     init=None) -> None:
+    """model.keras, the SavedModel, the resolved config, history.csv, steps.csv, curves.png,
+    train.json and init.json (the starting weights and fine-tuning), swapped in as a whole."""
     with staged_dir(model_dir) as tmp:
+        atomic_write_json(tmp / "init.json", init or {"init": None})
         with recursion_limit():  # ResNet-1202's graph is deeper than Python's default limit
             model.save(tmp / "model.keras")
         from resnet_pipeline.export import export_saved_model  # the SavedModel for serving

@@ -25,7 +25,8 @@ import tensorflow as tf
 
 from resnet_pipeline.config import TrainConfig
 from resnet_pipeline.models.resnet import build_resnet, model_arguments
-from resnet_pipeline.training import optim
+from resnet_pipeline.training import finetune, optim
+from resnet_pipeline.training.init import init_cache_dir, load_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ def set_precision(precision: str) -> None:
 class Trainer:
     """One training run's model, optimizer, EMA and checkpointed state."""
 
-    def __init__(self, cfg: TrainConfig, strategy: tf.distribute.Strategy, num_classes: int, steps_per_epoch: int):
-        self.cfg, self.strategy, self.num_classes = cfg, strategy, num_classes
+    def __init__(self, cfg: TrainConfig, strategy: tf.distribute.Strategy, num_classes: int, steps_per_epoch: int,
+                 registry=None):
+        self.cfg, self.strategy, self.num_classes, self.registry = cfg, strategy, num_classes, registry
         self.steps_per_epoch = steps_per_epoch
         self.global_batch_size = cfg.global_batch_size
         self.schedule = optim.make_schedule(cfg, steps_per_epoch)
@@ -55,6 +57,9 @@ class Trainer:
         try:
             with self.strategy.scope():
                 self.model = build_resnet(**model_arguments(cfg, num_classes=self.num_classes))
+                self.init_record = load_initial_weights(self.model, cfg, cache_dir=init_cache_dir(),
+                                                        registry=self.registry)
+                self.tuner = finetune.FineTune(self.model, cfg)  # before the optimizer: it covers every phase
                 self.optimizer = optim.make_optimizer(cfg, self.schedule)
                 self.optimizer.build(self.model.trainable_variables)
                 self.averaged = [v for v in self.model.weights if "float" in str(v.dtype)] if cfg.ema_decay else []
@@ -69,9 +74,18 @@ class Trainer:
         state = {f"ema_{i}": v for i, v in enumerate(self.ema)}
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step,
                                               best_val=self.best_val, **self.sums, **state)
-        self._grad_fn = tf.function(self._gradients, jit_compile=True) if cfg.jit_compile else self._gradients
-        self._train_steps = tf.function(self._train_steps_fn)
+        self._trace()
         self._validate = tf.function(self._validate_fn)
+
+    def _trace(self) -> None:
+        """(Re)make the compiled step: the variables it trains are fixed when it is traced."""
+        self._grad_fn = tf.function(self._gradients, jit_compile=True) if self.cfg.jit_compile else self._gradients
+        self._train_steps = tf.function(self._train_steps_fn)
+
+    def enter_epoch(self, epoch: int) -> None:
+        """Switch the fine-tuning phase (head only, then everything) when `epoch` starts another one."""
+        if self.tuner.enter(epoch):
+            self._trace()
 
     def manage(self, directory: Path, keep: int) -> None:
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(directory), max_to_keep=keep)
@@ -107,6 +121,7 @@ class Trainer:
 
     def _replica_step(self, images, labels, stop):
         grads, loss_sum, correct = self._grad_fn(images, labels)
+        grads = self.tuner.scale(grads, self.model.trainable_variables)  # the head's lr multiplier
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss_sum, correct, tf.identity(stop)  # summed over replicas: did any worker get told to stop
 
