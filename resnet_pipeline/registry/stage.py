@@ -64,9 +64,12 @@ def _open(registry) -> Registry:
 def register_model(registry: Registry | str | Path, name: str, model_dir: str | Path, eval_dir: str | Path,
                    out: str | Path, *, alias: str = "champion", gate_metric: str = "top1",
                    min_improvement: float = 0.0, data_manifest: str | Path | None = None,
-                   dvc_lock: str | Path | None = None, root: str | Path = ".") -> dict:
+                   dvc_lock: str | Path | None = None, root: str | Path = ".", provenance: dict | None = None) -> dict:
     """Register stage: add the trained model and its evaluation as a new version, decide with the gate
-    whether it becomes `name@alias`, swap the alias if so, and write the record to `out`."""
+    whether it becomes `name@alias`, swap the alias if so, and write the record to `out`.
+
+    `provenance` (from `resnet_pipeline.provenance.assemble`) replaces config.yaml as the version's
+    params.yaml and the data record with the stages' own records."""
     reg = _open(registry)
     model_dir, eval_dir = Path(model_dir), Path(eval_dir)
     files = {"model.keras": model_dir / "model.keras", "params.yaml": model_dir / "config.yaml",
@@ -78,6 +81,12 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
             raise RegistryError(f"{source}: file to register as {target} of model {name!r} not found")
     metrics = read_json(files["metrics.json"], "evaluation metrics")
     data = data_version(data_manifest, dvc_lock)
+    if provenance is not None:
+        from resnet_pipeline.provenance import params_yaml
+
+        files["params.yaml"] = Path(tempfile.mkdtemp(prefix="params-")) / "params.yaml"
+        files["params.yaml"].write_text(params_yaml(provenance))
+        data = provenance["data"]
     champion = reg.alias(name, alias)
     champion_manifest = reg.manifest(Spec(name, version=champion.version)) if champion.record else None
     decision = decide(metrics, data["manifest_sha256"], champion_manifest, alias=alias, metric=gate_metric,
@@ -85,7 +94,13 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
     meta = {"params": yaml.safe_load(files["params.yaml"].read_text()), "metrics": metrics, "data": data,
             "git_commit": git_commit(root), "environment": environment(),
             "labels": read_json(files["labels.json"], "labels").get("classes"), "gate": decision}
-    version = reg.register(name, files, meta)
+    if provenance is not None:
+        meta["stages"] = provenance["stages"]
+    try:
+        version = reg.register(name, files, meta)
+    finally:
+        if provenance is not None:
+            shutil.rmtree(files["params.yaml"].parent, ignore_errors=True)
     promotion = {"alias": alias, "promoted": False, "error": None}
     if decision["promote"]:
         try:

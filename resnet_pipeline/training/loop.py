@@ -41,6 +41,7 @@ from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
 from resnet_pipeline.models.resnet import build_resnet, model_arguments, recursion_limit
 from resnet_pipeline.training import optim
+from resnet_pipeline.training.preempt import Preempted  # noqa: F401  (raised here, caught by callers)
 from resnet_pipeline.training.strategy import Cluster, make_strategy
 
 log = logging.getLogger(__name__)
@@ -50,13 +51,6 @@ STEP_FIELDS = ("step", "loss", "accuracy", "lr")
 # params that do not change what is trained: a run resumes across changes of these
 NOT_IN_FINGERPRINT = ("checkpoint_every_steps", "keep_checkpoints", "summary_every_steps")
 
-
-class Preempted(RuntimeError):
-    """SIGTERM arrived: the run saved a checkpoint at `step` and stopped; rerun it to resume."""
-
-    def __init__(self, step: int, checkpoint: str):
-        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {checkpoint}; rerun to resume")
-        self.step, self.checkpoint = step, checkpoint
 
 
 class WorkerFailed(RuntimeError):
@@ -89,6 +83,14 @@ def run_fingerprint(cfg: TrainConfig, seed: int, shards_dir: Path) -> str:
     params = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_FINGERPRINT}
     payload = {"train": params, "seed": seed, "index": sha256_file(shards_dir / INDEX)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trained_on(shards_dir: Path) -> dict:
+    """The data a run trains on, by content: the sha256 of the shard index and the shard stage key
+    recorded in it (None for shards written without one)."""
+    index = read_json(shards_dir / INDEX, "shard index")
+    return {"index_sha256": sha256_file(shards_dir / INDEX),
+            "shard_key": index.get("stage_key") if isinstance(index, dict) else None}
 
 
 def set_precision(precision: str) -> None:
@@ -298,6 +300,7 @@ def train(
         "wall_time_sec": round(seconds, 3),
         "images_per_sec": round(images / seconds, 2) if seconds > 0 else None,
         "final": history[-1] if history else None,
+        "data": trained_on(shards_dir),
     }
     if cluster.is_chief:
         _write_model_dir(model, full_config, history, summary, classes, model_dir, step_rows)
