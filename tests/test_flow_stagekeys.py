@@ -151,15 +151,15 @@ def test_a_second_run_fails_at_once_naming_the_holder_and_takes_over_after_it_di
     assert (tmp_path / LOCK_FILE).read_text() == ""  # released cleanly: nothing to take over next time
 
 
-def test_stage_commands_hold_the_lock_and_refuse_a_held_folder(tmp_path, made):
+def test_stage_commands_hold_the_lock_and_refuse_a_held_folder(made, monkeypatch, capsys):
     cfg, paths, folder = made
-    params = tmp_path / "run" / "params.yaml"
-    params.write_text(yaml.safe_dump(cfg.to_dict()))
+    (paths.root / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    monkeypatch.chdir(paths.root)
     proc = _holder(paths.root)
     try:
-        out = subprocess.run([sys.executable, "-m", "resnet_pipeline", "split"], cwd=paths.root,
-                             capture_output=True, text=True, timeout=60)
+        assert cli.main(["split"]) == 2
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert out.returncode == 2 and "in use by holder-run (flow run 1234)" in out.stderr, out.stderr
+    assert "in use by holder-run (flow run 1234)" in capsys.readouterr().err
+    assert cli.main(["split"]) == 0  # free again
