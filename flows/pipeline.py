@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import shutil
 import sys
@@ -46,6 +47,8 @@ from resnet_pipeline.paths import Paths  # noqa: E402
 from resnet_pipeline.runlock import folder_lock  # noqa: E402
 from resnet_pipeline.stagekeys import DATA_STAGES, is_current, record_key, require_current, stage_key  # noqa: E402
 from resnet_pipeline.training.preempt import Preempted  # noqa: E402
+
+logging.getLogger("resnet_pipeline").setLevel(logging.INFO)  # the stages' INFO lines reach the run's log
 
 PREEMPT_RETRIES = 3
 RESULTS = {"persist_result": True, "result_serializer": "json"}

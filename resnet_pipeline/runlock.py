@@ -67,6 +67,7 @@ def folder_lock(folder: str | Path, owner: dict | None = None, wait: float = 0.0
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    folder = folder.resolve()
     path = folder / LOCK_FILE
     holder = {"pid": os.getpid(), "host": socket.gethostname(),
               "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(owner or {})}
