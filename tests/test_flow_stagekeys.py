@@ -163,3 +163,34 @@ def test_stage_commands_hold_the_lock_and_refuse_a_held_folder(made, monkeypatch
         proc.wait()
     assert "in use by holder-run (flow run 1234)" in capsys.readouterr().err
     assert cli.main(["split"]) == 0  # free again
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_provenance_takes_each_stages_params_from_its_own_record(made):
+    from resnet_pipeline.fileio import sha256_file
+    from resnet_pipeline.provenance import assemble, params_yaml
+
+    cfg, paths, folder = made
+    trained = _cfg(folder, **{"train.lr": 0.05, "register.min_improvement": 0.0})
+    paths.model_dir.mkdir(parents=True)
+    (paths.model_dir / "config.yaml").write_text(trained.to_yaml())
+    index = json.loads((paths.shards / "index.json").read_text())
+    (paths.model_dir / "train.json").write_text(json.dumps(
+        {"data": {"index_sha256": sha256_file(paths.shards / "index.json"), "shard_key": index["stage_key"]}}))
+    now = _cfg(folder, **{"train.lr": 0.2, "register.min_improvement": 0.01, "shard.workers": 3})
+    record = assemble(now, paths)
+    assert record["params"]["train"]["lr"] == 0.05  # what train ran with, not this run's params
+    assert record["params"]["register"]["min_improvement"] == 0.01  # register runs now
+    assert record["params"]["shard"]["workers"] == 3  # read by no stage: this run's value
+    assert record["data"]["stage_keys"] == {s: stage_key(s, cfg, paths.root) for s in DATA_STAGES}
+    assert record["data"]["manifest_sha256"] == sha256_file(paths.manifest)
+    assert record["stages"]["train"]["key"] == stage_key("train", trained, paths.root)
+    written = paths.root / "version-params.yaml"
+    written.write_text(params_yaml(record))
+    assert config_mod.load(written).train.lr == 0.05  # loadable like params.yaml (predict reads it)
+
+    cli.STAGES["shard"](_cfg(folder, **{"shard.jpeg_quality": 80}), paths)  # other shards after training
+    with pytest.raises(StaleDataError, match=r"train\.json: the model was trained on shards shard-"):
+        assemble(now, paths)
