@@ -102,7 +102,7 @@ def _open_registry(cfg: Config, root: str | Path = ".", location: str | None = N
 
     r = cfg.register
     return open_registry(location or r.registry, endpoint_url=r.s3_endpoint_url, region=r.s3_region,
-                         addressing_style=r.s3_addressing_style, root=root)
+                         addressing_style=r.s3_addressing_style, root=root, allow_unsafe_store=r.allow_unsafe_store)
 
 
 def run_register(cfg: Config, paths: Paths) -> Any:
@@ -386,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "promote":
             p.add_argument("alias", help="alias to point at the version, such as champion or staging")
         if action == "gc":
-            p.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS",
-                           help="only versions claimed at least this long ago (default: 3600)")
+            p.add_argument("--older-than", type=float, default=86400.0, metavar="SECONDS",
+                           help="only versions whose newest object (claim, heartbeat or file) is at least this "
+                                "old (default: 86400, a day; a live registration refreshes its heartbeat every minute)")
 
     p = sub.add_parser("predict", help="top-k classes of image files with a trained model")
     p.add_argument("--model", required=True,

@@ -126,6 +126,7 @@ class RegisterConfig:
     s3_endpoint_url: str | None = None  # S3-compatible stores (else AWS_ENDPOINT_URL, else AWS)
     s3_region: str | None = None  # else AWS_DEFAULT_REGION / the AWS config
     s3_addressing_style: str = field(default="auto", metadata=_choice("auto", "path", "virtual"))
+    allow_unsafe_store: bool = False  # write to a store that ignores If-None-Match / If-Match (see README)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,10 @@ class Config:
                 for group, values in dataclasses.asdict(self).items()}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML to write down, with every URL in it redacted (no userinfo, no query)."""
+        from resnet_pipeline.redact import redact_values
+
+        return yaml.safe_dump(redact_values(self.to_dict()), sort_keys=False)
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": bool, "str | None": str}

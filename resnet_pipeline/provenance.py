@@ -71,7 +71,8 @@ def assemble(cfg: Config, paths: Paths) -> dict:
     return {"params": params, "stages": stages, "data": data}
 
 
-def params_yaml(provenance: dict) -> str:
-    """The version's params.yaml: loadable like params.yaml, with a header saying what it is."""
+def params_yaml(params: dict) -> str:
+    """The version's params.yaml (from `assemble(...)["params"]`): loadable like params.yaml, with a
+    header saying what it is."""
     return ("# The params each stage of this model ran with (see `stages` in the version's manifest.json)\n"
-            + yaml.safe_dump(provenance["params"], sort_keys=False))
+            + yaml.safe_dump(params, sort_keys=False))

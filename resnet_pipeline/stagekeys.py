@@ -30,6 +30,7 @@ import yaml
 from resnet_pipeline.config import Config
 from resnet_pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from resnet_pipeline.paths import Paths
+from resnet_pipeline.redact import redact_values
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,12 @@ def tree_sha256(path: Path) -> str:
 
 
 def stage_params(stage: str, cfg: Config, project: Path) -> dict[str, Any]:
-    """`{dotted name: value}` of the params dvc.yaml lists for `stage` (a group name gives the group)."""
+    """`{dotted name: value}` of the params dvc.yaml lists for `stage` (a group name gives the group),
+    URLs redacted: these are written into outputs and records (a presigned URL's signature changes
+    with every signing, while the archive it names is pinned by its checksum)."""
     params = cfg.to_dict()
-    return {_name(item): _param_value(params, _name(item)) for item in dvc_stages(project)[stage].get("params", [])}
+    return redact_values({_name(item): _param_value(params, _name(item))
+                          for item in dvc_stages(project)[stage].get("params", [])})
 
 
 def stage_key(stage: str, cfg: Config, root: str | Path = ".") -> str:

@@ -188,7 +188,7 @@ def test_provenance_takes_each_stages_params_from_its_own_record(made):
     assert record["data"]["manifest_sha256"] == sha256_file(paths.manifest)
     assert record["stages"]["train"]["key"] == stage_key("train", trained, paths.root)
     written = paths.root / "version-params.yaml"
-    written.write_text(params_yaml(record))
+    written.write_text(params_yaml(record["params"]))
     assert config_mod.load(written).train.lr == 0.05  # loadable like params.yaml (predict reads it)
 
     cli.STAGES["shard"](_cfg(folder, **{"shard.jpeg_quality": 80}), paths)  # other shards after training

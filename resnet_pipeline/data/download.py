@@ -36,6 +36,7 @@ from tqdm import tqdm
 from resnet_pipeline.config import DownloadConfig
 from resnet_pipeline.data.fetch import fetch, safe_extract
 from resnet_pipeline.fileio import staged_dir
+from resnet_pipeline.redact import redact_values
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,9 @@ WRITERS = {
 
 
 def _source_id(cfg: DownloadConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k != "retries"}
+    """What identifies the dataset's source, URLs redacted: a presigned URL's signature changes with
+    every signing, while the archive it names is pinned by its checksum."""
+    return redact_values({k: v for k, v in asdict(cfg).items() if k != "retries"})
 
 
 def download(cfg: DownloadConfig, raw_dir: str | Path, downloads_dir: str | Path | None = None) -> Path:

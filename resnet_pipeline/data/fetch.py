@@ -8,6 +8,7 @@ archive if any member could write outside the destination.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import logging
@@ -21,9 +22,11 @@ import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Callable
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 from tqdm import tqdm
+
+from resnet_pipeline.redact import redact_text, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def _local_source(url: str) -> Path | None:
 
 def _copy_local(src: Path, part: Path, url: str) -> None:
     if not src.is_file():
-        raise DownloadError(f"{url}: no such file {src}")
+        raise DownloadError(f"{redact_url(url)}: no such file {src}")
     with open(src, "rb") as fin, open(part, "wb") as fout, tqdm(
         total=src.stat().st_size, unit="B", unit_scale=True, desc=src.name, disable=None
     ) as bar:
@@ -81,10 +84,23 @@ def _copy_local(src: Path, part: Path, url: str) -> None:
             bar.update(len(block))
 
 
+def _request(url: str) -> urllib.request.Request:
+    """A GET of `url`; `user:pass@` in it becomes a Basic Authorization header (urllib sends none)."""
+    parts = urlsplit(url)
+    headers = {"User-Agent": "resnet-pipeline"}
+    if parts.username is not None or parts.password is not None:
+        userinfo = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urllib.request.Request(url, headers=headers)
+
+
 def _attempt(url: str, part: Path, timeout: float) -> None:
     """One HTTP request appending to (or restarting) `part`; raises _Retryable on transient errors."""
     have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "resnet-pipeline"})
+    request = _request(url)
+    url = redact_url(url)  # from here on only for messages
     if have:
         request.add_header("Range", f"bytes={have}-")
     try:
@@ -96,7 +112,7 @@ def _attempt(url: str, part: Path, timeout: float) -> None:
             return
         if e.code == 429 or e.code >= 500:
             raise _Retryable(f"HTTP {e.code} {e.reason}") from e
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _Retryable(f"{type(e).__name__}: {e}") from e
     with response:
@@ -136,6 +152,7 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
     again); otherwise it stays in place until a verified replacement is moved over it.
     """
     dest = Path(dest)
+    shown = redact_url(url)  # what logs and errors say: no userinfo, no query (signatures, tokens)
     expected = {k: v for k, v in (("sha256", sha256), ("md5", md5)) if v}
     if dest.exists():
         if expected and _mismatch(dest, expected) is None:
@@ -150,7 +167,7 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
     if local is not None:
         _copy_local(local, part, url)
     elif urlparse(url).scheme not in ("http", "https", "ftp"):
-        raise DownloadError(f"{url}: unsupported URL scheme")
+        raise DownloadError(f"{shown}: unsupported URL scheme")
     else:
         for attempt in range(retries + 1):
             try:
@@ -158,19 +175,19 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
                 break
             except _Retryable as e:
                 if attempt == retries:
-                    raise DownloadError(f"{url}: giving up after {retries + 1} attempts: {e}") from e
+                    raise DownloadError(f"{shown}: giving up after {retries + 1} attempts: {redact_text(str(e))}") from None
                 delay = backoff * 2**attempt
-                logger.warning("%s: %s; retry %d/%d in %.1fs", url, e, attempt + 1, retries, delay)
+                logger.warning("%s: %s; retry %d/%d in %.1fs", shown, redact_text(str(e)), attempt + 1, retries, delay)
                 time.sleep(delay)
 
     if not expected:
-        logger.warning("%s: no sha256 or md5 given; accepting the download unverified", url)
+        logger.warning("%s: no sha256 or md5 given; accepting the download unverified", shown)
     elif bad := _mismatch(part, expected):
         part.unlink(missing_ok=True)
         algorithm, want, got = bad
-        raise DownloadError(f"{url}: {algorithm} mismatch: expected {want}, received {got}")
+        raise DownloadError(f"{shown}: {algorithm} mismatch: expected {want}, received {got}")
     os.replace(part, dest)
-    logger.info("downloaded %s -> %s", url, dest)
+    logger.info("downloaded %s -> %s", shown, dest)
     return dest
 
 

@@ -1,22 +1,24 @@
 """Versions, aliases, pulls and garbage collection, the same over every storage backend.
 
-    models/<name>/versions/<N>/{_claim.json, model.keras, saved_model/..., params.yaml, metrics.json,
-                                labels.json, manifest.json}
+    models/<name>/versions/<N>/{_claim.json, _heartbeat.json, model.keras, saved_model/..., params.yaml,
+                                metrics.json, labels.json, manifest.json}
     models/<name>/aliases/<alias>.json
     models/<name>/aliases/<alias>.history/<timestamp>-<uuid>.json
+    models/<name>/tokens/<token>.json      (which version a registration's token made)
 
 A version number is claimed by creating `_claim.json` in its folder only if it does not exist;
-a writer that loses takes the next number. The files go up next and `manifest.json` (sha256 and
-size of every file, and the metadata) last: it is the commit point, and a version without it is
-invisible. An alias is replaced by compare-and-swap on its ETag; every attempt, won or lost, is
-recorded as its own history object.
+a writer that loses takes the next number. The files go up next, with a heartbeat, and
+`manifest.json` (sha256 and size of every file, the metadata and the registration's token) last:
+it is the commit point, and a version without it is invisible. `claims.py` says what keeps that
+safe against crashes, retries, gc and stores without conditional writes; `pull.py` what keeps a
+pull inside its destination. An alias is replaced by compare-and-swap on its ETag; every attempt,
+won or lost, is recorded as its own history object before any error is raised.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import getpass
-import json
 import logging
 import os
 import shutil
@@ -27,13 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resnet_pipeline.fileio import sha256_file
-from resnet_pipeline.registry.spec import Spec, check_alias, check_name, parse_spec
+from resnet_pipeline.registry import claims, pull
+from resnet_pipeline.registry.claims import dumps as _dumps
+from resnet_pipeline.registry.claims import loads as _loads
+from resnet_pipeline.registry.manifest import (CLAIM, HEARTBEAT, MANIFEST, MAX_MANIFEST_BYTES, RESERVED,
+                                               check_file_name, check_manifest)
+from resnet_pipeline.registry.spec import NAME_RE, Spec, check_alias, check_name, parse_spec
 from resnet_pipeline.registry.storage import Conflict, RegistryError, Storage
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-CLAIM = "_claim.json"
+GC_AGE = 86400.0  # seconds: an uncommitted version whose newest object is younger is never collected
+HEARTBEAT_SECONDS = 60.0
+MAX_RECORD_BYTES = 1024 * 1024  # claims, aliases, history records, tokens
 
 
 def now_iso() -> str:
@@ -46,10 +54,6 @@ def whoami() -> str:
     except Exception:  # noqa: BLE001 - no user name in some containers
         user = "unknown"
     return f"{user}@{socket.gethostname()}:{os.getpid()}"
-
-
-def _dumps(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,16 @@ class AliasState:
 
 
 class Registry:
-    """A model registry over a `Storage` (local folder or S3)."""
+    """A model registry over a `Storage` (local folder or S3).
 
-    def __init__(self, storage: Storage):
+    `allow_unsafe_store` lets writes go on to a store that fails the conditional-write probe;
+    `heartbeat_seconds` is how often a registration refreshes its claim while it uploads."""
+
+    def __init__(self, storage: Storage, *, allow_unsafe_store: bool = False,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS):
         self.storage = storage
+        self.allow_unsafe_store = allow_unsafe_store
+        self.heartbeat_seconds = heartbeat_seconds
 
     @property
     def location(self) -> str:
@@ -130,35 +140,75 @@ class Registry:
         return s.name, s.version
 
     def manifest(self, spec: str | Spec) -> dict:
+        """The checked manifest of a committed version (see `manifest_bytes`)."""
+        return self.manifest_bytes(spec)[0]
+
+    def manifest_bytes(self, spec: str | Spec) -> tuple[dict, bytes]:
+        """(manifest, its bytes as stored) of a committed version, refused unless every file name in
+        it is safe and it names this model and version."""
         name, version = self.resolve(spec)
-        got = self.storage.get(self._version_key(name, version, MANIFEST))
+        key = self._version_key(name, version, MANIFEST)
+        got = self.storage.get(key, max_bytes=MAX_MANIFEST_BYTES)
         if got is None:
             raise RegistryError(f"model {name}:{version}: manifest vanished from {self.location}")
-        return json.loads(got[0])
+        what = f"model {name}:{version}: {self.storage.url(key)}"
+        return check_manifest(_loads(got[0], what), what, name=name, version=version), got[0]
+
+    def _record(self, key: str, what: str) -> tuple[dict, str] | None:
+        """A small JSON object of the registry's own (claim, token, alias), with its etag."""
+        got = self.storage.get(key, max_bytes=MAX_RECORD_BYTES)
+        if got is None:
+            return None
+        record = _loads(got[0], f"{what} {self.storage.url(key)}")
+        if not isinstance(record, dict):
+            raise RegistryError(f"{what} {self.storage.url(key)}: not a JSON object")
+        return record, got[1]
 
     # ------------------------------------------------------------------------------ registering
 
-    def _claim(self, name: str) -> int:
+    def _ensure_safe(self) -> None:
+        claims.ensure_safe(self.storage, self.allow_unsafe_store)
+
+    def _token_key(self, name: str, token: str) -> str:
+        return f"models/{check_name(name)}/tokens/{token}.json"
+
+    def find_registration(self, name: str, token: str) -> tuple[int, bool] | None:
+        """(version, committed) of the registration with `token`, if one committed it or left a claim
+        that still holds it; None otherwise."""
+        found = self._record(self._token_key(name, token), "registration token")
+        version = found[0].get("version") if found else None
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            return None
+        manifest = self._record(self._version_key(name, version, MANIFEST), "manifest")
+        if manifest is not None:
+            return (version, True) if manifest[0].get("token") == token else None
+        claim = self._record(self._version_key(name, version, CLAIM), "claim")
+        return (version, False) if claim is not None and claim[0].get("token") == token else None
+
+    def _claim(self, name: str, token: str) -> int:
         taken = self._version_objects(name)
         number = max(taken, default=0) + 1
-        token = uuid.uuid4().hex
         body = _dumps({"claimed_at": now_iso(), "by": whoami(), "token": token})
         for _ in range(10_000):
             key = self._version_key(name, number, CLAIM)
             try:
                 self.storage.put(key, body, if_none_match=True)
-                return number
+                break
             except Conflict:
-                got = self.storage.get(key)  # a retried request may have won for us already
-                if got is not None and json.loads(got[0]).get("token") == token:
-                    return number
+                try:
+                    got = self._record(key, "claim")  # a retried request may have won for us already
+                except RegistryError:  # not even JSON: certainly not ours
+                    got = None
+                if got is not None and got[0].get("token") == token:
+                    break
                 number += 1
-        raise RegistryError(f"model {name!r}: could not claim a version number in {self.location}")
+        else:
+            raise RegistryError(f"model {name!r}: could not claim a version number in {self.location}")
+        self.storage.put(self._token_key(name, token), _dumps({"version": number, "at": now_iso()}))
+        return number
 
-    def register(self, name: str, files: dict[str, str | Path], metadata: dict | None = None) -> int:
-        """Upload `files` (name in the version -> a file, or a folder uploaded recursively) as a new
-        version, with `metadata` in its manifest; return the version number."""
-        check_name(name)
+    def _collect(self, name: str, files: dict[str, str | Path]) -> dict[str, Path]:
+        """Version file name -> local file, folders expanded; every name checked."""
         entries: dict[str, Path] = {}
         for target, source in sorted(files.items()):
             source = Path(source)
@@ -169,30 +219,95 @@ class Registry:
                 entries[target] = source
             else:
                 raise RegistryError(f"{source}: file to register as {target} of model {name!r} not found")
-        reserved = {MANIFEST, CLAIM} & set(entries)
-        if reserved:
-            raise RegistryError(f"model {name!r}: {sorted(reserved)[0]} is reserved by the registry")
-        described = {t: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for t, p in entries.items()}
-        version = self._claim(name)
-        for target, path in entries.items():
-            self.storage.upload_file(self._version_key(name, version, target), path)
-        manifest = {**(metadata or {}), "name": name, "version": version, "created_at": now_iso(),
-                    "files": described}
-        try:
-            self.storage.put(self._version_key(name, version, MANIFEST), _dumps(manifest), if_none_match=True)
-        except Conflict:
-            raise RegistryError(f"model {name}:{version}: a manifest already exists (the claim was collected "
-                                "by gc while this registration ran?); nothing committed") from None
+        for target in entries:
+            if target.split("/")[0] in RESERVED:
+                raise RegistryError(f"model {name!r}: {target.split('/')[0]} is reserved by the registry")
+            check_file_name(target, f"model {name!r}")
+        return entries
+
+    def registration_token(self, name: str, files: dict[str, str | Path], context: dict | None = None) -> str:
+        """A token for registering these files (by content) with `context` (what else makes the
+        registration, e.g. its params): the same files and context give the same token."""
+        return claims.content_token(check_name(name), _describe(self._collect(name, files)), context or {})
+
+    def register(self, name: str, files: dict[str, str | Path], metadata: dict | None = None, *,
+                 token: str | None = None) -> int:
+        """Upload `files` (name in the version -> a file, or a folder uploaded recursively) as a new
+        version, with `metadata` in its manifest; return the version number.
+
+        `token` names this registration (default: a new one, so every call makes a version): a retry
+        with the same token returns the version the first attempt committed, or finishes the version
+        it claimed, instead of making another (`registration_token` makes one from the content)."""
+        check_name(name)
+        self._ensure_safe()
+        entries = self._collect(name, files)
+        described = _describe(entries)
+        token = token or uuid.uuid4().hex
+        claims.check_token(token)
+        found = self.find_registration(name, token)
+        if found is not None and found[1]:
+            log.info("registry: %s:%d already holds this registration (token %s); not registering it again",
+                     name, found[0], token)
+            return found[0]
+        version = found[0] if found is not None else self._claim(name, token)
+        beat = {"token": token, "by": whoami()}
+        with claims.Heartbeat(self.storage, self._version_key(name, version, HEARTBEAT), beat, self.heartbeat_seconds):
+            etags = {t: self.storage.upload_file(self._version_key(name, version, t), p) for t, p in entries.items()}
+            self._check_before_commit(name, version, token, described, etags)
+            manifest = {**(metadata or {}), "name": name, "version": version, "created_at": now_iso(),
+                        "token": token, "files": described}
+            self._commit(name, version, token, manifest)
         log.info("registry: registered %s:%d in %s", name, version, self.location)
         return version
+
+    def _check_before_commit(self, name: str, version: int, token: str, described: dict, etags: dict) -> None:
+        """The claim is still ours and every file is there as uploaded; else nothing is committed."""
+        claim = self._record(self._version_key(name, version, CLAIM), "claim")
+        if claim is None or claim[0].get("token") != token:
+            raise RegistryError(f"model {name}:{version}: this registration no longer holds its claim (collected "
+                                "by `registry gc`, or taken by another writer); nothing committed")
+        for target, entry in described.items():
+            info = self.storage.head(self._version_key(name, version, target))
+            if info is None or info.size != entry["bytes"] or (etags.get(target) and info.etag != etags[target]):
+                state = "is missing" if info is None else f"is {info.size} bytes, etag {info.etag}"
+                raise RegistryError(f"model {name}:{version}: uploaded file {target} {state} (expected "
+                                    f"{entry['bytes']} bytes, etag {etags.get(target)}); nothing committed")
+
+    def _commit(self, name: str, version: int, token: str, manifest: dict) -> None:
+        """Create the manifest, idempotently: a failed or conflicting write that left our own manifest
+        (same token) is a success."""
+        key = self._version_key(name, version, MANIFEST)
+        failure: Exception | None = None
+        try:
+            self.storage.put(key, _dumps(manifest), if_none_match=True)
+            return
+        except Conflict:
+            pass
+        except RegistryError as err:  # the request may have succeeded with its response lost
+            failure = err
+        try:
+            there = self._record(key, "manifest")
+        except RegistryError:
+            there = None
+        if there is not None and there[0].get("token") == token:
+            log.info("registry: %s:%d: the manifest is already there with this registration's token", name, version)
+            return
+        if failure is not None:
+            raise failure
+        raise RegistryError(f"model {name}:{version}: a manifest of another registration already exists (the claim "
+                            "was collected by gc while this registration ran?); nothing committed")
 
     # ------------------------------------------------------------------------------ aliases
 
     def alias(self, name: str, alias: str) -> AliasState:
-        got = self.storage.get(self._alias_key(name, alias))
+        got = self._record(self._alias_key(name, alias), f"alias {name}@{alias}:")
         if got is None:
             return AliasState(name, alias, None, None)
-        return AliasState(name, alias, json.loads(got[0]), got[1])
+        version = got[0].get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise RegistryError(f"alias {name}@{alias}: {self.storage.url(self._alias_key(name, alias))} names "
+                                f"version {version!r}, not a positive integer")
+        return AliasState(name, alias, got[0], got[1])
 
     def aliases(self, name: str) -> dict[str, int]:
         prefix = f"models/{check_name(name)}/aliases/"
@@ -209,6 +324,7 @@ class Registry:
                 reason: str | None = None) -> dict:
         """Point `name@alias` at a committed `version` by compare-and-swap against `expected` (read now
         if not given). Losing the race raises a RegistryError naming the alias and the winning version."""
+        self._ensure_safe()
         name, version = self.resolve(Spec(name, version=int(version)))
         state = expected if expected is not None else self.alias(name, alias)
         attempt = uuid.uuid4().hex
@@ -247,25 +363,26 @@ class Registry:
         prefix = f"models/{check_name(name)}/aliases/{check_alias(alias)}.history/"
         out = []
         for obj in self.storage.list(prefix):
-            got = self.storage.get(obj.key)
+            got = self._record(obj.key, "alias history record")
             if got is not None:
-                out.append(json.loads(got[0]))
+                out.append(got[0])
         return out
 
     # ------------------------------------------------------------------------------ pulling
 
     def pull(self, spec: str | Spec, dest: str | Path) -> Path:
-        """Copy a version to `dest` (absent or an empty folder), verifying every file's sha256; on any
-        failure `dest` is left as it was."""
+        """Copy a version to `dest` (absent or an empty folder), verifying every file's size and sha256;
+        on any failure `dest` is left as it was (absent stays absent)."""
         name, version = self.resolve(spec)
         dest = Path(dest)
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
             raise RegistryError(f"{dest}: destination exists and is not an empty folder; refusing to overwrite it")
-        manifest = self.manifest(Spec(name, version=version))
+        manifest, raw = self.manifest_bytes(Spec(name, version=version))  # checked before anything is written
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
         try:
-            self.download_version(name, version, manifest, tmp)
+            self.download_version(name, version, manifest, tmp, raw)
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a pulled model is as readable as any folder
             if dest.exists():
                 dest.rmdir()
             os.rename(tmp, dest)
@@ -275,30 +392,25 @@ class Registry:
         log.info("registry: pulled %s:%d to %s", name, version, dest)
         return dest
 
-    def download_version(self, name: str, version: int, manifest: dict, folder: Path) -> None:
-        """Download every file of the manifest into `folder` and verify it; then write the manifest."""
-        for target, entry in sorted(manifest["files"].items()):
-            path = folder / target
-            path.parent.mkdir(parents=True, exist_ok=True)
-            key = self._version_key(name, version, target)
-            try:
-                actual = self.storage.download_file(key, path)
-            except RegistryError as err:
-                raise RegistryError(f"model {name}:{version}: file {target} listed in the manifest cannot be "
-                                    f"read: {err}") from None
-            if actual != entry["sha256"]:
-                raise RegistryError(f"model {name}:{version}: file {target} fails verification: sha256 {actual}, "
-                                    f"manifest says {entry['sha256']}; refusing it")
-        (folder / MANIFEST).write_bytes(_dumps(manifest))
+    def download_version(self, name: str, version: int, manifest: dict, folder: Path,
+                         manifest_bytes: bytes | None = None) -> None:
+        """Download every file of the manifest into `folder` (a new, empty folder of this process) and
+        verify it; then write the manifest. See `pull.py` for what keeps the files inside `folder`."""
+        pull.download_version(self.storage, lambda target: self._version_key(name, version, target),
+                              f"model {name}:{version}", manifest, Path(folder),
+                              manifest_bytes if manifest_bytes is not None else _dumps(manifest))
 
     # ------------------------------------------------------------------------------ gc
 
-    def gc(self, name: str | None = None, older_than: float = 3600.0) -> list[dict]:
-        """Delete the objects of uncommitted versions (no manifest) whose claim (or newest object) is
-        older than `older_than` seconds; return what was removed, one entry per version."""
+    def gc(self, name: str | None = None, older_than: float = GC_AGE, *, now: dt.datetime | None = None) -> list[dict]:
+        """Delete the objects of uncommitted versions (no manifest) whose newest object (claim, heartbeat
+        or file) is older than `older_than` seconds; return what was removed, one entry per version.
+        A registration that is alive keeps its heartbeat younger than that; the default is a day."""
+        if older_than < 0:
+            raise RegistryError(f"gc: older_than {older_than} is negative")
         names = [check_name(name)] if name else sorted({o.key.split("/")[1] for o in self.storage.list("models/")
-                                                         if o.key.count("/") >= 3})
-        now = dt.datetime.now(dt.timezone.utc)
+                                                         if o.key.count("/") >= 3 and NAME_RE.match(o.key.split("/")[1])})
+        now = now or dt.datetime.now(dt.timezone.utc)
         removed = []
         for model in names:
             prefix = self._versions_prefix(model)
@@ -306,13 +418,28 @@ class Registry:
                 keys = [o.key for o in objs]
                 if f"{prefix}{version}/{MANIFEST}" in keys:
                     continue
-                claim = [o for o in objs if o.key.endswith("/" + CLAIM)]
-                when = (claim[0] if claim else max(objs, key=lambda o: o.last_modified)).last_modified
-                age = (now - when).total_seconds()
+                age = (now - max(o.last_modified for o in objs)).total_seconds()
                 if age < older_than:
                     continue
+                if self.storage.head(f"{prefix}{version}/{MANIFEST}") is not None:
+                    continue  # committed since the listing
                 self.storage.delete(keys)
                 removed.append({"name": model, "version": version, "age_seconds": round(age, 1),
                                 "objects": [k[len(prefix):] for k in keys]})
                 log.info("registry gc: removed uncommitted %s:%d (%d objects)", model, version, len(keys))
         return removed
+
+
+def _describe(entries: dict[str, Path]) -> dict[str, dict]:
+    return {t: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for t, p in entries.items()}
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would change it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022

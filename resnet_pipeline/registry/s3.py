@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 
 from resnet_pipeline.registry import transfer
-from resnet_pipeline.registry.storage import Conflict, ObjectInfo, RegistryError
+from resnet_pipeline.redact import redact_text, redact_url
+from resnet_pipeline.registry.storage import Conflict, ObjectInfo, RegistryError, SizeMismatch
 
 MB = 1024 * 1024
 ADDRESSING_STYLES = ("auto", "path", "virtual")
@@ -77,7 +78,7 @@ class S3Storage:
         session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key)
         self.client = session.client("s3", endpoint_url=endpoint_url or None, region_name=region or None,
                                      config=config)
-        self.endpoint = self.client.meta.endpoint_url
+        self.endpoint = redact_url(self.client.meta.endpoint_url)  # for messages: never with userinfo
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -105,12 +106,13 @@ class S3Storage:
                 raise self._client_error(key, "NoSuchBucket", "404", err) from None
             if any(c in text for c in DENIED_CODES):
                 raise self._client_error(key, "AccessDenied", "403", err) from None
-            raise RegistryError(f"{self.url(key)}: upload failed: {err}") from None
+            raise RegistryError(f"{self.url(key)}: upload failed: {redact_text(str(err))}") from None
         except NoCredentialsError:
             raise RegistryError(f"{self.url(key)}: no AWS credentials found (environment AWS_ACCESS_KEY_ID/"
                                 "AWS_SECRET_ACCESS_KEY, ~/.aws, or an instance role)") from None
         except BotoCoreError as err:
-            raise RegistryError(f"{self.url(key)}: cannot reach the S3 endpoint {self.endpoint}: {err}") from None
+            raise RegistryError(f"{self.url(key)}: cannot reach the S3 endpoint {self.endpoint}: "
+                                f"{redact_text(str(err))}") from None
 
     def _client_error(self, key: str, code: str, status: str, err: Exception) -> RegistryError:
         if code == "NoSuchBucket":
@@ -120,9 +122,9 @@ class S3Storage:
                                  "check the credentials and their permissions on the bucket")
         if code in ("NoSuchKey", "404") or status == "404":
             return RegistryError(f"{self.url(key)}: object not found")
-        return RegistryError(f"{self.url(key)}: {code or status}: {err}")
+        return RegistryError(f"{self.url(key)}: {code or status}: {redact_text(str(err))}")
 
-    def get(self, key: str) -> tuple[bytes, str] | None:
+    def get(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError
 
         with self._errors(key):
@@ -132,7 +134,26 @@ class S3Storage:
                 if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                     return None
                 raise
-            return response["Body"].read(), response["ETag"]
+            with contextlib.closing(response["Body"]) as body:
+                if max_bytes is not None and int(response.get("ContentLength") or 0) > max_bytes:
+                    raise RegistryError(f"{self.url(key)}: {response['ContentLength']} bytes, larger than "
+                                        f"{max_bytes}; refusing to read it")
+                data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            if max_bytes is not None and len(data) > max_bytes:
+                raise RegistryError(f"{self.url(key)}: larger than {max_bytes} bytes; refusing to read it")
+            return data, response["ETag"]
+
+    def head(self, key: str) -> ObjectInfo | None:
+        from botocore.exceptions import ClientError
+
+        with self._errors(key):
+            try:
+                response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as err:
+                if str(err.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+        return ObjectInfo(key, int(response["ContentLength"]), response["LastModified"], response.get("ETag"))
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         extra = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": if_match} if if_match else {}
@@ -141,19 +162,26 @@ class S3Storage:
                                               ContentType="application/json", **extra)
         return response["ETag"]
 
-    def upload_file(self, key: str, path: Path) -> None:
+    def upload_file(self, key: str, path: Path) -> str:
         with self._errors(key):
             self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+        info = self.head(key)
+        if info is None:
+            raise RegistryError(f"{self.url(key)}: not found right after its upload")
+        return info.etag or ""
 
-    def download_file(self, key: str, path: Path) -> str:
+    def download_file(self, key: str, path: Path, size: int | None = None) -> str:
         """Download `key` to `path` (parallel ranged GETs); return the sha256 of the bytes written."""
         try:
             with self._errors(key):  # signing errors (no credentials) come from boto3
                 digest, _ = transfer.download(lambda start, end, etag: self._open_range(key, start, end, etag), path,
-                                              part_size=self.download_part_size,
+                                              part_size=self.download_part_size, size=size,
                                               concurrency=self.download_concurrency, attempts=self.max_attempts)
+        except transfer.WrongSize as err:
+            raise SizeMismatch(f"{self.url(key)}: {err}") from None
         except transfer.Retryable as err:
-            raise RegistryError(f"{self.url(key)}: cannot download from the S3 endpoint {self.endpoint}: {err}") from None
+            raise RegistryError(f"{self.url(key)}: cannot download from the S3 endpoint {self.endpoint}: "
+                                f"{redact_text(str(err))}") from None
         return digest
 
     def _ssl_context(self) -> ssl.SSLContext | None:

@@ -3,7 +3,6 @@ for evaluation, and fetching a version for prediction."""
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import shutil
@@ -15,7 +14,9 @@ from pathlib import Path
 import yaml
 
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file
-from resnet_pipeline.registry.core import MANIFEST, Registry
+from resnet_pipeline.redact import redact_url, redact_values
+from resnet_pipeline.registry.core import Registry
+from resnet_pipeline.registry.pull import complete
 from resnet_pipeline.registry.gate import decide
 from resnet_pipeline.registry.spec import Spec, parse_spec
 from resnet_pipeline.registry.storage import RegistryError
@@ -81,35 +82,47 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
             raise RegistryError(f"{source}: file to register as {target} of model {name!r} not found")
     metrics = read_json(files["metrics.json"], "evaluation metrics")
     data = data_version(data_manifest, dvc_lock)
-    if provenance is not None:
+    params = redact_values(yaml.safe_load(files["params.yaml"].read_text()))
+    scratch = None
+    if provenance is not None:  # each stage's own record (resnet_pipeline.provenance)
         from resnet_pipeline.provenance import params_yaml
 
-        files["params.yaml"] = Path(tempfile.mkdtemp(prefix="params-")) / "params.yaml"
-        files["params.yaml"].write_text(params_yaml(provenance))
-        data = provenance["data"]
-    champion = reg.alias(name, alias)
-    champion_manifest = reg.manifest(Spec(name, version=champion.version)) if champion.record else None
-    decision = decide(metrics, data["manifest_sha256"], champion_manifest, alias=alias, metric=gate_metric,
-                      min_improvement=min_improvement)
-    meta = {"params": yaml.safe_load(files["params.yaml"].read_text()), "metrics": metrics, "data": data,
-            "git_commit": git_commit(root), "environment": environment(),
-            "labels": read_json(files["labels.json"], "labels").get("classes"), "gate": decision}
-    if provenance is not None:
-        meta["stages"] = provenance["stages"]
+        params, data = redact_values(provenance["params"]), provenance["data"]
+        scratch = Path(tempfile.mkdtemp(prefix="params-"))
+        files["params.yaml"] = scratch / "params.yaml"
+        files["params.yaml"].write_text(params_yaml(params))
     try:
-        version = reg.register(name, files, meta)
+        gate_settings = {"alias": alias, "metric": gate_metric, "min_improvement": min_improvement}
+        token = reg.registration_token(name, files, {"params": params, "data": data, "gate": gate_settings})
+        done = reg.find_registration(name, token)
+        champion = reg.alias(name, alias)
+        if done is not None and done[1]:  # a retry of a registration that committed: same version, same decision
+            version, decision = done[0], reg.manifest(Spec(name, version=done[0])).get("gate") or {}
+            log.info("register: %s:%d already holds this registration; reusing it and its gate decision", name, version)
+        else:
+            champion_manifest = reg.manifest(Spec(name, version=champion.version)) if champion.record else None
+            decision = decide(metrics, data["manifest_sha256"], champion_manifest, alias=alias, metric=gate_metric,
+                              min_improvement=min_improvement)
+            meta = {"params": params, "metrics": metrics, "data": data, "git_commit": git_commit(root),
+                    "environment": environment(), "labels": read_json(files["labels.json"], "labels").get("classes"),
+                    "gate": decision}
+            if provenance is not None:
+                meta["stages"] = redact_values(provenance["stages"])
+            version = reg.register(name, files, meta, token=token)
     finally:
-        if provenance is not None:
-            shutil.rmtree(files["params.yaml"].parent, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     promotion = {"alias": alias, "promoted": False, "error": None}
-    if decision["promote"]:
+    if champion.version == version:
+        promotion["promoted"] = True  # the first attempt promoted it before it was cut short
+    elif decision.get("promote"):
         try:
             reg.promote(name, version, alias, expected=champion, reason=decision["reason"])
             promotion["promoted"] = True
         except RegistryError as err:  # lost a race with another promotion: the version stays registered
             promotion["error"] = str(err)
-    record = {"name": name, "version": version, "registry": reg.location, "metrics": metrics, "gate": decision,
-              "promotion": promotion}
+    record = {"name": name, "version": version, "registry": redact_url(reg.location), "metrics": metrics,
+              "gate": decision, "promotion": promotion}
     atomic_write_json(out, record)
     return record
 
@@ -126,15 +139,16 @@ def champion_summary(registry: Registry | str | Path, name: str, alias: str = "c
             "data": {"manifest_sha256": (manifest.get("data") or {}).get("manifest_sha256")}}
 
 
-def _complete(folder: Path, manifest: dict) -> bool:
-    """Does `folder` hold exactly this manifest and every file with its sha256?"""
-    try:
-        if json.loads((folder / MANIFEST).read_text()) != manifest:
-            return False
-        return all((folder / t).is_file() and (folder / t).stat().st_size == e["bytes"]
-                   and sha256_file(folder / t) == e["sha256"] for t, e in manifest["files"].items())
-    except (OSError, ValueError):
-        return False
+def _cache_folder(cache_dir: Path, name: str) -> Path:
+    """`cache_dir/name`, made if needed, refused if it (or the cache) is a symlink or not a folder: a
+    shared cache is a place where someone else could have planted a link."""
+    folder = cache_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (cache_dir, folder):
+        if path.is_symlink() or not path.is_dir():
+            raise RegistryError(f"{path}: the model cache folder is a symlink or not a folder; refusing to "
+                                "write through it (remove it, or set RESNET_PIPELINE_CACHE)")
+    return folder
 
 
 def fetch_model(spec: str, registry: Registry | str | Path, cache_dir: str | Path) -> Path:
@@ -142,21 +156,23 @@ def fetch_model(spec: str, registry: Registry | str | Path, cache_dir: str | Pat
     reused after checking it is complete. An alias is resolved now, at every call."""
     reg = _open(registry)
     name, version = reg.resolve(parse_spec(spec))
-    manifest = reg.manifest(Spec(name, version=version))
-    target = Path(cache_dir) / name / str(version)
-    if _complete(target, manifest):
+    manifest, raw = reg.manifest_bytes(Spec(name, version=version))  # refused here if any name is unsafe
+    parent = _cache_folder(Path(cache_dir), name)
+    target = parent / str(version)
+    if complete(target, manifest, raw, sha256_file):
         return target
-    if target.exists():
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists():
         log.warning("registry cache: %s is incomplete or altered; pulling %s:%d again", target, name, version)
         shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{version}."))
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{version}."))
     try:
-        reg.download_version(name, version, manifest, tmp)
+        reg.download_version(name, version, manifest, tmp, raw)
         try:
             tmp.rename(target)
         except OSError:  # another process fetched it meanwhile
-            if not _complete(target, manifest):
+            if not complete(target, manifest, raw, sha256_file):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

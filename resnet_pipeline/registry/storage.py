@@ -9,6 +9,10 @@ guarantees, which is all the registry above them relies on:
 - `put(key, data, if_match=etag)` replaces `key` only if it still has that ETag (S3 `If-Match`;
   locally compare and `rename(2)` under an exclusive `flock`);
 - a lost condition raises `Conflict`; every other failure a `RegistryError` naming the object.
+
+Both are checked before the first write (`Registry` probes them): an S3-compatible store that ignores
+the conditions, or a filesystem without hard links or `flock` (some SMB and FUSE mounts), would let
+two writers take the same version or alias silently, so the registry stops with an error instead.
 """
 
 from __future__ import annotations
@@ -39,21 +43,32 @@ class ObjectInfo:
     key: str  # relative to the registry root, '/'-separated
     size: int
     last_modified: dt.datetime  # timezone-aware, UTC
+    etag: str | None = None  # as the store reports it (S3 ETag; locally size, mtime and inode)
+
+
+class SizeMismatch(RegistryError):
+    """An object is not the size its manifest says (checked before and while it is read)."""
 
 
 class Storage(Protocol):
     location: str
 
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        """(data, etag), or None when the object does not exist."""
+    def get(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str] | None:
+        """(data, etag), or None when the object does not exist; larger than `max_bytes`: RegistryError."""
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size, time and etag of an object, or None when it does not exist."""
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         """Write `data`; return the new etag; raise Conflict when a condition fails."""
 
-    def upload_file(self, key: str, path: Path) -> None: ...
+    def upload_file(self, key: str, path: Path) -> str:
+        """Store the file; return the object's etag."""
 
-    def download_file(self, key: str, path: Path) -> str:
-        """Copy the object to `path`; return the sha256 of the bytes written."""
+    def download_file(self, key: str, path: Path, size: int | None = None) -> str:
+        """Copy the object to `path`; return the sha256 of the bytes written. With `size`, an object of
+        another size raises SizeMismatch, and no more than `size` bytes are ever written."""
+
 
     def list(self, prefix: str) -> list[ObjectInfo]: ...
 
@@ -81,12 +96,22 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def get(self, key: str) -> tuple[bytes, str] | None:
+    def get(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str] | None:
         try:
-            data = self._path(key).read_bytes()
+            with open(self._path(key), "rb") as f:
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise RegistryError(f"{self.url(key)}: larger than {max_bytes} bytes; refusing to read it")
+        return data, hashlib.md5(data).hexdigest()
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return data, hashlib.md5(data).hexdigest()
+        return ObjectInfo(key, st.st_size, dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc), _local_etag(st))
 
     def _tmp(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +136,10 @@ class LocalStorage:
                     os.link(tmp, path)  # atomic create-if-absent of a complete file
                 except FileExistsError:
                     raise Conflict(key) from None
+                except OSError as err:  # EPERM, EOPNOTSUPP, ENOSYS: SMB, some FUSE and FAT mounts
+                    raise RegistryError(f"{self.root}: the filesystem does not support hard links "
+                                        f"(link(2): {os.strerror(err.errno or 0)}); the local registry needs "
+                                        "them for exclusive version claims") from None
             elif if_match is not None:
                 with self._lock(key):
                     current = self.get(key)
@@ -128,7 +157,7 @@ class LocalStorage:
         locks.mkdir(parents=True, exist_ok=True)
         return _FileLock(locks / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"))
 
-    def upload_file(self, key: str, path: Path) -> None:
+    def upload_file(self, key: str, path: Path) -> str:
         target = self._path(key)
         tmp = self._tmp(target)
         try:
@@ -136,12 +165,18 @@ class LocalStorage:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+        return _local_etag(target.stat())
 
-    def download_file(self, key: str, path: Path) -> str:
+    def download_file(self, key: str, path: Path, size: int | None = None) -> str:
         source = self._path(key)
         if not source.is_file():
             raise RegistryError(f"{source}: object not found")
-        return copy_hashing(source, path)[0]
+        if size is not None and source.stat().st_size != size:
+            raise SizeMismatch(f"{source}: {source.stat().st_size} bytes, the manifest says {size}")
+        digest, copied = copy_hashing(source, path, limit=size)
+        if size is not None and copied != size:
+            raise SizeMismatch(f"{source}: changed while it was read ({copied} bytes, the manifest says {size})")
+        return digest
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
@@ -161,7 +196,7 @@ class LocalStorage:
                     except FileNotFoundError:
                         continue
                     when = dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
-                    out.append(ObjectInfo(key, st.st_size, when))
+                    out.append(ObjectInfo(key, st.st_size, when, _local_etag(st)))
         return sorted(out, key=lambda o: o.key)
 
     def delete(self, keys: list[str]) -> None:
@@ -176,13 +211,24 @@ class LocalStorage:
                 folder = folder.parent
 
 
+def _local_etag(st: os.stat_result) -> str:
+    """A local file's identity: it changes when the file is replaced or rewritten."""
+    return f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}"
+
+
 class _FileLock:
     def __init__(self, path: Path):
         self.path = path
 
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as err:  # ENOLCK, EOPNOTSUPP: some network and FUSE mounts
+            os.close(self.fd)
+            raise RegistryError(f"{self.path.parent.parent}: the filesystem does not support file locks "
+                                f"(flock(2): {os.strerror(err.errno or 0)}); the local registry needs them "
+                                "for alias compare-and-swap") from None
         return self
 
     def __exit__(self, *exc):

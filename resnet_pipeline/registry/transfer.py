@@ -36,6 +36,10 @@ class Retryable(Exception):
     """A failure worth asking again for (connection lost, 5xx, throttling)."""
 
 
+class WrongSize(Exception):
+    """The object is not the size the caller expects; nothing of it was written."""
+
+
 @dataclass
 class Opened:
     stream: BinaryIO  # has readinto() and close()
@@ -58,13 +62,18 @@ class _Part:
 
 
 def download(fetch: Fetch, path: str | Path, *, part_size: int = 16 * CHUNK, concurrency: int = 4,
-             attempts: int = 5, backoff: float = 0.5) -> tuple[str, int]:
-    """Write the object to `path`; return (sha256 hex, size). On failure `path` may hold part of it."""
+             attempts: int = 5, backoff: float = 0.5, size: int | None = None) -> tuple[str, int]:
+    """Write the object to `path`; return (sha256 hex, size). On failure `path` may hold part of it.
+    With `size`, an object the server says is of another size raises WrongSize before any byte is
+    written, and no more than `size` bytes are read whatever the server sends."""
     first = _with_retries(lambda: fetch(0, part_size - 1, None), attempts, backoff)
     total, etag = first.total, first.etag
     if first.start != 0:
         first.stream.close()
         raise ValueError(f"asked for bytes from 0, the server answered from {first.start}")
+    if size is not None and total != size:
+        first.stream.close()
+        raise WrongSize(f"the server has {total} bytes, the manifest says {size}")
     if total <= part_size:
         return _download_one(fetch, first, path, attempts, backoff), total
     parts = [_Part(lo, min(total, lo + part_size)) for lo in range(0, total, part_size)]
@@ -189,11 +198,14 @@ def _with_retries(call: Callable[[], Opened], attempts: int, backoff: float) -> 
     raise AssertionError("unreachable")
 
 
-def copy_hashing(source: str | Path, target: str | Path) -> tuple[str, int]:
-    """Copy a local file, computing its sha256 on the way; return (sha256 hex, size)."""
+def copy_hashing(source: str | Path, target: str | Path, limit: int | None = None) -> tuple[str, int]:
+    """Copy a local file, computing its sha256 on the way; return (sha256 hex, size). With `limit`, at
+    most `limit` bytes are copied, and the size returned is limit + 1 when the source has more."""
     digest, size = hashlib.sha256(), 0
     with open(source, "rb") as src, open(target, "wb") as dst:
-        while chunk := src.read(HASH_CHUNK):
+        while chunk := src.read(HASH_CHUNK if limit is None else min(HASH_CHUNK, limit - size + 1)):
+            if limit is not None and size + len(chunk) > limit:
+                return digest.hexdigest(), limit + 1
             digest.update(chunk)
             dst.write(chunk)
             size += len(chunk)

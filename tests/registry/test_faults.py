@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from resnet_pipeline.registry import CLAIM, RegistryError, open_registry
+from resnet_pipeline.registry import CLAIM, HEARTBEAT, RegistryError, open_registry
 from resnet_pipeline.registry.s3 import S3Storage
 from tests.registry.conftest import NAME, make_files
 from tests.s3server import SeaweedS3
@@ -42,7 +42,7 @@ def test_server_stopped_mid_upload_leaves_no_version_and_gc_removes_the_rest(s3_
         server.restart()  # same dir and ports: what was stored is still there
         reg = open_registry("s3://faults/registry", **options)
         leftovers = sorted(o.key.rsplit("/", 1)[1] for o in reg.storage.list(f"models/{NAME}/versions/1/"))
-        assert leftovers == [CLAIM, "labels.json"]
+        assert leftovers == [CLAIM, HEARTBEAT, "labels.json"]
         assert reg.versions(NAME) == [] and reg.names() == []
         with pytest.raises(RegistryError, match=f"'{NAME}': no registered version"):
             reg.resolve(NAME)
@@ -52,7 +52,7 @@ def test_server_stopped_mid_upload_leaves_no_version_and_gc_removes_the_rest(s3_
         assert reg.gc(NAME, older_than=3600) == []  # the leftover claim is younger than an hour
         removed = reg.gc(older_than=0)
         assert removed == [{"name": NAME, "version": 1, "age_seconds": removed[0]["age_seconds"],
-                            "objects": ["1/" + CLAIM, "1/labels.json"]}]
+                            "objects": ["1/" + CLAIM, "1/" + HEARTBEAT, "1/labels.json"]}]
         assert reg.storage.list(f"models/{NAME}/versions/1/") == []
         assert reg.versions(NAME) == [2]
         reg.pull(NAME, tmp_path / "pulled")

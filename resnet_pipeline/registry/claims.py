@@ -1,0 +1,136 @@
+"""What makes a registration safe against crashes, retries, gc and weak stores.
+
+- **Probe.** Before its first write a process checks, once per store, that a create-if-absent of an
+  existing object and a replace with a stale ETag are both refused; a store that accepts either
+  would let two writers take one version number or overwrite each other's alias.
+- **Token.** Every registration carries a token (the register stage's is a digest of the model
+  name, every file's sha256, the params and the data it records), written in its claim and its
+  manifest. A retry of the same registration
+  finds it through `tokens/<token>.json` and returns the version already committed, or resumes the
+  claim a crashed attempt left, instead of making a second version.
+- **Heartbeat.** While files go up, `_heartbeat.json` under the version is rewritten every
+  `interval` seconds, so `gc` (which judges a version's age by its newest object) never takes a
+  live upload for an abandoned one.
+- **Re-check, then commit.** Just before the manifest, the claim is read again (its token must be
+  ours) and every file is HEADed (size and ETag as uploaded). The manifest goes up with
+  `If-None-Match: *`; a write that fails or meets an existing manifest reads it back, and its own
+  token there means success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import uuid
+
+from resnet_pipeline.registry.storage import Conflict, RegistryError, Storage
+
+log = logging.getLogger(__name__)
+
+_PROBED: dict[tuple[str, str], list[str]] = {}  # (backend, location) -> what it lacks; per process
+_PROBE_LOCK = threading.Lock()
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+def dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def loads(data: bytes, what: str):
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RegistryError(f"{what}: not valid JSON ({err})") from None
+
+
+def content_token(name: str, files: dict[str, dict], context: dict) -> str:
+    """The token of registering exactly these files (name -> sha256 and bytes) as model `name`, with
+    `context` (JSON-able: the params and data the registration records)."""
+    body = json.dumps({"name": name, "files": files, "context": context}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+def check_token(token: str) -> str:
+    if not isinstance(token, str) or not TOKEN_RE.match(token):
+        raise RegistryError(f"registration token {token!r}: expected 8 to 64 letters, digits, '-' or '_'")
+    return token
+
+
+def probe(storage: Storage) -> list[str]:
+    """What `storage` lacks of conditional writes, found by trying them on a probe object."""
+    key = f"_probe/{uuid.uuid4().hex}.json"
+    lacks: list[str] = []
+    try:
+        storage.put(key, b'{"probe": 1}\n', if_none_match=True)
+    except (RegistryError, Conflict) as err:
+        return [f"conditional create ({err})"]
+    try:
+        try:
+            storage.put(key, b'{"probe": 2}\n', if_none_match=True)
+            lacks.append("conditional create: a PUT with If-None-Match: * replaced an existing object")
+        except Conflict:
+            pass
+        try:
+            storage.put(key, b'{"probe": 3}\n', if_match='"0123456789abcdef0123456789abcdef"')
+            lacks.append("compare-and-swap: a PUT with a stale If-Match ETag was accepted")
+        except Conflict:
+            pass
+        except RegistryError as err:
+            lacks.append(f"compare-and-swap ({err})")
+    finally:
+        storage.delete([key])
+    return lacks
+
+
+def ensure_safe(storage: Storage, allow_unsafe: bool) -> None:
+    """Probe `storage` once per process; refuse a store without the guarantees unless allowed."""
+    where = (type(storage).__name__, storage.location)
+    with _PROBE_LOCK:
+        if where not in _PROBED:
+            _PROBED[where] = probe(storage)
+        lacks = _PROBED[where]
+    if not lacks:
+        return
+    endpoint = getattr(storage, "endpoint", None)
+    at = f"registry {storage.location}" + (f" (endpoint {endpoint})" if endpoint else "")
+    if allow_unsafe:
+        log.warning("%s lacks %s; going on because register.allow_unsafe_store is true: two writers can "
+                    "take the same version number or overwrite each other's alias", at, "; ".join(lacks))
+        return
+    raise RegistryError(f"{at} does not give the guarantees the registry relies on: {'; '.join(lacks)}. "
+                        "Two writers could take the same version or overwrite each other's alias. Use a store "
+                        "that honours If-None-Match and If-Match (AWS S3, MinIO, SeaweedFS), or set "
+                        "register.allow_unsafe_store: true to accept the risk")
+
+
+class Heartbeat:
+    """Rewrites `key` every `interval` seconds while the block runs (in a daemon thread)."""
+
+    def __init__(self, storage: Storage, key: str, body: dict, interval: float):
+        self.storage, self.key, self.body, self.interval = storage, key, body, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="registry-heartbeat", daemon=True)
+        self.beats = 0
+
+    def beat(self) -> None:
+        self.storage.put(self.key, dumps({**self.body, "beat": self.beats}))
+        self.beats += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as err:  # noqa: BLE001 - the re-check before the commit decides
+                log.warning("registry: heartbeat %s failed: %s", self.key, err)
+
+    def __enter__(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=max(5.0, self.interval))
