@@ -35,6 +35,7 @@ from typing import Any
 # before Prefect configures its logging and settings
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "resnet_pipeline")
 os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # stage code used outside a run
 
 from prefect import flow, runtime, task, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
