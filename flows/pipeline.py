@@ -12,9 +12,7 @@ the flow on a schedule to a work pool (see the README). The stage logic lives in
   it reads). A cached result is used only if the outputs on disk carry that same key; otherwise the
   task runs and refreshes its cache entry.
 - Retries: download and register on I/O errors; train when SIGTERM stopped it with a checkpoint
-  (`Preempted`), at most PREEMPT_RETRIES times, resuming from that checkpoint. A crashed run is
-  started again by the deployment's trigger (prefect.yaml) with `crash_resumes` + 1, at most
-  MAX_CRASH_RESUMES times.
+  (`Preempted`), at most PREEMPT_RETRIES times, resuming from that checkpoint.
 - Results are persisted as JSON (never pickle) in Prefect's result storage; the `resnet_pipeline`
   loggers go to the run's log in the Prefect UI.
 - Each run publishes a Markdown artifact (test metrics, the gate's decision with both figures, the
@@ -54,8 +52,6 @@ from resnet_pipeline.training.preempt import Preempted  # noqa: E402
 logging.getLogger("resnet_pipeline").setLevel(logging.INFO)  # the stages' INFO lines reach the run's log
 
 PREEMPT_RETRIES = 3
-MAX_CRASH_RESUMES = 2
-log = logging.getLogger("resnet_pipeline.flow")
 RESULTS = {"persist_result": True, "result_serializer": "json"}
 
 
@@ -166,20 +162,14 @@ def per_class_table(eval_dir: Path) -> list[dict]:
 @flow(name="resnet-pipeline", log_prints=True, **RESULTS)
 def resnet_pipeline_flow(params: str = "params.yaml", root: str = ".", overrides: dict[str, Any] | None = None,
                          dataset: str | None = None, depth: int | None = None, epochs: int | None = None,
-                         lock_wait_seconds: float = 0, crash_resumes: int = 0) -> dict:
+                         lock_wait_seconds: float = 0) -> dict:
     """download -> split -> shard -> train -> evaluate -> register, holding the lock of `root`.
 
     `params` is read relative to `root` unless absolute; `overrides` are `{"group.key": value}` like
     `--set`; `dataset`, `depth` and `epochs` are shortcuts for `download.dataset`, `train.depth` and
     `train.epochs`. Everything is checked like params.yaml before any stage runs. If another run
-    holds `root`, wait up to `lock_wait_seconds`, then fail naming it. `crash_resumes` counts the
-    runs started by the deployment's trigger after a crash; past MAX_CRASH_RESUMES the run gives up.
+    holds `root`, wait up to `lock_wait_seconds`, then fail naming it.
     """
-    if crash_resumes > MAX_CRASH_RESUMES:
-        raise RuntimeError(f"crash_resumes: {crash_resumes}: the run crashed {crash_resumes - 1} times after "
-                           f"being resumed automatically; giving up after {MAX_CRASH_RESUMES} resumes")
-    if crash_resumes:
-        log.warning("resuming after a crash (%d of at most %d)", crash_resumes, MAX_CRASH_RESUMES)
     cfg = load_config(params, root, overrides, dataset=dataset, depth=depth, epochs=epochs)
     paths = Paths.from_config(cfg, root)
     owner = {"flow_run_id": runtime.flow_run.id, "flow_run_name": runtime.flow_run.name,

@@ -68,13 +68,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A Prefect server on a free loopback port with its own PREFECT_HOME (SQLite)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    (port,) = free_ports(1)
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false", PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+def _start_server(home: Path, port: int, env: dict) -> tuple[subprocess.Popen, object]:
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -83,14 +77,25 @@ def prefect_server(tmp_path_factory):
     while True:
         try:
             _api(base, "GET", "/health")
-            break
+            return proc, log
         except (urllib.error.URLError, ConnectionError, OSError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 _stop(proc)
+                log.close()
                 pytest.fail(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
             time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A Prefect server on a free loopback port with its own PREFECT_HOME (SQLite)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    (port,) = free_ports(1)
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false", PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    proc, log = _start_server(home, port, env)
     try:
-        yield {"base": base, "env": env, "home": home}
+        yield {"base": f"http://127.0.0.1:{port}/api", "env": env, "home": home}
     finally:
         _stop(proc)
         log.close()
@@ -203,9 +208,6 @@ def test_deploy_creates_both_deployments_with_schedules_on_the_pool(deployed):
         assert clone["clone_directory_name"] == entry["name"]  # each deployment in its own folder
         assert deployment["global_concurrency_limit"]["limit"] == 1
         assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
-        (automation,) = _api(deployed["base"], "GET", f"/automations/related-to/prefect.deployment.{deployment['id']}")
-        assert automation["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
-        assert automation["trigger"]["match_related"]["prefect.resource.name"] == entry["name"]
     nightly = _deployment(deployed["base"], "nightly")
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     assert nightly["schedules"][0]["schedule"]["timezone"] == "UTC"
@@ -342,42 +344,6 @@ def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, s3_serv
     assert all(r["state"]["type"] == "COMPLETED" for r in finished.values())
 
 
-def test_a_crashed_run_is_run_again_by_the_trigger_and_resumes_from_its_checkpoint(deployed, s3_server):
-    """SIGKILL (a lost machine) of a run in its second epoch: the run is Crashed; the deployment's
-    trigger starts it again with crash_resumes=1, which resumes at the epoch-1 checkpoint."""
-    base, registry = deployed["base"], _registry(deployed, s3_server)
-    before = registry.versions("resnet-digits")
-    parameters = {"overrides": _overrides(deployed, **{
-        "train.epochs": 3, "train.global_batch_size": 16, "train.label_smoothing": 0.3})}
-    crashed = _trigger(deployed, parameters)
-    deadline = time.monotonic() + 600
-    while not ("Epoch 2/3" in _flow_logs(base, crashed) and (pid := _flow_process(crashed))):
-        assert time.monotonic() < deadline, "the run did not reach its second epoch"
-        time.sleep(0.5)
-    os.kill(pid, signal.SIGKILL)
-    _wait(deployed, crashed, expect="CRASHED")
-    deployment = _deployment(base, "nightly")
-    deadline = time.monotonic() + 120
-    while True:
-        runs = _api(base, "POST", "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}},
-                                                          "sort": "EXPECTED_START_TIME_DESC", "limit": 5})
-        resumed = [r for r in runs if r["parameters"].get("crash_resumes") == 1]
-        if resumed:
-            break
-        assert time.monotonic() < deadline, "no run was started after the crash"
-        time.sleep(1)
-    (resumed,) = resumed
-    assert resumed["parameters"]["overrides"] == parameters["overrides"]
-    _wait(deployed, resumed["id"])
-    logs = _flow_logs(base, resumed["id"])
-    assert "resuming after a crash (1 of at most 2)" in logs
-    per_epoch = int(re.search(r"steps \(3 epochs x (\d+)\)", _flow_logs(base, crashed)).group(1))
-    at = int(re.search(rf"resuming from .* at step (\d+) of {3 * per_epoch}", logs).group(1))
-    assert at in (per_epoch, 2 * per_epoch), "from an epoch-end checkpoint"
-    assert _steps_trained(logs) == 3 * per_epoch
-    assert registry.versions("resnet-digits") == [*before, before[-1] + 1], "one version in all"
-
-
 def test_the_weekly_deployment_registers_under_its_own_name_in_its_own_folder(deployed, s3_server, tmp_path_factory):
     from tests.data.test_data_stages import small_image_folder
 
@@ -430,7 +396,7 @@ def test_parameters_of_every_deployment_validate_like_params_yaml():
     for entry in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]:
         parameters = pipeline.resnet_pipeline_flow.validate_parameters(dict(entry["parameters"]))
         assert parameters.pop("root") == "."  # the worker's checkout
-        assert parameters.pop("lock_wait_seconds") == 0 and parameters.pop("crash_resumes") == 0
+        assert parameters.pop("lock_wait_seconds") == 0
         cfg = pipeline.load_config(parameters.pop("params"), str(REPO), parameters.pop("overrides", None), **parameters)
         if "depth" in entry["parameters"]:
             assert cfg.train.depth == entry["parameters"]["depth"]
