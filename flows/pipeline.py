@@ -5,13 +5,16 @@
 Without PREFECT_API_URL, Prefect starts a temporary local server for the run; `prefect.yaml` deploys
 the flow on a schedule to a work pool (see the README). The stage logic lives in `resnet_pipeline`.
 
-- Retries are on the I/O tasks (download, register).
-- The data tasks (download, split, shard) are cached like `dvc repro` skips stages: the cache key
-  of a stage hashes the params it reads and the code it runs, as `dvc.yaml` lists them, and the keys
-  of the stages it depends on. A rerun with only `train.*` changed finds the data tasks `Cached`.
-  A cached result is used only while the stage's outputs are still on disk; if they are gone, the
-  task runs again and refreshes its cache entry.
-- Results are persisted (Prefect's result storage, `~/.prefect/storage` unless configured).
+- One run at a time per `root`: the run holds the folder's lock (`resnet_pipeline.runlock`) from
+  start to end; another run fails at once naming it (or waits `lock_wait_seconds`).
+- The data tasks (download, split, shard) are cached like `dvc repro` skips stages, on the stage
+  key (`resnet_pipeline.stagekeys`: the params and code dvc.yaml lists, and the keys of the stages
+  it reads). A cached result is used only if the outputs on disk carry that same key; otherwise the
+  task runs and refreshes its cache entry.
+- Retries: download and register on I/O errors; train when SIGTERM stopped it with a checkpoint
+  (`Preempted`), at most PREEMPT_RETRIES times, resuming from that checkpoint.
+- Results are persisted as JSON (never pickle) in Prefect's result storage; the `resnet_pipeline`
+  loggers go to the run's log in the Prefect UI.
 - Each run publishes a Markdown artifact (test metrics, the gate's decision with both figures, the
   registered version and how to pull it) and a table artifact (per-class precision, recall, F1).
 """
@@ -20,86 +23,55 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import json
+import logging
+import os
 import shutil
 import sys
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-from prefect import flow, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
+# before Prefect configures its logging and settings
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "resnet_pipeline")
+os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # stage code used outside a run
 
-from resnet_pipeline import cli
-from resnet_pipeline import config as config_mod
-from resnet_pipeline.config import Config
-from resnet_pipeline.data import shard as shard_mod
-from resnet_pipeline.fileio import new_staging_dir, read_json, replace_dir
-from resnet_pipeline.paths import Paths
+from prefect import flow, runtime, task, unmapped  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-PROJECT = Path(__file__).resolve().parents[1]
-DATA_STAGES = ("download", "split", "shard")
+from resnet_pipeline import cli  # noqa: E402
+from resnet_pipeline import config as config_mod  # noqa: E402
+from resnet_pipeline.config import Config  # noqa: E402
+from resnet_pipeline.data import shard as shard_mod  # noqa: E402
+from resnet_pipeline.fileio import new_staging_dir, read_json, replace_dir  # noqa: E402
+from resnet_pipeline.paths import Paths  # noqa: E402
+from resnet_pipeline.runlock import folder_lock  # noqa: E402
+from resnet_pipeline.stagekeys import DATA_STAGES, is_current, record_key, require_current, stage_key  # noqa: E402
+from resnet_pipeline.training.preempt import Preempted  # noqa: E402
 
+logging.getLogger("resnet_pipeline").setLevel(logging.INFO)  # the stages' INFO lines reach the run's log
 
-# --------------------------------------------------------------------------- cache keys from dvc.yaml
-
-
-@lru_cache(maxsize=4)
-def _dvc_stages(dvc_yaml: str) -> dict:
-    return yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
-
-
-def _name(entry: str | dict) -> str:
-    """A dvc.yaml list entry: `path` or `{path: {options}}`."""
-    return entry if isinstance(entry, str) else next(iter(entry))
+PREEMPT_RETRIES = 3
+RESULTS = {"persist_result": True, "result_serializer": "json"}
 
 
-def _param_value(params: dict, dotted: str) -> Any:
-    value: Any = params
-    for part in dotted.split("."):
-        value = value[part]
-    return value
-
-
-def _tree_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    for f in files:
-        h.update(f.relative_to(path.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def stage_key(stage: str, cfg: Config, project: Path = PROJECT) -> str:
-    """What `dvc repro` would compare for `stage`: its params, its code deps and, for a dep that is
-    another stage's output, that stage's key."""
-    stages = _dvc_stages(str(project / "dvc.yaml"))
-    producers = {_name(out): name for name, spec in stages.items() for out in spec.get("outs", [])}
-    params, h = cfg.to_dict(), hashlib.sha256(stage.encode())
-    for item in stages[stage].get("params", []):
-        name = _name(item)
-        h.update(json.dumps([name, _param_value(params, name)], sort_keys=True, default=str).encode())
-    for dep in map(_name, stages[stage].get("deps", [])):
-        if dep in producers:
-            h.update(stage_key(producers[dep], cfg, project).encode())
-        else:
-            h.update(_tree_sha256(project / dep).encode())
-    return f"{stage}-{h.hexdigest()}"
+# --------------------------------------------------------------------------- cache keys
 
 
 def _cache_key(context, parameters) -> str:
-    return stage_key(context.task.name, parameters["cfg"])
+    return stage_key(context.task.name, parameters["cfg"], parameters["paths"].root)
 
 
-def outputs_present(stage: str, paths: Paths) -> bool:
-    """Are the stage's outputs on disk (the condition for using its cached result)?"""
-    return {
-        "download": lambda: paths.raw.is_dir() and any(paths.raw.iterdir()),
-        "split": lambda: paths.manifest.is_file() and paths.labels.is_file(),
-        "shard": lambda: (paths.shards / "index.json").is_file(),
-    }[stage]()
+def _preempted(task, task_run, state) -> bool:
+    """Retry train only when it stopped on SIGTERM with a checkpoint, and not while the flow run is
+    being cancelled (Prefect's cancellation also arrives as SIGTERM)."""
+    if not isinstance(state.result(raise_on_failure=False), Preempted):
+        return False
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_state = client.read_flow_run(task_run.flow_run_id).state
+    return flow_state is None or flow_state.type.value not in ("CANCELLING", "CANCELLED")
 
 
 # --------------------------------------------------------------------------- tasks
@@ -113,20 +85,20 @@ def _stage_task(name: str, **options):
     return task(run, name=name, **options)
 
 
-_data_options = {"cache_key_fn": _cache_key, "persist_result": True}
+_data_options = {"cache_key_fn": _cache_key, **RESULTS}
 download = _stage_task("download", retries=2, retry_delay_seconds=5, **_data_options)
 split = _stage_task("split", **_data_options)
-train = _stage_task("train", cache_policy=NO_CACHE, persist_result=True)
-evaluate = _stage_task("evaluate", cache_policy=NO_CACHE, persist_result=True)
-register = _stage_task("register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, persist_result=True)
+train = _stage_task("train", retries=PREEMPT_RETRIES, retry_condition_fn=_preempted, cache_policy=NO_CACHE, **RESULTS)
+evaluate = _stage_task("evaluate", cache_policy=NO_CACHE, **RESULTS)
+register = _stage_task("register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, **RESULTS)
 
 
-@task(name="plan-shards", cache_policy=NO_CACHE)
+@task(name="plan-shards", cache_policy=NO_CACHE, persist_result=False)
 def plan_shards(cfg: Config, paths: Paths) -> list[dict]:
     return shard_mod.plan_shards(cfg.shard, paths.manifest)
 
 
-@task(name="write-shard", cache_policy=NO_CACHE)
+@task(name="write-shard", cache_policy=NO_CACHE, persist_result=False)
 def write_shard(plan: dict, cfg: Config, raw_dir: Path, staging: Path) -> dict:
     return shard_mod.write_shard(plan, raw_dir, staging, cfg.shard)
 
@@ -135,6 +107,7 @@ def write_shard(plan: dict, cfg: Config, raw_dir: Path, staging: Path) -> dict:
 def shard(cfg: Config, paths: Paths) -> dict:
     """The shard stage with the writing of each shard a task of its own (`write_shard.map`), so a
     Dask or Ray task runner can spread it over machines; the shards replace the old ones at the end."""
+    require_current(("download", "split"), cfg, paths)
     plans = plan_shards(cfg, paths)
     staging = new_staging_dir(paths.shards)
     try:
@@ -144,6 +117,7 @@ def shard(cfg: Config, paths: Paths) -> dict:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    record_key("shard", cfg, paths)
     return index["splits"]
 
 
@@ -186,26 +160,32 @@ def per_class_table(eval_dir: Path) -> list[dict]:
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name="resnet-pipeline", log_prints=True, persist_result=True)
+@flow(name="resnet-pipeline", log_prints=True, **RESULTS)
 def resnet_pipeline_flow(params: str = "params.yaml", root: str = ".", overrides: dict[str, Any] | None = None,
-                         dataset: str | None = None, depth: int | None = None, epochs: int | None = None) -> dict:
-    """download -> split -> shard -> train -> evaluate -> register.
+                         dataset: str | None = None, depth: int | None = None, epochs: int | None = None,
+                         lock_wait_seconds: float = 0) -> dict:
+    """download -> split -> shard -> train -> evaluate -> register, holding the lock of `root`.
 
     `params` is read relative to `root` unless absolute; `overrides` are `{"group.key": value}` like
     `--set`; `dataset`, `depth` and `epochs` are shortcuts for `download.dataset`, `train.depth` and
-    `train.epochs`. Everything is checked like params.yaml before any stage runs.
+    `train.epochs`. Everything is checked like params.yaml before any stage runs. If another run
+    holds `root`, wait up to `lock_wait_seconds`, then fail naming it.
     """
     cfg = load_config(params, root, overrides, dataset=dataset, depth=depth, epochs=epochs)
     paths = Paths.from_config(cfg, root)
-    for stage_task, name in ((download, "download"), (split, "split"), (shard, "shard")):
-        stage_task.with_options(refresh_cache=not outputs_present(name, paths))(cfg, paths)
-    train(cfg, paths)
-    evaluate(cfg, paths)
-    print(register(cfg, paths))
-    record = read_json(paths.registered, "registration record")
+    owner = {"flow_run_id": runtime.flow_run.id, "flow_run_name": runtime.flow_run.name,
+             "deployment": runtime.deployment.name}
+    with folder_lock(paths.root, owner, wait=lock_wait_seconds):
+        for stage_task, name in zip((download, split, shard), DATA_STAGES):
+            stage_task.with_options(refresh_cache=not is_current(name, cfg, paths))(cfg, paths)
+        train(cfg, paths)
+        evaluate(cfg, paths)
+        print(register(cfg, paths))
+        record = read_json(paths.registered, "registration record")
+        per_class = per_class_table(paths.eval_dir)
     create_markdown_artifact(report_markdown(cfg, record), key="resnet-report",
                              description=f"{record['name']}:{record['version']}: metrics, gate, registry")
-    create_table_artifact(per_class_table(paths.eval_dir), key="resnet-per-class",
+    create_table_artifact(per_class, key="resnet-per-class",
                           description="Per-class precision, recall and F1 on the test split")
     return {"test": record["metrics"]["test"], "name": record["name"], "version": record["version"],
             "registry": record["registry"], "promoted": record["promotion"]["promoted"]}

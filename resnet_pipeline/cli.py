@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ import yaml
 from resnet_pipeline import config as config_mod
 from resnet_pipeline.config import Config, ConfigError
 from resnet_pipeline.paths import Paths
+from resnet_pipeline.stagekeys import record_key, require_current
+from resnet_pipeline.training.preempt import PREEMPTED_EXIT, Preempted
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -46,40 +49,42 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def run_download(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.data.download import download
 
-    return str(download(cfg.download, paths.raw, paths.downloads))
+    dest = download(cfg.download, paths.raw, paths.downloads)
+    record_key("download", cfg, paths)
+    return str(dest)
 
 
 def run_split(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.data.split import split
 
+    require_current(("download",), cfg, paths)
     table = split(cfg.split, cfg.base.seed, paths.raw / cfg.download.dataset, paths.manifest, paths.labels)
+    record_key("split", cfg, paths)
     return {"images": table.num_rows}
 
 
 def run_shard(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.data.shard import shard
 
-    return shard(cfg.shard, paths.manifest, paths.raw, paths.shards)["splits"]
+    require_current(("download", "split"), cfg, paths)
+    splits = shard(cfg.shard, paths.manifest, paths.raw, paths.shards)["splits"]
+    record_key("shard", cfg, paths)
+    return splits
 
 
 def run_train(cfg: Config, paths: Paths) -> Any:
+    """Raises `Preempted` (after a checkpoint) when SIGTERM arrives; the command exits 143 then."""
+    require_current(("split", "shard"), cfg, paths)
     from resnet_pipeline.training.strategy import make_strategy
 
     # before anything else touches TensorFlow: MultiWorkerMirroredStrategy and logical CPUs need it
     strategy, cluster = make_strategy(cfg.train.strategy, cfg.train.cpu_devices)
-    from resnet_pipeline.training.loop import Preempted, train
+    from resnet_pipeline.training.loop import train
 
     registry = _open_registry(cfg, paths.root) if config_mod.init_kind(cfg.train.init) == "registry" else None
-    try:
-        summary = train(cfg.train, cfg, paths.shards, paths.labels, paths.model_dir, paths.checkpoints,
-                        tensorboard_root=paths.tensorboard, strategy=strategy, cluster=cluster, registry=registry)
-    except Preempted as stop:
-        print(f"resnet-pipeline train: {stop}", file=sys.stderr)
-        raise SystemExit(PREEMPTED_EXIT) from None
+    summary = train(cfg.train, cfg, paths.shards, paths.labels, paths.model_dir, paths.checkpoints,
+                    tensorboard_root=paths.tensorboard, strategy=strategy, cluster=cluster, registry=registry)
     return {k: summary[k] for k in ("steps", "wall_time_sec", "images_per_sec")}
-
-
-PREEMPTED_EXIT = 143  # 128 + SIGTERM: stopped on request, with a checkpoint to resume from
 
 
 def run_evaluate(cfg: Config, paths: Paths) -> Any:
@@ -88,6 +93,7 @@ def run_evaluate(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.registry import champion_summary
     from resnet_pipeline.registry.stage import data_version
 
+    require_current(("split", "shard"), cfg, paths)
     champion = champion_summary(_open_registry(cfg, paths.root), cfg.register.model_name, cfg.register.alias)
     manifest_sha256 = data_version(paths.manifest, None)["manifest_sha256"]
     return evaluate(cfg.evaluate, paths.model_dir, paths.shards, paths.eval_dir, champion=champion,
@@ -104,6 +110,7 @@ def _open_registry(cfg: Config, root: str | Path = ".", location: str | None = N
 
 
 def run_register(cfg: Config, paths: Paths) -> Any:
+    from resnet_pipeline.provenance import assemble
     from resnet_pipeline.registry import register_model
     from resnet_pipeline.registry.gate import describe
 
@@ -111,7 +118,7 @@ def run_register(cfg: Config, paths: Paths) -> Any:
     record = register_model(_open_registry(cfg, paths.root), r.model_name, paths.model_dir, paths.eval_dir,
                             paths.registered, alias=r.alias, gate_metric=r.gate_metric,
                             min_improvement=r.min_improvement, data_manifest=paths.manifest,
-                            dvc_lock=paths.root / "dvc.lock", root=paths.root,
+                            root=paths.root, provenance=assemble(cfg, paths),
                             gate_options={"rule": r.gate, "min_value": r.min_value, "max_class_drop": r.max_class_drop,
                                           "bootstrap_samples": r.bootstrap_samples, "bootstrap_seed": r.bootstrap_seed})
     lines = [f"registered {record['name']}:{record['version']} in {record['registry']}",
@@ -119,6 +126,18 @@ def run_register(cfg: Config, paths: Paths) -> Any:
     if record["promotion"]["error"]:
         lines.append(f"promotion failed: {record['promotion']['error']}")
     return "\n".join(lines)
+
+
+def _stage_lock(command: str, paths: Paths):
+    """The folder lock for one stage command (a flow holds it for its whole run). The processes of
+    a multi-worker training run (TF_CONFIG set) are one run: their launcher or cluster holds it."""
+    import contextlib
+
+    from resnet_pipeline.runlock import folder_lock
+
+    if os.environ.get("TF_CONFIG"):
+        return contextlib.nullcontext()
+    return folder_lock(paths.root, {"command": f"resnet-pipeline {command}"})
 
 
 STAGES = {
@@ -579,9 +598,14 @@ def main(argv: list[str] | None = None) -> int:
             from resnet_pipeline.training.launch import launch
 
             return launch(args.workers, ["--params", args.params, *(f"--set={item}" for item in args.set)])
-        result = STAGES[args.command](cfg, Paths.from_config(cfg))
+        paths = Paths.from_config(cfg)
+        with _stage_lock(args.command, paths):
+            result = STAGES[args.command](cfg, paths)
         print(result if isinstance(result, str) else json.dumps(result))
         return 0
+    except Preempted as stop:
+        print(f"resnet-pipeline {args.command}: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"resnet-pipeline {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,16 +1,20 @@
 """The Prefect deployments of prefect.yaml, for real: a Prefect server started here, `prefect deploy`,
-a process worker on the pool, runs triggered through the REST API, the model registered in an S3
-registry on the session's SeaweedFS, and the data tasks found `Cached` on a rerun with only a
-training parameter changed.
+a process worker on the pool, runs triggered through the REST API, models registered in an S3
+registry on the session's SeaweedFS.
 
 The worker clones a git repository of the project (a local path stands in for the remote: the
-pull step is the real `git_clone`), runs `dvc pull`, then the flow on the embedded digits.
+pull step is the real `git_clone`) into each deployment's own folder and runs the flow there. The
+tests run in file order on one server and worker: a digits run, an imagefolder run and a digits
+run again in the nightly checkout; a run refused by a held folder lock; two runs at once, one of
+them sent SIGTERM mid-epoch; the weekly deployment in its own folder; then the stored results.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,10 +39,17 @@ DATA_TASKS = ("download", "split", "shard")
 
 def _api(base: str, method: str, path: str, body: dict | None = None):
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        text = response.read()
-    return json.loads(text) if text else None
+    for attempt in range(5):  # the SQLite-backed server answers 503 now and then on a busy machine
+        request = urllib.request.Request(base + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                text = response.read()
+            return json.loads(text) if text else None
+        except urllib.error.HTTPError as err:
+            if err.code != 503 or attempt == 4:
+                raise
+            time.sleep(2)
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -57,13 +68,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A Prefect server on a free loopback port with its own PREFECT_HOME (SQLite)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    (port,) = free_ports(1)
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false", PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+def _start_server(home: Path, port: int, env: dict) -> tuple[subprocess.Popen, object]:
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -72,14 +77,25 @@ def prefect_server(tmp_path_factory):
     while True:
         try:
             _api(base, "GET", "/health")
-            break
+            return proc, log
         except (urllib.error.URLError, ConnectionError, OSError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 _stop(proc)
+                log.close()
                 pytest.fail(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
             time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A Prefect server on a free loopback port with its own PREFECT_HOME (SQLite)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    (port,) = free_ports(1)
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false", PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    proc, log = _start_server(home, port, env)
     try:
-        yield {"base": base, "env": env, "home": home}
+        yield {"base": f"http://127.0.0.1:{port}/api", "env": env, "home": home}
     finally:
         _stop(proc)
         log.close()
@@ -119,23 +135,30 @@ def _deployment(base: str, name: str) -> dict:
     return _api(base, "GET", f"/deployments/name/resnet-pipeline/{name}")
 
 
-def _trigger_and_wait(deployed: dict, parameters: dict, timeout: float = 900) -> dict:
-    base = deployed["base"]
-    deployment = _deployment(base, "nightly")
-    run = _api(base, "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
-    deadline = time.monotonic() + timeout
+def _trigger(deployed: dict, parameters: dict, name: str = "nightly") -> str:
+    deployment = _deployment(deployed["base"], name)
+    return _api(deployed["base"], "POST", f"/deployments/{deployment['id']}/create_flow_run",
+                {"parameters": parameters})["id"]
+
+
+def _wait(deployed: dict, run_id: str, expect: str = "COMPLETED", timeout: float = 900) -> dict:
+    base, deadline = deployed["base"], time.monotonic() + timeout
     while True:
-        run = _api(base, "GET", f"/flow_runs/{run['id']}")
+        run = _api(base, "GET", f"/flow_runs/{run_id}")
         if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
         if time.monotonic() > deadline:
-            pytest.fail(f"flow run {run['id']} still {run['state']['type']} after {timeout} s:\n"
+            pytest.fail(f"flow run {run_id} still {run['state']['type']} after {timeout} s:\n"
                         f"{deployed['worker_log'].read_text()[-4000:]}")
-        time.sleep(3)
-    assert run["state"]["type"] == "COMPLETED", (
-        f"{run['state']}\n--- flow run log ---\n{_flow_logs(base, run['id'])[-8000:]}"
+        time.sleep(1)
+    assert run["state"]["type"] == expect, (
+        f"{run['state']}\n--- flow run log ---\n{_flow_logs(base, run_id)[-8000:]}"
         f"\n--- worker log ---\n{deployed['worker_log'].read_text()[-3000:]}")
     return run
+
+
+def _trigger_and_wait(deployed: dict, parameters: dict, name: str = "nightly") -> dict:
+    return _wait(deployed, _trigger(deployed, parameters, name))
 
 
 def _flow_logs(base: str, flow_run_id: str) -> str:
@@ -144,16 +167,27 @@ def _flow_logs(base: str, flow_run_id: str) -> str:
     return "\n".join(f"{entry['level']} {entry['message']}" for entry in logs)
 
 
-def _task_states(base: str, flow_run_id: str) -> dict[str, set[str]]:
+def _task_runs(base: str, flow_run_id: str) -> dict[str, list[dict]]:
     runs = _api(base, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200})
-    states: dict[str, set[str]] = {}
+    by_task: dict[str, list[dict]] = {}
     for task_run in runs:  # named "<task name>-<suffix>"
-        states.setdefault(task_run["name"].rsplit("-", 1)[0], set()).add(task_run["state"]["name"])
-    return states
+        by_task.setdefault(task_run["name"].rsplit("-", 1)[0], []).append(task_run)
+    return by_task
 
 
-def _shared(deployed: dict) -> dict:
-    return {"overrides": {"train.epochs": 1, "register.registry": deployed["registry"]}}
+def _task_states(base: str, flow_run_id: str) -> dict[str, set[str]]:
+    return {name: {r["state"]["name"] for r in runs} for name, runs in _task_runs(base, flow_run_id).items()}
+
+
+def _overrides(deployed: dict, **more) -> dict:
+    return {"train.epochs": 1, "register.registry": deployed["registry"], **more}
+
+
+def _registry(deployed: dict, s3_server):
+    from resnet_pipeline.registry import open_registry
+
+    return open_registry(deployed["registry"], endpoint_url=s3_server.endpoint_url, region=s3_server.region,
+                         access_key=s3_server.access_key, secret_key=s3_server.secret_key)
 
 
 def test_deploy_creates_both_deployments_with_schedules_on_the_pool(deployed):
@@ -166,48 +200,176 @@ def test_deploy_creates_both_deployments_with_schedules_on_the_pool(deployed):
         assert crons == [s["cron"] for s in entry["schedules"]]
         assert all(s["active"] for s in deployment["schedules"])
         assert deployment["job_variables"]["working_dir"] == str(deployed["workdir"])
+        assert deployment["job_variables"]["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "resnet_pipeline"
         steps = [next(iter(step)) for step in deployment["pull_steps"]]
-        assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory",
-                         "prefect.deployments.steps.run_shell_script"]
-        assert deployment["pull_steps"][0]["prefect.deployments.steps.git_clone"]["repository"] == \
-            deployed["env"]["RESNET_PIPELINE_REPO"]
+        assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory"]
+        clone = deployment["pull_steps"][0]["prefect.deployments.steps.git_clone"]
+        assert clone["repository"] == deployed["env"]["RESNET_PIPELINE_REPO"]
+        assert clone["clone_directory_name"] == entry["name"]  # each deployment in its own folder
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     nightly = _deployment(deployed["base"], "nightly")
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     assert nightly["schedules"][0]["schedule"]["timezone"] == "UTC"
 
 
-def test_api_triggered_runs_register_to_s3_and_reuse_cached_data_tasks(deployed, s3_server):
-    from resnet_pipeline.registry import open_registry
+def _labels(registry, spec: str) -> list[str]:
+    return registry.manifest(spec)["labels"]
 
-    base = deployed["base"]
-    first = _trigger_and_wait(deployed, _shared(deployed))
+
+def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, s3_server, tmp_path_factory):
+    from tests.data.test_data_stages import small_image_folder
+
+    base, registry = deployed["base"], _registry(deployed, s3_server)
+    first = _trigger_and_wait(deployed, {"overrides": _overrides(deployed)})
     states = _task_states(base, first["id"])
     assert {t: states.get(t) for t in (*DATA_TASKS, "train", "evaluate", "register")} == {
         t: {"Completed"} for t in (*DATA_TASKS, "train", "evaluate", "register")}, states
     assert states.get("write-shard") == {"Completed"}, "the shard writing is mapped over tasks"
-    registry = open_registry(deployed["registry"], endpoint_url=s3_server.endpoint_url, region=s3_server.region,
-                             access_key=s3_server.access_key, secret_key=s3_server.secret_key)
     assert registry.versions("resnet-digits") == [1]
     assert registry.aliases("resnet-digits") == {"champion": 1}
+    logs = _flow_logs(base, first["id"])  # the resnet_pipeline loggers reach the run's log
+    for line in ("download: wrote 1797 files of digits", "split: ", "shard: ", "outputs carry key shard-",
+                 "train: starting", "holding "):
+        assert line in logs, line
 
-    result_report = _api(base, "POST", "/artifacts/filter",
-                         {"artifacts": {"flow_run_id": {"any_": [first["id"]]}}})
-    by_key = {a["key"]: a for a in result_report}
+    by_key = {a["key"]: a for a in _api(base, "POST", "/artifacts/filter",
+                                         {"artifacts": {"flow_run_id": {"any_": [first["id"]]}}})}
     report = by_key["resnet-report"]["data"]
     assert "resnet-digits:1" in report and "Gate: promoted to `champion`" in report
     assert f"{deployed['registry']}/models/resnet-digits/versions/1/" in report
     assert by_key["resnet-per-class"]["type"] == "table"
     assert len(json.loads(by_key["resnet-per-class"]["data"])) == 10  # ten digit classes
 
-    second = _trigger_and_wait(deployed, {"overrides": {**_shared(deployed)["overrides"], "train.label_smoothing": 0.1}})
-    states = _task_states(base, second["id"])
-    assert {t: states.get(t) for t in DATA_TASKS} == {t: {"Cached"} for t in DATA_TASKS}, states
-    assert states.get("train") == {"Completed"} and states.get("register") == {"Completed"}, states
-    assert "write-shard" not in states, "a cached shard stage writes no shard"
+    pets = small_image_folder(tmp_path_factory.mktemp("pets"), per_class=30)
+    other = _trigger_and_wait(deployed, {"dataset": "imagefolder", "overrides": _overrides(
+        deployed, **{"download.path": str(pets), "register.model_name": "resnet-pets", "train.global_batch_size": 16})})
+    states = _task_states(base, other["id"])
+    assert {t: states.get(t) for t in DATA_TASKS} == {t: {"Completed"} for t in DATA_TASKS}, states
+    assert _labels(registry, "resnet-pets:1") == ["cat", "dog"]
+
+    third = _trigger_and_wait(deployed, {"overrides": _overrides(deployed)})
+    states = _task_states(base, third["id"])
+    # raw/digits is still the digits' (its .complete carries the key); manifest and shards are the pets'
+    assert {t: states.get(t) for t in DATA_TASKS} == {"download": {"Cached"}, "split": {"Completed"},
+                                                       "shard": {"Completed"}}, states
     assert registry.versions("resnet-digits") == [1, 2]
-    manifest = registry.manifest("resnet-digits:2")
-    assert manifest["params"]["train"]["label_smoothing"] == 0.1
-    assert manifest["data"]["manifest_sha256"] == registry.manifest("resnet-digits:1")["data"]["manifest_sha256"]
+    assert _labels(registry, "resnet-digits:2") == [str(d) for d in range(10)]
+    one, two = registry.manifest("resnet-digits:1"), registry.manifest("resnet-digits:2")
+    assert two["data"] == one["data"]  # the same data by content: manifest, shard index, stage keys
+    assert set(two["data"]["stage_keys"]) == set(DATA_TASKS)
+    assert registry.manifest("resnet-pets:1")["data"]["stage_keys"]["split"] != two["data"]["stage_keys"]["split"]
+    checkout = deployed["workdir"] / "nightly"
+    labels = json.loads((checkout / "artifacts/model/labels.json").read_text())["classes"]
+    assert labels == [str(d) for d in range(10)]
+
+
+def test_a_run_on_a_held_folder_fails_at_once_naming_the_holder(deployed):
+    from resnet_pipeline.runlock import folder_lock
+
+    checkout = deployed["workdir"] / "nightly"
+    with folder_lock(checkout, {"flow_run_name": "test-holder", "flow_run_id": "held-by-the-test"}):
+        run = _wait(deployed, _trigger(deployed, {"overrides": _overrides(deployed)}), expect="FAILED")
+    started = _api(deployed["base"], "GET", f"/flow_runs/{run['id']}")
+    assert "in use by test-holder (flow run held-by-the-test)" in run["state"]["message"] + _flow_logs(
+        deployed["base"], run["id"]), run["state"]
+    assert _task_runs(deployed["base"], run["id"]) == {}, "no stage ran"
+    assert started["total_run_time"] < 30
+
+
+def _flow_process(run_id: str) -> int | None:
+    """The pid of the process running flow run `run_id` (the leaf with its PREFECT__FLOW_RUN_ID)."""
+    marker = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    pids, parents = set(), {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                pids.add(int(proc.name))
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    leaves = [pid for pid in pids if pid not in parents.values()]
+    return max(leaves) if leaves else None
+
+
+def _steps_trained(logs: str) -> int:
+    """The step count at the end of the last epoch, from the train stage's epoch log lines."""
+    return int(re.findall(r"epoch \d+: \{.*?'step': (\d+)", logs)[-1])
+
+
+def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, s3_server):
+    """Two runs of nightly triggered together (one waits for the deployment's concurrency slot); the
+    first to start training gets SIGTERM mid-epoch and resumes by itself from its checkpoint."""
+    base, registry = deployed["base"], _registry(deployed, s3_server)
+    before = registry.versions("resnet-digits")
+    clean = registry.manifest(f"resnet-digits:{before[-1]}")["data"]
+    runs = {_trigger(deployed, {"overrides": _overrides(deployed, **{
+        "train.epochs": 2, "train.global_batch_size": 32, "train.label_smoothing": smoothing})}): smoothing
+        for smoothing in (0.1, 0.2)}
+    deadline, target = time.monotonic() + 600, None
+    while target is None:
+        for run_id in runs:
+            if "Epoch 1/2" in _flow_logs(base, run_id) and (pid := _flow_process(run_id)):
+                os.kill(pid, signal.SIGTERM)
+                target = run_id
+                break
+        assert time.monotonic() < deadline, "no run started training"
+        time.sleep(0.5)
+    finished = {run_id: _wait(deployed, run_id) for run_id in runs}
+    other = next(r for r in runs if r != target)
+
+    logs = _flow_logs(base, target)
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", logs)
+    assert stopped, logs[-4000:]
+    assert f"at step {stopped.group(1)} of " in logs  # resumed exactly where it stopped: no step twice
+    (train_run,) = _task_runs(base, target)["train"]
+    assert train_run["run_count"] == 2 and train_run["state"]["name"] == "Completed"
+    assert _steps_trained(logs) == _steps_trained(_flow_logs(base, other)) > int(stopped.group(1)) > 0
+    for run_id in runs:
+        assert {t: _task_states(base, run_id).get(t) for t in DATA_TASKS} == {t: {"Cached"} for t in DATA_TASKS}
+
+    after = registry.versions("resnet-digits")
+    assert len(after) == len(before) + 2, "one version per run"
+    versions = {registry.manifest(f"resnet-digits:{v}")["params"]["train"]["label_smoothing"]: v for v in after[-2:]}
+    assert set(versions) == {0.1, 0.2}
+    models = set()
+    for smoothing, version in versions.items():
+        manifest = registry.manifest(f"resnet-digits:{version}")
+        assert manifest["data"] == clean, "trained on the shards of a clean run (index and manifest sha256)"
+        assert manifest["labels"] == [str(d) for d in range(10)]
+        models.add(manifest["files"]["model.keras"]["sha256"])
+    assert len(models) == 2, "each version holds its own model"
+    assert all(r["state"]["type"] == "COMPLETED" for r in finished.values())
+
+
+def test_the_weekly_deployment_registers_under_its_own_name_in_its_own_folder(deployed, s3_server, tmp_path_factory):
+    from tests.data.test_data_stages import small_image_folder
+
+    registry = _registry(deployed, s3_server)
+    nightly_index = (deployed["workdir"] / "nightly/data/shards/index.json").read_bytes()
+    weekly = _deployment(deployed["base"], "cifar10-weekly")["parameters"]
+    pets = small_image_folder(tmp_path_factory.mktemp("weekly-pets"), per_class=30)
+    # CIFAR-10 itself is on the internet: the weekly recipe on a small local folder, briefly
+    _trigger_and_wait(deployed, {**weekly, "dataset": "imagefolder", "depth": 20, "overrides": {
+        **weekly["overrides"], **_overrides(deployed, **{"download.path": str(pets), "train.global_batch_size": 16})}},
+        name="cifar10-weekly")
+    assert registry.versions("resnet56-cifar10") == [1]
+    assert registry.manifest("resnet56-cifar10:1")["params"]["train"]["lr_decay_at"] == [32000, 48000]
+    assert (deployed["workdir"] / "cifar10-weekly/data/raw/imagefolder/.complete").is_file()
+    assert (deployed["workdir"] / "nightly/data/shards/index.json").read_bytes() == nightly_index
+
+
+def test_no_persisted_result_is_a_pickle(deployed):
+    storage = Path(deployed["env"]["PREFECT_HOME"]) / "storage"
+    files = [p for p in storage.iterdir() if p.is_file()]
+    assert len(files) >= 6
+    for path in files:
+        record = json.loads(path.read_text())  # a pickle is not JSON
+        if "metadata" in record:
+            assert record["metadata"]["serializer"]["type"] == "json", path
+            json.loads(record["result"])
 
 
 def test_bad_parameters_fail_the_run_naming_the_key(deployed):
@@ -234,6 +396,7 @@ def test_parameters_of_every_deployment_validate_like_params_yaml():
     for entry in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]:
         parameters = pipeline.resnet_pipeline_flow.validate_parameters(dict(entry["parameters"]))
         assert parameters.pop("root") == "."  # the worker's checkout
+        assert parameters.pop("lock_wait_seconds") == 0
         cfg = pipeline.load_config(parameters.pop("params"), str(REPO), parameters.pop("overrides", None), **parameters)
         if "depth" in entry["parameters"]:
             assert cfg.train.depth == entry["parameters"]["depth"]

@@ -92,6 +92,19 @@ def test_dvc_repro_again_runs_nothing_and_train_param_reruns_only_downstream(dvc
     assert json.loads((dvc_project / "artifacts/model/train.json").read_text())["epochs"] == 2
 
 
+def test_dvc_exp_run_of_a_register_param_records_it_in_the_new_version(dvc_project: Path):
+    exp = _run([str(BIN / "dvc"), "exp", "run", "-S", "register.min_improvement=0.01"], dvc_project, timeout=900)
+    assert _ran_stages(exp.stdout) == {"register"}, exp.stdout  # train did not rerun: its config.yaml is older
+    versions = dvc_project / "registry/models/resnet-digits/versions"
+    newest = versions / str(max(int(p.name) for p in versions.iterdir()))
+    manifest = json.loads((newest / "manifest.json").read_text())
+    recorded = yaml.safe_load((newest / "params.yaml").read_text())
+    assert recorded["register"]["min_improvement"] == manifest["params"]["register"]["min_improvement"] == 0.01
+    assert recorded["train"]["epochs"] == 2  # what train ran with, from its own record
+    assert manifest["stages"]["register"]["params"]["register"]["min_improvement"] == 0.01
+    assert set(manifest["data"]["stage_keys"]) == {"download", "split", "shard"}
+
+
 def test_prefect_flow_writes_the_same_manifest_and_shards_as_dvc(dvc_project: Path, tmp_path: Path):
     root = tmp_path / "flow"
     root.mkdir()
@@ -112,6 +125,11 @@ def test_prefect_flow_writes_the_same_manifest_and_shards_as_dvc(dvc_project: Pa
     for name in dvc_shards:
         assert (root / "data/shards" / name).read_bytes() == (dvc_project / "data/shards" / name).read_bytes(), name
     assert json.loads((root / "artifacts/registered.json").read_text())["version"] == 1
+    # the flow's version names the same data as dvc repro's: manifest, shard index and stage keys
+    flow_version = json.loads((root / "registry/models/resnet-digits/versions/1/manifest.json").read_text())
+    dvc_version = json.loads((dvc_project / "registry/models/resnet-digits/versions/1/manifest.json").read_text())
+    assert flow_version["data"] == dvc_version["data"]
+    assert flow_version["data"]["stage_keys"]["shard"].startswith("shard-")
 
 
 def _train_cmd(extra: list[str]) -> list[str]:

@@ -65,12 +65,15 @@ def _open(registry) -> Registry:
 def register_model(registry: Registry | str | Path, name: str, model_dir: str | Path, eval_dir: str | Path,
                    out: str | Path, *, alias: str = "champion", gate_metric: str = "top1",
                    min_improvement: float = 0.0, data_manifest: str | Path | None = None,
-                   dvc_lock: str | Path | None = None, root: str | Path = ".", gate_options: dict | None = None) -> dict:
+                   dvc_lock: str | Path | None = None, root: str | Path = ".", gate_options: dict | None = None,
+                   provenance: dict | None = None) -> dict:
     """Register stage: add the trained model and its evaluation as a new version, decide with the gate
     whether it becomes `name@alias`, swap the alias if so, and write the record to `out`.
 
     `gate_options` are the gate's other settings (`rule`, `min_value`, `max_class_drop`,
-    `bootstrap_samples`, `bootstrap_seed`; see gate.decide)."""
+    `bootstrap_samples`, `bootstrap_seed`; see gate.decide). `provenance` (from
+    `resnet_pipeline.provenance.assemble`) replaces config.yaml as the version's params.yaml and the
+    data record with the stages' own records."""
     reg = _open(registry)
     model_dir, eval_dir = Path(model_dir), Path(eval_dir)
     files = {"model.keras": model_dir / "model.keras", "params.yaml": model_dir / "config.yaml",
@@ -85,24 +88,38 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
     metrics = read_json(files["metrics.json"], "evaluation metrics")
     data = data_version(data_manifest, dvc_lock)
     params = redact_values(yaml.safe_load(files["params.yaml"].read_text()))
-    options = dict(gate_options or {})
-    gate_settings = {"alias": alias, "metric": gate_metric, "min_improvement": min_improvement, **options}
-    token = reg.registration_token(name, files, {"params": params, "data": data, "gate": gate_settings})
-    done = reg.find_registration(name, token)
-    champion = reg.alias(name, alias)
-    if done is not None and done[1]:  # a retry of a registration that committed: same version, same decision
-        version, decision = done[0], reg.manifest(Spec(name, version=done[0])).get("gate") or {}
-        log.info("register: %s:%d already holds this registration; reusing it and its gate decision", name, version)
-    else:
-        champion_manifest = reg.manifest(Spec(name, version=champion.version)) if champion.record else None
-        classes = read_json(files["labels.json"], "labels").get("classes")
-        predictions = _paired_predictions(reg, name, champion.version, champion_manifest, files, options)
-        decision = decide(metrics, data["manifest_sha256"], champion_manifest, alias=alias, metric=gate_metric,
-                          min_improvement=min_improvement, predictions=predictions, classes=classes, **options)
-        meta = {"params": params, "metrics": metrics, "data": data, "git_commit": git_commit(root),
-                "environment": environment(), "labels": read_json(files["labels.json"], "labels").get("classes"),
-                "gate": decision, "init": _init_record(model_dir)}
-        version = reg.register(name, files, meta, token=token)
+    scratch = None
+    if provenance is not None:  # each stage's own record (resnet_pipeline.provenance)
+        from resnet_pipeline.provenance import params_yaml
+
+        params, data = redact_values(provenance["params"]), provenance["data"]
+        scratch = Path(tempfile.mkdtemp(prefix="params-"))
+        files["params.yaml"] = scratch / "params.yaml"
+        files["params.yaml"].write_text(params_yaml(params))
+    try:
+        options = dict(gate_options or {})
+        gate_settings = {"alias": alias, "metric": gate_metric, "min_improvement": min_improvement, **options}
+        token = reg.registration_token(name, files, {"params": params, "data": data, "gate": gate_settings})
+        done = reg.find_registration(name, token)
+        champion = reg.alias(name, alias)
+        if done is not None and done[1]:  # a retry of a registration that committed: same version, same decision
+            version, decision = done[0], reg.manifest(Spec(name, version=done[0])).get("gate") or {}
+            log.info("register: %s:%d already holds this registration; reusing it and its gate decision", name, version)
+        else:
+            champion_manifest = reg.manifest(Spec(name, version=champion.version)) if champion.record else None
+            classes = read_json(files["labels.json"], "labels").get("classes")
+            predictions = _paired_predictions(reg, name, champion.version, champion_manifest, files, options)
+            decision = decide(metrics, data["manifest_sha256"], champion_manifest, alias=alias, metric=gate_metric,
+                              min_improvement=min_improvement, predictions=predictions, classes=classes, **options)
+            meta = {"params": params, "metrics": metrics, "data": data, "git_commit": git_commit(root),
+                    "environment": environment(), "labels": read_json(files["labels.json"], "labels").get("classes"),
+                    "gate": decision, "init": _init_record(model_dir)}
+            if provenance is not None:
+                meta["stages"] = redact_values(provenance["stages"])
+            version = reg.register(name, files, meta, token=token)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     promotion = {"alias": alias, "promoted": False, "error": None}
     if champion.version == version:
         promotion["promoted"] = True  # the first attempt promoted it before it was cut short

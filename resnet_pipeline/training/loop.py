@@ -40,6 +40,7 @@ from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
 from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
 from resnet_pipeline.models.resnet import recursion_limit
+from resnet_pipeline.training.preempt import Preempted  # noqa: F401  (raised here, caught by callers)
 from resnet_pipeline.training.strategy import Cluster, make_strategy
 from resnet_pipeline.training.trainer import Trainer
 
@@ -51,13 +52,6 @@ STEP_FIELDS = ("step", "loss", "accuracy", "lr")
 NOT_IN_FINGERPRINT = ("checkpoint_every_steps", "keep_checkpoints", "summary_every_steps", "validate_every_epochs",
                       "export")
 
-
-class Preempted(RuntimeError):
-    """SIGTERM arrived: the run saved a checkpoint at `step` and stopped; rerun it to resume."""
-
-    def __init__(self, step: int, checkpoint: str):
-        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {checkpoint}; rerun to resume")
-        self.step, self.checkpoint = step, checkpoint
 
 
 class WorkerFailed(RuntimeError):
@@ -90,6 +84,14 @@ def run_fingerprint(cfg: TrainConfig, seed: int, shards_dir: Path) -> str:
     params = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_FINGERPRINT}
     payload = {"train": params, "seed": seed, "index": sha256_file(shards_dir / INDEX)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trained_on(shards_dir: Path) -> dict:
+    """The data a run trains on, by content: the sha256 of the shard index and the shard stage key
+    recorded in it (None for shards written without one)."""
+    index = read_json(shards_dir / INDEX, "shard index")
+    return {"index_sha256": sha256_file(shards_dir / INDEX),
+            "shard_key": index.get("stage_key") if isinstance(index, dict) else None}
 
 
 def train(
@@ -240,6 +242,7 @@ def train(
         "first_chunk_images": int(timing["first_images"]),
         "best_val_accuracy": float(trainer.best_val.numpy()) if float(trainer.best_val.numpy()) >= 0 else None,
         "final": history[-1] if history else None,
+        "data": trained_on(shards_dir),
     }
     if cluster.is_chief:
         trainer.finalize(run_dir)
