@@ -111,7 +111,9 @@ def shard(cfg: Config, paths: Paths) -> dict:
     plans = plan_shards(cfg, paths)
     staging = new_staging_dir(paths.shards)
     try:
-        entries = write_shard.map(plans, cfg=unmapped(cfg), raw_dir=unmapped(paths.raw), staging=unmapped(staging)).result()
+        entries = write_shard.map(
+            plans, cfg=unmapped(cfg), raw_dir=unmapped(paths.raw), staging=unmapped(staging)
+        ).result()
         index = shard_mod.write_index(entries, staging)
         replace_dir(staging, paths.shards)
     except BaseException:
@@ -137,8 +139,13 @@ def report_markdown(cfg: Config, record: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in test.items())
     champion = "none yet" if gate["champion"] is None else f"{gate['champion']} (version {gate['champion_version']})"
     promoted = record["promotion"]
-    verdict = ("promoted" if promoted["promoted"] else
-               f"promotion failed: {promoted['error']}" if promoted["error"] else "not promoted")
+    verdict = (
+        "promoted"
+        if promoted["promoted"]
+        else f"promotion failed: {promoted['error']}"
+        if promoted["error"]
+        else "not promoted"
+    )
     link = _registry_link(record["registry"], name, version)
     return (
         f"# {name}:{version} — ResNet-{cfg.train.depth} ({cfg.train.variant}) on {cfg.download.dataset}\n\n"
@@ -161,9 +168,15 @@ def per_class_table(eval_dir: Path) -> list[dict]:
 
 
 @flow(name="resnet-pipeline", log_prints=True, **RESULTS)
-def resnet_pipeline_flow(params: str = "params.yaml", root: str = ".", overrides: dict[str, Any] | None = None,
-                         dataset: str | None = None, depth: int | None = None, epochs: int | None = None,
-                         lock_wait_seconds: float = 0) -> dict:
+def resnet_pipeline_flow(
+    params: str = "params.yaml",
+    root: str = ".",
+    overrides: dict[str, Any] | None = None,
+    dataset: str | None = None,
+    depth: int | None = None,
+    epochs: int | None = None,
+    lock_wait_seconds: float = 0,
+) -> dict:
     """download -> split -> shard -> train -> evaluate -> register, holding the lock of `root`.
 
     `params` is read relative to `root` unless absolute; `overrides` are `{"group.key": value}` like
@@ -173,8 +186,11 @@ def resnet_pipeline_flow(params: str = "params.yaml", root: str = ".", overrides
     """
     cfg = load_config(params, root, overrides, dataset=dataset, depth=depth, epochs=epochs)
     paths = Paths.from_config(cfg, root)
-    owner = {"flow_run_id": runtime.flow_run.id, "flow_run_name": runtime.flow_run.name,
-             "deployment": runtime.deployment.name}
+    owner = {
+        "flow_run_id": runtime.flow_run.id,
+        "flow_run_name": runtime.flow_run.name,
+        "deployment": runtime.deployment.name,
+    }
     with folder_lock(paths.root, owner, wait=lock_wait_seconds):
         for stage_task, name in zip((download, split, shard), DATA_STAGES):
             stage_task.with_options(refresh_cache=not is_current(name, cfg, paths))(cfg, paths)
@@ -183,12 +199,21 @@ def resnet_pipeline_flow(params: str = "params.yaml", root: str = ".", overrides
         print(register(cfg, paths))
         record = read_json(paths.registered, "registration record")
         per_class = per_class_table(paths.eval_dir)
-    create_markdown_artifact(report_markdown(cfg, record), key="resnet-report",
-                             description=f"{record['name']}:{record['version']}: metrics, gate, registry")
-    create_table_artifact(per_class, key="resnet-per-class",
-                          description="Per-class precision, recall and F1 on the test split")
-    return {"test": record["metrics"]["test"], "name": record["name"], "version": record["version"],
-            "registry": record["registry"], "promoted": record["promotion"]["promoted"]}
+    create_markdown_artifact(
+        report_markdown(cfg, record),
+        key="resnet-report",
+        description=f"{record['name']}:{record['version']}: metrics, gate, registry",
+    )
+    create_table_artifact(
+        per_class, key="resnet-per-class", description="Per-class precision, recall and F1 on the test split"
+    )
+    return {
+        "test": record["metrics"]["test"],
+        "name": record["name"],
+        "version": record["version"],
+        "registry": record["registry"],
+        "promoted": record["promotion"]["promoted"],
+    }
 
 
 def load_config(params: str, root: str, overrides: dict[str, Any] | None = None, **shortcuts: Any) -> Config:

@@ -82,22 +82,32 @@ def run_train(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.training.loop import train
 
     registry = _open_registry(cfg, paths.root) if config_mod.init_kind(cfg.train.init) == "registry" else None
-    summary = train(cfg.train, cfg, paths.shards, paths.labels, paths.model_dir, paths.checkpoints,
-                    tensorboard_root=paths.tensorboard, strategy=strategy, cluster=cluster, registry=registry)
+    summary = train(
+        cfg.train,
+        cfg,
+        paths.shards,
+        paths.labels,
+        paths.model_dir,
+        paths.checkpoints,
+        tensorboard_root=paths.tensorboard,
+        strategy=strategy,
+        cluster=cluster,
+        registry=registry,
+    )
     return {k: summary[k] for k in ("steps", "wall_time_sec", "images_per_sec")}
 
 
 def run_evaluate(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.evaluation import evaluate
-
     from resnet_pipeline.registry import champion_summary
     from resnet_pipeline.registry.stage import data_version
 
     require_current(("split", "shard"), cfg, paths)
     champion = champion_summary(_open_registry(cfg, paths.root), cfg.register.model_name, cfg.register.alias)
     manifest_sha256 = data_version(paths.manifest, None)["manifest_sha256"]
-    return evaluate(cfg.evaluate, paths.model_dir, paths.shards, paths.eval_dir, champion=champion,
-                    manifest_sha256=manifest_sha256)["test"]
+    return evaluate(
+        cfg.evaluate, paths.model_dir, paths.shards, paths.eval_dir, champion=champion, manifest_sha256=manifest_sha256
+    )["test"]
 
 
 def _open_registry(cfg: Config, root: str | Path = ".", location: str | None = None):
@@ -105,8 +115,14 @@ def _open_registry(cfg: Config, root: str | Path = ".", location: str | None = N
     from resnet_pipeline.registry import open_registry
 
     r = cfg.register
-    return open_registry(location or r.registry, endpoint_url=r.s3_endpoint_url, region=r.s3_region,
-                         addressing_style=r.s3_addressing_style, root=root, allow_unsafe_store=r.allow_unsafe_store)
+    return open_registry(
+        location or r.registry,
+        endpoint_url=r.s3_endpoint_url,
+        region=r.s3_region,
+        addressing_style=r.s3_addressing_style,
+        root=root,
+        allow_unsafe_store=r.allow_unsafe_store,
+    )
 
 
 def run_register(cfg: Config, paths: Paths) -> Any:
@@ -115,14 +131,30 @@ def run_register(cfg: Config, paths: Paths) -> Any:
     from resnet_pipeline.registry.gate import describe
 
     r = cfg.register
-    record = register_model(_open_registry(cfg, paths.root), r.model_name, paths.model_dir, paths.eval_dir,
-                            paths.registered, alias=r.alias, gate_metric=r.gate_metric,
-                            min_improvement=r.min_improvement, data_manifest=paths.manifest,
-                            root=paths.root, provenance=assemble(cfg, paths),
-                            gate_options={"rule": r.gate, "min_value": r.min_value, "max_class_drop": r.max_class_drop,
-                                          "bootstrap_samples": r.bootstrap_samples, "bootstrap_seed": r.bootstrap_seed})
-    lines = [f"registered {record['name']}:{record['version']} in {record['registry']}",
-             f"gate: {describe(record['gate'])}"]
+    record = register_model(
+        _open_registry(cfg, paths.root),
+        r.model_name,
+        paths.model_dir,
+        paths.eval_dir,
+        paths.registered,
+        alias=r.alias,
+        gate_metric=r.gate_metric,
+        min_improvement=r.min_improvement,
+        data_manifest=paths.manifest,
+        root=paths.root,
+        provenance=assemble(cfg, paths),
+        gate_options={
+            "rule": r.gate,
+            "min_value": r.min_value,
+            "max_class_drop": r.max_class_drop,
+            "bootstrap_samples": r.bootstrap_samples,
+            "bootstrap_seed": r.bootstrap_seed,
+        },
+    )
+    lines = [
+        f"registered {record['name']}:{record['version']} in {record['registry']}",
+        f"gate: {describe(record['gate'])}",
+    ]
     if record["promotion"]["error"]:
         lines.append(f"promotion failed: {record['promotion']['error']}")
     return "\n".join(lines)
@@ -160,8 +192,11 @@ def _describe(manifest: dict, aliases: dict[str, int] | None = None) -> str:
     test = (manifest.get("metrics") or {}).get("test") or {}
     figures = "  ".join(f"{k} {v}" for k, v in test.items() if not isinstance(v, (dict, list)))
     tags = [a for a, v in (aliases or {}).items() if v == manifest["version"]]
-    return (f"{manifest['name']}:{manifest['version']}  {manifest['created_at']}"
-            + (f"  [{', '.join('@' + t for t in tags)}]" if tags else "") + (f"  {figures}" if figures else ""))
+    return (
+        f"{manifest['name']}:{manifest['version']}  {manifest['created_at']}"
+        + (f"  [{', '.join('@' + t for t in tags)}]" if tags else "")
+        + (f"  {figures}" if figures else "")
+    )
 
 
 def run_registry(args) -> int:
@@ -181,8 +216,10 @@ def run_registry(args) -> int:
         if args.json:
             print(json.dumps(entries, indent=2))
         for e in [] if args.json else entries:
-            print(f"{e['at']}  {e['outcome']:<4}  version {e['version']}  expected {e['expected_previous']}  "
-                  f"actual {e['actual_previous']}  by {e['by']}" + (f"  ({e['reason']})" if e.get("reason") else ""))
+            print(
+                f"{e['at']}  {e['outcome']:<4}  version {e['version']}  expected {e['expected_previous']}  "
+                f"actual {e['actual_previous']}  by {e['by']}" + (f"  ({e['reason']})" if e.get("reason") else "")
+            )
     elif args.action == "show":
         manifest = reg.manifest(args.model)
         print(json.dumps(manifest, indent=2) if args.json else _describe(manifest, reg.aliases(manifest["name"])))
@@ -204,8 +241,10 @@ def run_registry(args) -> int:
             raise ConfigError(f"--older-than: received {args.older_than}; allowed: 0 or more seconds")
         removed = reg.gc(args.model, older_than=args.older_than)
         for r in removed:
-            print(f"removed uncommitted {r['name']}:{r['version']} ({len(r['objects'])} objects, "
-                  f"{r['age_seconds']:.0f}s old): {', '.join(r['objects'])}")
+            print(
+                f"removed uncommitted {r['name']}:{r['version']} ({len(r['objects'])} objects, "
+                f"{r['age_seconds']:.0f}s old): {', '.join(r['objects'])}"
+            )
         print(f"gc: {len(removed)} uncommitted version(s) removed")
     return 0
 
@@ -246,8 +285,13 @@ def _summary_config(args) -> tuple[Config, int]:
         variant, stride_in_1x1 = MODEL_VARIANTS[name]
         spec = SPECS[variant].get(depth)
         defaults = config_mod.TrainConfig()
-        changes.update(variant=variant, stride_in_1x1=stride_in_1x1 and spec is not None and spec.block == "bottleneck",
-                       shortcut=defaults.shortcut, v2_stride_last=defaults.v2_stride_last, use_bias=defaults.use_bias)
+        changes.update(
+            variant=variant,
+            stride_in_1x1=stride_in_1x1 and spec is not None and spec.block == "bottleneck",
+            shortcut=defaults.shortcut,
+            v2_stride_last=defaults.v2_stride_last,
+            use_bias=defaults.use_bias,
+        )
     if args.image_size is not None:
         changes["image_size"] = args.image_size
     raw = cfg.to_dict()
@@ -273,9 +317,13 @@ def run_model(args) -> int:
         raise ConfigError(f"--channels: received {args.channels}; allowed: 1 or more")
     model = build_resnet(**model_arguments(t, num_classes=classes, channels=args.channels))
     name = "cifar" if t.variant == "cifar" else "v2" if t.variant == "v2" else ("v1" if t.stride_in_1x1 else "v1.5")
-    options = {k: getattr(t, k) for k in ("shortcut", "stride_in_1x1", "v2_stride_last", "use_bias", "zero_init_residual")}
-    title = (f"ResNet-{t.depth} {name} at {t.image_size}x{t.image_size}x{args.channels}, {classes} classes  "
-             + "  ".join(f"{k}={v}" for k, v in options.items()))
+    options = {
+        k: getattr(t, k) for k in ("shortcut", "stride_in_1x1", "v2_stride_last", "use_bias", "zero_init_residual")
+    }
+    title = (
+        f"ResNet-{t.depth} {name} at {t.image_size}x{t.image_size}x{args.channels}, {classes} classes  "
+        + "  ".join(f"{k}={v}" for k, v in options.items())
+    )
     print(format_summary(model, title))
     return 0
 
@@ -292,13 +340,24 @@ def run_benchmark(args) -> int:
     try:
         depths = [int(d) for d in args.depths.split(",")]
     except ValueError:
-        raise ConfigError(f"--depths: received {args.depths!r}; expected comma-separated depths such as 50,101") from None
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 2),
-                             ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1)):
+        raise ConfigError(
+            f"--depths: received {args.depths!r}; expected comma-separated depths such as 50,101"
+        ) from None
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--steps", args.steps, 2),
+        ("--warmup", args.warmup, 0),
+        ("--rounds", args.rounds, 1),
+    ):
         if value < low:
             raise ConfigError(f"{flag}: received {value}; allowed: {low} or more")
-    timing = dict(batch_size=args.batch_size, image_size=args.image_size, steps=args.steps, warmup=args.warmup,
-                  rounds=min(args.rounds, args.steps))
+    timing = dict(
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=min(args.rounds, args.steps),
+    )
     if args.replicas:
         from resnet_pipeline.benchmark.replicas import benchmark_replicas
         from resnet_pipeline.models.resnet import SPECS
@@ -307,11 +366,19 @@ def run_benchmark(args) -> int:
         rows = []
         for depth in depths:
             if depth not in SPECS[variant]:
-                raise ConfigError(f"--depths: received {depth} for variant {args.variant!r}; "
-                                  f"allowed: {', '.join(map(str, SPECS[variant]))}")
+                raise ConfigError(
+                    f"--depths: received {depth} for variant {args.variant!r}; "
+                    f"allowed: {', '.join(map(str, SPECS[variant]))}"
+                )
             bottleneck = SPECS[variant][depth].block == "bottleneck"
-            rows += benchmark_replicas(variant, depth, replicas=args.replicas, num_classes=10 if variant == "cifar" else 1000,
-                                       stride_in_1x1=stride_in_1x1 and bottleneck, **timing)
+            rows += benchmark_replicas(
+                variant,
+                depth,
+                replicas=args.replicas,
+                num_classes=10 if variant == "cifar" else 1000,
+                stride_in_1x1=stride_in_1x1 and bottleneck,
+                **timing,
+            )
     else:
         rows = benchmark_models(args.variant, depths, **timing)
     print(format_rows(rows))
@@ -328,7 +395,9 @@ def run_benchmark_warmstart(args) -> int:
     try:
         seeds = tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
-        raise ConfigError(f"--seeds: received {args.seeds!r}; expected comma-separated integers such as 1,2,3") from None
+        raise ConfigError(
+            f"--seeds: received {args.seeds!r}; expected comma-separated integers such as 1,2,3"
+        ) from None
     for flag, value in (("--epochs", args.epochs), ("--source-epochs", args.source_epochs)):
         if value < 1:
             raise ConfigError(f"{flag}: received {value}; allowed: 1 or more")
@@ -347,8 +416,13 @@ def run_benchmark_shard(args) -> int:
         raise ConfigError(f"--workers: received {args.workers}; allowed: 2 or more (compared with 1)")
     if args.repeats < 1:
         raise ConfigError(f"--repeats: received {args.repeats}; allowed: 1 or more")
-    result = run(Path(args.images) if args.images else None, count=args.count, workers=args.workers,
-                 max_shorter_side=args.max_shorter_side, repeats=args.repeats)
+    result = run(
+        Path(args.images) if args.images else None,
+        count=args.count,
+        workers=args.workers,
+        max_shorter_side=args.max_shorter_side,
+        repeats=args.repeats,
+    )
     print(format_result(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
@@ -358,9 +432,15 @@ def run_benchmark_shard(args) -> int:
 def run_benchmark_input(args) -> int:
     from resnet_pipeline.benchmark.input import compare, format_rows
 
-    rows = compare(Path(args.images) if args.images else None, count=args.count, image_size=args.image_size,
-                   batch_size=args.batch_size, max_shorter_side=args.max_shorter_side,
-                   generator_images=args.generator_images, photos=args.photos)
+    rows = compare(
+        Path(args.images) if args.images else None,
+        count=args.count,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        max_shorter_side=args.max_shorter_side,
+        generator_images=args.generator_images,
+        photos=args.photos,
+    )
     print(format_rows(rows))
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
@@ -395,12 +475,15 @@ def run_benchmark_ingest(args) -> int:
     except ValueError:
         raise ConfigError(f"--sizes: received {args.sizes!r}; expected comma-separated image counts") from None
     if len(sizes) < 2 or min(sizes) < args.classes or args.classes < 2:
-        raise ConfigError(f"--sizes {args.sizes} / --classes {args.classes}: allowed: 2 or more sizes, "
-                          "each at least the class count, and 2 classes or more")
+        raise ConfigError(
+            f"--sizes {args.sizes} / --classes {args.classes}: allowed: 2 or more sizes, "
+            "each at least the class count, and 2 classes or more"
+        )
     if args.s3_objects < 0 or args.s3_workers < 1:
         raise ConfigError(f"--s3-objects {args.s3_objects} / --s3-workers {args.s3_workers}: allowed: >= 0 / >= 1")
-    result = run(sizes, classes=args.classes, s3_objects=0 if args.no_s3 else args.s3_objects,
-                 s3_workers=args.s3_workers)
+    result = run(
+        sizes, classes=args.classes, s3_objects=0 if args.no_s3 else args.s3_objects, s3_workers=args.s3_workers
+    )
     print(format_result(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
@@ -417,9 +500,18 @@ def run_benchmark_pull(args) -> int:
     if args.pin and not args.seaweed:
         raise ConfigError("benchmark pull --pin: only with --seaweed (the server must run on this machine)")
     if (args.part_mb is not None and args.part_mb <= 0) or (args.connections is not None and args.connections < 1):
-        raise ConfigError(f"--part-mb {args.part_mb} / --connections {args.connections}: allowed: more than 0 / 1 or more")
-    result = run(args.registry, seaweed=args.seaweed, size_mb=args.size_mb, rounds=args.rounds, pin=args.pin,
-                 part_mb=args.part_mb, connections=args.connections)
+        raise ConfigError(
+            f"--part-mb {args.part_mb} / --connections {args.connections}: allowed: more than 0 / 1 or more"
+        )
+    result = run(
+        args.registry,
+        seaweed=args.seaweed,
+        size_mb=args.size_mb,
+        rounds=args.rounds,
+        pin=args.pin,
+        part_mb=args.part_mb,
+        connections=args.connections,
+    )
     print(format_result(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
@@ -446,13 +538,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override a param")
         if name == "train":
-            p.add_argument("--workers", type=int, default=0,
-                           help="launch N local worker processes with MultiWorkerMirroredStrategy on loopback")
+            p.add_argument(
+                "--workers",
+                type=int,
+                default=0,
+                help="launch N local worker processes with MultiWorkerMirroredStrategy on loopback",
+            )
     reg = sub.add_parser("registry", help="list, show, pull, promote registered models; collect garbage")
     reg_sub = reg.add_subparsers(dest="action", required=True)
-    for action, helptext in (("list", "list committed versions"), ("show", "show a version or an alias' history"),
-                             ("pull", "pull a version, verified"), ("promote", "point an alias at a version"),
-                             ("gc", "delete uncommitted versions")):
+    for action, helptext in (
+        ("list", "list committed versions"),
+        ("show", "show a version or an alias' history"),
+        ("pull", "pull a version, verified"),
+        ("promote", "point an alias at a version"),
+        ("gc", "delete uncommitted versions"),
+    ):
         p = reg_sub.add_parser(action, help=helptext)
         p.add_argument("--params", default="params.yaml", help="params file naming the registry")
         p.add_argument("--registry", help="a folder or s3://bucket/prefix (default: register.registry in params)")
@@ -464,22 +564,37 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="the whole manifest (or history) as JSON")
             p.add_argument("--history", action="store_true", help="every promotion attempt of NAME@ALIAS")
         if action == "pull":
-            p.add_argument("dest", help="destination folder (must not exist or be empty; with --layout tf-serving "
-                                        "the model base path, where DEST/VERSION must not exist or be empty)")
-            p.add_argument("--layout", choices=("registry", "tf-serving"), default="registry",
-                           help="registry: the version's files as stored (default); tf-serving: its SavedModel "
-                                "as DEST/VERSION/saved_model.pb, variables/, assets/ for tensorflow_model_server")
+            p.add_argument(
+                "dest",
+                help="destination folder (must not exist or be empty; with --layout tf-serving "
+                "the model base path, where DEST/VERSION must not exist or be empty)",
+            )
+            p.add_argument(
+                "--layout",
+                choices=("registry", "tf-serving"),
+                default="registry",
+                help="registry: the version's files as stored (default); tf-serving: its SavedModel "
+                "as DEST/VERSION/saved_model.pb, variables/, assets/ for tensorflow_model_server",
+            )
         if action == "promote":
             p.add_argument("alias", help="alias to point at the version, such as champion or staging")
         if action == "gc":
-            p.add_argument("--older-than", type=float, default=86400.0, metavar="SECONDS",
-                           help="only versions whose newest object (claim, heartbeat or file) is at least this "
-                                "old (default: 86400, a day; a live registration refreshes its heartbeat every minute)")
+            p.add_argument(
+                "--older-than",
+                type=float,
+                default=86400.0,
+                metavar="SECONDS",
+                help="only versions whose newest object (claim, heartbeat or file) is at least this "
+                "old (default: 86400, a day; a live registration refreshes its heartbeat every minute)",
+            )
 
     p = sub.add_parser("predict", help="top-k classes of image files with a trained model")
-    p.add_argument("--model", required=True,
-                   help="a model folder (model.keras, labels.json, config.yaml), or a registry spec NAME, "
-                        "NAME:VERSION or NAME@ALIAS")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a model folder (model.keras, labels.json, config.yaml), or a registry spec NAME, "
+        "NAME:VERSION or NAME@ALIAS",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
     p.add_argument("--top-k", type=int, help="classes per image (default: the model's evaluate.top_k)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
@@ -492,9 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None, help="params file (default: params.yaml if present, else the defaults)")
     p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override a param")
     p.add_argument("--depth", type=int, help="depth (default: train.depth)")
-    p.add_argument("--variant", choices=list(MODEL_VARIANTS),
-                   help="v1 (stride on the 1x1), v1.5 (on the 3x3), v2 (pre-activation) or cifar; "
-                        "default: train.variant, or the first that has --depth")
+    p.add_argument(
+        "--variant",
+        choices=list(MODEL_VARIANTS),
+        help="v1 (stride on the 1x1), v1.5 (on the 3x3), v2 (pre-activation) or cifar; "
+        "default: train.variant, or the first that has --depth",
+    )
     p.add_argument("--image-size", type=int, help="input side in pixels (default: train.image_size)")
     p.add_argument("--channels", type=int, default=3, help="input channels (default: 3)")
     p.add_argument("--num-classes", type=int, help="classes (default: labels.json, else 1000, or 10 for cifar)")
@@ -503,16 +621,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="action", required=True)
     p = bench_sub.add_parser("model", help="forward and training-step throughput vs keras.applications")
     p.add_argument("--depths", default="50", help="comma-separated depths (default: 50)")
-    p.add_argument("--variant", choices=list(MODEL_VARIANTS), default="v1",
-                   help="v1 and v2 are built in keras.applications' layout (default: v1)")
+    p.add_argument(
+        "--variant",
+        choices=list(MODEL_VARIANTS),
+        default="v1",
+        help="v1 and v2 are built in keras.applications' layout (default: v1)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
     p.add_argument("--image-size", type=int, default=224, help="input side (default: 224)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model and phase (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two models (default: 2)")
-    p.add_argument("--replicas", type=int, default=0,
-                   help="instead: training step on one device vs MirroredStrategy with N replicas "
-                        "(N logical CPU devices when there is no GPU)")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="instead: training step on one device vs MirroredStrategy with N replicas "
+        "(N logical CPU devices when there is no GPU)",
+    )
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
     p = bench_sub.add_parser("warmstart", help="fine-tuning from a registered model vs from scratch, on digits tasks")
@@ -530,17 +656,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians reported (default: 3)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
-    p = bench_sub.add_parser("input", help="training input images/s: ours vs ImageDataGenerator, "
-                                           "image_dataset_from_directory and JPEG decoding alone")
+    p = bench_sub.add_parser(
+        "input",
+        help="training input images/s: ours vs ImageDataGenerator, "
+        "image_dataset_from_directory and JPEG decoding alone",
+    )
     p.add_argument("--images", help="a folder of JPEGs, one sub-folder per class (default: generate --count)")
     p.add_argument("--count", type=int, default=1000, help="JPEGs of 500x375 to generate (default: 1000)")
-    p.add_argument("--photos", action="store_true",
-                   help="make the JPEGs from the photos bundled with scikit-learn and matplotlib (real content)")
+    p.add_argument(
+        "--photos",
+        action="store_true",
+        help="make the JPEGs from the photos bundled with scikit-learn and matplotlib (real content)",
+    )
     p.add_argument("--image-size", type=int, default=224, help="output side (default: 224)")
     p.add_argument("--batch-size", type=int, default=32, help="batch (default: 32)")
     p.add_argument("--max-shorter-side", type=int, default=256, help="our shards' resize at write time (default: 256)")
-    p.add_argument("--generator-images", type=int, default=320,
-                   help="images timed through ImageDataGenerator, the slow one (default: 320)")
+    p.add_argument(
+        "--generator-images",
+        type=int,
+        default=320,
+        help="images timed through ImageDataGenerator, the slow one (default: 320)",
+    )
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
     p = bench_sub.add_parser("train", help="train stage images/s over a short run vs its bare step and model.fit")
@@ -556,8 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override a param")
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
-    p = bench_sub.add_parser("ingest", help="download/split/shard time, images/s and peak RSS at growing sizes; "
-                                            "parallel vs sequential S3 folder download")
+    p = bench_sub.add_parser(
+        "ingest",
+        help="download/split/shard time, images/s and peak RSS at growing sizes; "
+        "parallel vs sequential S3 folder download",
+    )
     p.add_argument("--sizes", default="10000,40000,160000", help="image counts (default: 10000,40000,160000)")
     p.add_argument("--classes", type=int, default=100, help="class folders (default: 100)")
     p.add_argument("--s3-objects", type=int, default=2000, help="objects of the S3 folder download (default: 2000)")
@@ -570,8 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seaweed", action="store_true", help="start a SeaweedFS on loopback and use it instead")
     p.add_argument("--size-mb", type=float, default=100.0, help="size of the model.keras registered (default: 100)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported (default: 3)")
-    p.add_argument("--pin", action="store_true",
-                   help="with --seaweed: server on the first CPU, this process on the others (as a remote server)")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="with --seaweed: server on the first CPU, this process on the others (as a remote server)",
+    )
     p.add_argument("--part-mb", type=float, help="size of the ranged GETs (default: the registry's)")
     p.add_argument("--connections", type=int, help="ranged GETs at a time (default: the registry's)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
@@ -580,8 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         if args.command == "registry":
             return run_registry(args)
@@ -590,9 +735,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             return run_predict(args)
         if args.command == "benchmark":
-            return {"model": run_benchmark, "shard": run_benchmark_shard, "input": run_benchmark_input,
-                    "ingest": run_benchmark_ingest, "pull": run_benchmark_pull, "train": run_benchmark_train,
-                    "accuracy": run_benchmark_accuracy, "warmstart": run_benchmark_warmstart}[args.action](args)
+            return {
+                "model": run_benchmark,
+                "shard": run_benchmark_shard,
+                "input": run_benchmark_input,
+                "ingest": run_benchmark_ingest,
+                "pull": run_benchmark_pull,
+                "train": run_benchmark_train,
+                "accuracy": run_benchmark_accuracy,
+                "warmstart": run_benchmark_warmstart,
+            }[args.action](args)
         cfg = config_mod.load(args.params, _parse_set(args.set))
         if args.command == "train" and args.workers:
             from resnet_pipeline.training.launch import launch

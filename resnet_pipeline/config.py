@@ -22,12 +22,14 @@ PREPROCESS_MODES = ("auto", "scale", "caffe", "tf")
 IMAGENET_DEPTHS = (50, 101, 152)
 # what keras.applications' ImageNet weights need, per variant (models.resnet.KERAS_APPLICATIONS_LAYOUT
 # without bn_momentum, which does not change what the weights compute)
-IMAGENET_LAYOUT = {
+IMAGENET_LAYOUT: dict[str, dict[str, Any]] = {
     "v1": {"stride_in_1x1": True, "use_bias": True, "bn_epsilon": 1.001e-5, "shortcut": "auto"},
     "v2": {"v2_stride_last": True, "use_bias": None, "bn_epsilon": 1.001e-5, "shortcut": "auto"},
 }
-IMAGENET_DEFAULTS = {"v1": {**IMAGENET_LAYOUT["v1"], "bn_momentum": 0.99},
-                     "v2": {**IMAGENET_LAYOUT["v2"], "bn_momentum": 0.99}}
+IMAGENET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "v1": {**IMAGENET_LAYOUT["v1"], "bn_momentum": 0.99},
+    "v2": {**IMAGENET_LAYOUT["v2"], "bn_momentum": 0.99},
+}
 
 
 class ConfigError(ValueError):
@@ -38,8 +40,9 @@ def _choice(*allowed: str) -> dict:
     return {"choices": allowed}
 
 
-def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> dict:
+def _range(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> dict:
     return {"low": low, "high": high, "low_open": low_open, "high_open": high_open}
 
 
@@ -178,8 +181,10 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain YAML-able values: tuples become lists."""
-        return {group: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-                for group, values in dataclasses.asdict(self).items()}
+        return {
+            group: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+            for group, values in dataclasses.asdict(self).items()
+        }
 
     def to_yaml(self) -> str:
         """The config as YAML to write down, with every URL in it redacted (no userinfo, no query)."""
@@ -188,16 +193,24 @@ class Config:
         return yaml.safe_dump(redact_values(self.to_dict()), sort_keys=False)
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": bool, "str | None": str,
-          "float | None": float}
+_TYPES = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "bool | None": bool,
+    "str | None": str,
+    "float | None": float,
+}
 
 
 def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
     if value is None and f.type in ("bool | None", "str | None", "float | None"):
         return None
     if f.type == "tuple[float, ...]" and f.metadata.get("any_length"):
-        if (not isinstance(value, (list, tuple))
-                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        if not isinstance(value, (list, tuple)) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in value
+        ):
             raise ConfigError(f"{key}: expected a list of numbers, received {value!r}")
         if not all(math.isfinite(v) for v in value):
             raise ConfigError(f"{key}: received {value!r}; allowed: finite numbers (no NaN or infinity)")
@@ -205,8 +218,11 @@ def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
             raise ConfigError(f"{key}: received {value!r}; allowed: increasing numbers > 0")
         return tuple(float(v) for v in value)
     if f.type == "tuple[float, ...]":
-        if (not isinstance(value, (list, tuple)) or len(value) != 3
-                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 3
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)
+        ):
             raise ConfigError(f"{key}: expected a list of 3 numbers (one per RGB channel), received {value!r}")
         if not all(math.isfinite(v) for v in value):
             raise ConfigError(f"{key}: received {value!r}; allowed: finite numbers (no NaN or infinity)")
@@ -268,7 +284,9 @@ def _check_cross_fields(cfg: Config) -> None:
     s = cfg.split
     total = s.train + s.val + s.test
     if abs(total - 1.0) > 1e-6:
-        raise ConfigError(f"split: train + val + test must sum to 1, received {s.train} + {s.val} + {s.test} = {total:g}")
+        raise ConfigError(
+            f"split: train + val + test must sum to 1, received {s.train} + {s.val} + {s.test} = {total:g}"
+        )
     _check_download(cfg.download)
     t = cfg.train
     depths = allowed_depths(t.variant)
@@ -283,8 +301,10 @@ def _check_cross_fields(cfg: Config) -> None:
             "its total stride"
         )
     if t.lr_schedule == "step" and not t.lr_decay_at:
-        raise ConfigError("train.lr_decay_at: the step schedule needs the epochs (or steps) to divide the "
-                          "lr at, such as [30, 60, 90]; received []")
+        raise ConfigError(
+            "train.lr_decay_at: the step schedule needs the epochs (or steps) to divide the "
+            "lr at, such as [30, 60, 90]; received []"
+        )
     if t.init == "imagenet":  # before the builder's checks: its layout options are the weights'
         _check_imagenet_layout(t)
     try:  # the builder's own checks of the option combinations, named by their params keys
@@ -324,51 +344,68 @@ def _check_init(t: TrainConfig) -> None:
     from resnet_pipeline.redact import redact_url
 
     kind = init_kind(t.init)
-    if kind == "url" and not t.init.startswith(("http://", "https://", "file://")):
-        raise ConfigError(f"train.init: received {redact_url(t.init)!r}; allowed URLs: http(s):// or file://")
+    init = t.init or ""
+    if kind == "url" and not init.startswith(("http://", "https://", "file://")):
+        raise ConfigError(f"train.init: received {redact_url(init)!r}; allowed URLs: http(s):// or file://")
     if kind == "registry":
         from resnet_pipeline.registry.spec import parse_spec
         from resnet_pipeline.registry.storage import RegistryError
 
         try:
-            parse_spec(t.init)
+            parse_spec(init)
         except RegistryError as err:
             raise ConfigError(f"train.init: {err}; or null, imagenet, a .h5/.weights.h5/.keras file or URL") from None
     if t.init_url is not None and kind != "imagenet":
-        raise ConfigError(f"train.init_url: received {redact_url(t.init_url)!r}; only init imagenet takes a mirror "
-                          "(give the file itself as train.init)")
-    if t.init_sha256 is not None and (len(t.init_sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in t.init_sha256)):
+        raise ConfigError(
+            f"train.init_url: received {redact_url(t.init_url)!r}; only init imagenet takes a mirror "
+            "(give the file itself as train.init)"
+        )
+    if t.init_sha256 is not None and (
+        len(t.init_sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in t.init_sha256)
+    ):
         raise ConfigError(f"train.init_sha256: received {t.init_sha256!r}; allowed: 64 hexadecimal digits")
-    if kind == "url" and t.init.startswith(("http://", "https://")) and t.init_sha256 is None:
-        raise ConfigError(f"train.init_sha256: required to download train.init {redact_url(t.init)!r}, received null")
+    if kind == "url" and init.startswith(("http://", "https://")) and t.init_sha256 is None:
+        raise ConfigError(f"train.init_sha256: required to download train.init {redact_url(init)!r}, received null")
     mode = input_mode(t)
     if mode != "scale":
         for key, neutral in (("mean", (0.0, 0.0, 0.0)), ("std", (1.0, 1.0, 1.0))):
             if getattr(t, key) != neutral:
-                raise ConfigError(f"train.{key}: received {list(getattr(t, key))}, which train.preprocess {mode!r} "
-                                  "ignores; set train.preprocess: scale to normalise with train.mean and train.std")
+                raise ConfigError(
+                    f"train.{key}: received {list(getattr(t, key))}, which train.preprocess {mode!r} "
+                    "ignores; set train.preprocess: scale to normalise with train.mean and train.std"
+                )
     if t.trainable_from is not None and t.trainable_from not in stage_names(t.variant):
-        raise ConfigError(f"train.trainable_from: received {t.trainable_from!r} for variant {t.variant!r}; allowed: "
-                          f"null or {', '.join(map(repr, stage_names(t.variant)))}")
+        raise ConfigError(
+            f"train.trainable_from: received {t.trainable_from!r} for variant {t.variant!r}; allowed: "
+            f"null or {', '.join(map(repr, stage_names(t.variant)))}"
+        )
     if t.head_epochs >= t.epochs:
         raise ConfigError(f"train.head_epochs: received {t.head_epochs}; allowed: fewer than train.epochs ({t.epochs})")
     if t.head_lr_multiplier != 1.0 and t.optimizer != "sgd":
-        raise ConfigError(f"train.head_lr_multiplier: received {t.head_lr_multiplier:g} with optimizer "
-                          f"{t.optimizer!r}; allowed: 1 (the multiplier scales the head's gradients, which "
-                          "only sgd turns into a proportional step)")
+        raise ConfigError(
+            f"train.head_lr_multiplier: received {t.head_lr_multiplier:g} with optimizer "
+            f"{t.optimizer!r}; allowed: 1 (the multiplier scales the head's gradients, which "
+            "only sgd turns into a proportional step)"
+        )
 
 
 def _check_imagenet_layout(t: TrainConfig) -> None:
     if t.variant not in IMAGENET_LAYOUT:
-        raise ConfigError(f"train.variant: received {t.variant!r}; init imagenet needs 'v1' or 'v2' "
-                          "(keras.applications ResNet50/101/152 or ResNet50V2/101V2/152V2)")
+        raise ConfigError(
+            f"train.variant: received {t.variant!r}; init imagenet needs 'v1' or 'v2' "
+            "(keras.applications ResNet50/101/152 or ResNet50V2/101V2/152V2)"
+        )
     if t.depth not in IMAGENET_DEPTHS:
-        raise ConfigError(f"train.depth: received {t.depth}; init imagenet has weights for depths "
-                          f"{', '.join(map(str, IMAGENET_DEPTHS))}")
+        raise ConfigError(
+            f"train.depth: received {t.depth}; init imagenet has weights for depths "
+            f"{', '.join(map(str, IMAGENET_DEPTHS))}"
+        )
     for key, needed in IMAGENET_LAYOUT[t.variant].items():
         if getattr(t, key) != needed:
-            raise ConfigError(f"train.{key}: received {getattr(t, key)!r}; the ImageNet weights of ResNet-{t.depth} "
-                              f"({t.variant}) need {needed!r} (keras.applications' layout)")
+            raise ConfigError(
+                f"train.{key}: received {getattr(t, key)!r}; the ImageNet weights of ResNet-{t.depth} "
+                f"({t.variant}) need {needed!r} (keras.applications' layout)"
+            )
 
 
 def _imagenet_defaults(raw_train: dict, variant: Any) -> dict:

@@ -171,7 +171,7 @@ class SeaweedS3:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self) -> "SeaweedS3":
+    def start(self) -> SeaweedS3:
         """Start on fresh free ports (retrying if one was grabbed meanwhile) and wait until ready."""
         if self.running:
             return self
@@ -189,7 +189,7 @@ class SeaweedS3:
                 print(f"SeaweedS3: port clash on attempt {attempt}, retrying: {exc}", file=sys.stderr)
         raise AssertionError("unreachable")
 
-    def restart(self) -> "SeaweedS3":
+    def restart(self) -> SeaweedS3:
         """Stop and start again with the same directory and ports: stored data persists."""
         if not self.ports:
             return self.start()
@@ -218,7 +218,7 @@ class SeaweedS3:
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "SeaweedS3":
+    def __enter__(self) -> SeaweedS3:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -322,7 +322,9 @@ class SeaweedS3:
                     f"command: {' '.join(self.command())}\n--- tail of {self.log_path} ---\n{self.log_tail()}"
                 )
             if self._bind_failure():
-                raise SeaweedS3Error(f"weed mini could not bind a port\n--- tail of {self.log_path} ---\n{self.log_tail()}")
+                raise SeaweedS3Error(
+                    f"weed mini could not bind a port\n--- tail of {self.log_path} ---\n{self.log_tail()}"
+                )
             try:
                 probe.list_buckets()
                 if self._storage_ready():
@@ -350,8 +352,12 @@ class SeaweedS3:
 
         try:
             topology = status("master.port", "/dir/status")["Topology"]
-            nodes = [node for center in topology.get("DataCenters") or [] for rack in center.get("Racks") or []
-                     for node in rack.get("DataNodes") or []]
+            nodes = [
+                node
+                for center in topology.get("DataCenters") or []
+                for rack in center.get("Racks") or []
+                for node in rack.get("DataNodes") or []
+            ]
             loaded = len(status("volume.port", "/status").get("Volumes") or [])
         except (OSError, ValueError, KeyError):
             return False
@@ -396,11 +402,16 @@ def _parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(
         prog="python -m resnet_pipeline.devs3",
         description="Run a local S3-compatible server (SeaweedFS `weed mini` on 127.0.0.1) until "
-                    "Ctrl-C or SIGTERM, for development.",
+        "Ctrl-C or SIGTERM, for development.",
     )
     parser.add_argument("--dir", help="data folder, kept on exit (default: a temporary folder, deleted on exit)")
-    parser.add_argument("--bucket", action="append", default=[], metavar="NAME",
-                        help="create this bucket if it does not exist (repeatable)")
+    parser.add_argument(
+        "--bucket",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="create this bucket if it does not exist (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -447,8 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         while server.running:
             time.sleep(0.5)
         code = server.process.returncode if server.process is not None else None
-        print(f"weed mini exited unexpectedly (code {code})\n--- tail of {server.log_path} ---\n"
-              f"{server.log_tail()}", file=sys.stderr)
+        print(
+            f"weed mini exited unexpectedly (code {code})\n--- tail of {server.log_path} ---\n{server.log_tail()}",
+            file=sys.stderr,
+        )
         return 1
     except (KeyboardInterrupt, _Stop):
         print("stopping", file=sys.stderr, flush=True)

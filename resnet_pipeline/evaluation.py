@@ -89,8 +89,10 @@ def tta_views(images: tf.Tensor, mode: str) -> list[tf.Tensor]:
     if mode == "shift":
         size = tf.shape(images)[1:3]
         padded = tf.pad(images, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC")
-        return [images] + [tf.image.crop_to_bounding_box(padded, dy, dx, size[0], size[1])
-                           for dy, dx in ((0, 2), (4, 2), (2, 0), (2, 4))]
+        return [images] + [
+            tf.image.crop_to_bounding_box(padded, dy, dx, size[0], size[1])
+            for dy, dx in ((0, 2), (4, 2), (2, 0), (2, 4))
+        ]
     return [images]
 
 
@@ -131,16 +133,24 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: str | Path) 
     if n <= 50:  # beyond, the counts would not fit in the cells
         threshold = confusion.max() / 2 if confusion.size else 0
         for (i, j), count in np.ndenumerate(confusion):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
-                    color="white" if count > threshold else "black")
+            ax.text(
+                j, i, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black"
+            )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, format="png")
     return path
 
 
-def evaluate(cfg: EvaluateConfig, model_dir: str | Path, shards_dir: str | Path, out_dir: str | Path, *,
-             champion: dict | None = None, manifest_sha256: str | None = None) -> dict:
+def evaluate(
+    cfg: EvaluateConfig,
+    model_dir: str | Path,
+    shards_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    champion: dict | None = None,
+    manifest_sha256: str | None = None,
+) -> dict:
     """Evaluate `model_dir/model.keras` on the test shards; write and return the metrics.
 
     `champion`, the registry's current best as `{"version": N, "test": {...}, "data":
@@ -156,14 +166,20 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, shards_dir: str | Path,
     ds = make_dataset(files, 256, Preprocess.from_train(trained, int(model.input_shape[1])), training=False)
 
     if cfg.tta == "flip" and not trained.random_flip:
-        raise ValueError("evaluate.tta: received 'flip' but the model was trained with train.random_flip: false "
-                         "(mirror images are not valid for this data, e.g. digits); use 'shift' or 'none'")
+        raise ValueError(
+            "evaluate.tta: received 'flip' but the model was trained with train.random_flip: false "
+            "(mirror images are not valid for this data, e.g. digits); use 'shift' or 'none'"
+        )
 
     @tf.function
     def predict(images):  # mean of the softmax over the views, back as log-probabilities
         views = tta_views(images, cfg.tta)
         probs = tf.add_n([tf.nn.softmax(tf.cast(model(v, training=False), tf.float32)) for v in views]) / len(views)
-        return tf.math.log(tf.maximum(probs, 1e-12)) if len(views) > 1 else tf.cast(model(images, training=False), tf.float32)
+        return (
+            tf.math.log(tf.maximum(probs, 1e-12))
+            if len(views) > 1
+            else tf.cast(model(images, training=False), tf.float32)
+        )
 
     logit_batches, label_batches = [], []
     for images, y in ds:
@@ -182,8 +198,14 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, shards_dir: str | Path,
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     scores = per_class_scores(confusion)
-    per_class = [{"class": name, **{m: round(float(scores[m][i]), 6) for m in ("precision", "recall", "f1")},
-                  "support": int(scores["support"][i])} for i, name in enumerate(classes)]
+    per_class = [
+        {
+            "class": name,
+            **{m: round(float(scores[m][i]), 6) for m in ("precision", "recall", "f1")},
+            "support": int(scores["support"][i]),
+        }
+        for i, name in enumerate(classes)
+    ]
     test = {
         "examples": int(len(labels)),
         "loss": round(loss, 6),
@@ -218,8 +240,14 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, shards_dir: str | Path,
     return metrics
 
 
-def intervals(labels: np.ndarray, predicted: np.ndarray, top_k: np.ndarray, logits: np.ndarray, num_classes: int,
-              cfg: EvaluateConfig) -> dict:
+def intervals(
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    top_k: np.ndarray,
+    logits: np.ndarray,
+    num_classes: int,
+    cfg: EvaluateConfig,
+) -> dict:
     """95% intervals of the test figures: Wilson for top-1/top-k, a seeded bootstrap for the others."""
     n = len(labels)
     correct = predicted == labels
@@ -240,19 +268,27 @@ def intervals(labels: np.ndarray, predicted: np.ndarray, top_k: np.ndarray, logi
     if n:
         out["loss"] = dict(zip(("low", "high"), bootstrap_interval(losses, np.mean, **boot)), method="bootstrap")
         for m in ("precision", "recall", "f1"):
-            out[f"macro_{m}"] = dict(zip(("low", "high"), bootstrap_interval(rows, lambda r, m=m: macro(r, m), **boot)),
-                                     method="bootstrap")
-    return {name: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in entry.items()}
-            for name, entry in out.items()}
+            out[f"macro_{m}"] = dict(
+                zip(("low", "high"), bootstrap_interval(rows, lambda r, m=m: macro(r, m), **boot)), method="bootstrap"
+            )
+    return {
+        name: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in entry.items()} for name, entry in out.items()
+    }
 
 
 def record_ids(files: list[str]) -> dict[str, np.ndarray]:
     """`sha256` and `filename` of every record of `files`, in the order `make_dataset(training=False)`
     reads them (the same interleave of the same files)."""
-    features = {"image/sha256": tf.io.FixedLenFeature([], tf.string, default_value=""),
-                "image/filename": tf.io.FixedLenFeature([], tf.string, default_value="")}
+    features = {
+        "image/sha256": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
     ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(4, len(files)), deterministic=True, num_parallel_calls=tf.data.AUTOTUNE)
+        tf.data.TFRecordDataset,
+        cycle_length=min(4, len(files)),
+        deterministic=True,
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
     sha: list[str] = []
     names: list[str] = []
     for batch in ds.batch(1024).map(lambda r: tf.io.parse_example(r, features)):
@@ -267,12 +303,15 @@ def write_predictions(path: Path, ids: dict, labels: np.ndarray, predicted: np.n
     import pyarrow.parquet as pq
 
     probs = tf.nn.softmax(logits, axis=-1).numpy()
-    table = pa.table({
-        "sha256": pa.array(list(ids["sha256"]), pa.string()), "filename": pa.array(list(ids["filename"]), pa.string()),
-        "label": pa.array(labels.astype(np.int32)), "predicted": pa.array(predicted.astype(np.int32)),
-        "correct": pa.array(predicted == labels),
-        "probability": pa.array(probs[np.arange(len(predicted)), predicted].astype(np.float32)),
-    })
+    table = pa.table(
+        {
+            "sha256": pa.array(list(ids["sha256"]), pa.string()),
+            "filename": pa.array(list(ids["filename"]), pa.string()),
+            "label": pa.array(labels.astype(np.int32)),
+            "predicted": pa.array(predicted.astype(np.int32)),
+            "correct": pa.array(predicted == labels),
+            "probability": pa.array(probs[np.arange(len(predicted)), predicted].astype(np.float32)),
+        }
+    )
     pq.write_table(table, path)
     return path
-

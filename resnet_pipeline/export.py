@@ -42,32 +42,42 @@ class ServingModule(tf.Module):
         self.prep = prep
         size = prep.image_size
         self.serve_bytes = tf.function(
-            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]
+        )
         self.serve_images = tf.function(
-            self._serve_images, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
+            self._serve_images, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")]
+        )
 
     def _top_k(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         classes = self.class_names.shape[0]
         logits = tf.cond(  # an empty batch skips the model (its convolutions reject zero images)
             tf.shape(images)[0] > 0,
             lambda: tf.cast(self.model(images, training=False), tf.float32),
-            lambda: tf.zeros([0, classes], tf.float32))
+            lambda: tf.zeros([0, classes], tf.float32),
+        )
         probabilities, ids = tf.math.top_k(tf.nn.softmax(logits, axis=-1), k=self.k)
-        return {"classes": tf.gather(self.class_names, ids), "probabilities": probabilities,
-                "class_ids": tf.cast(ids, tf.int32)}
+        return {
+            "classes": tf.gather(self.class_names, ids),
+            "probabilities": probabilities,
+            "class_ids": tf.cast(ids, tf.int32),
+        }
 
     def _serve_bytes(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         size = self.prep.image_size
-        images = tf.map_fn(lambda encoded: eval_image(encoded, self.prep), image_bytes,
-                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+        images = tf.map_fn(
+            lambda encoded: eval_image(encoded, self.prep),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+        )
         return self._top_k(images)
 
     def _serve_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         return self._top_k(images)
 
 
-def export_saved_model(model: keras.Model, classes: list[str], prep: Preprocess, dest: str | Path,
-                       top_k: int = 5) -> Path:
+def export_saved_model(
+    model: keras.Model, classes: list[str], prep: Preprocess, dest: str | Path, top_k: int = 5
+) -> Path:
     """Write a SavedModel of `model` to `dest` (replaced as a whole), ready for TF Serving; return `dest`."""
     dest = Path(dest)
     if top_k < 1:
@@ -76,8 +86,10 @@ def export_saved_model(model: keras.Model, classes: list[str], prep: Preprocess,
         raise ValueError(f"prep.image_size: received {prep.image_size}; the model takes {model.input_shape[1]}")
     module = ServingModule(model, classes, prep, top_k)
     with recursion_limit():  # tracing ResNet-1202 goes deeper than Python's default limit
-        signatures = {SIGNATURE_BYTES: module.serve_bytes.get_concrete_function(),
-                      SIGNATURE_IMAGES: module.serve_images.get_concrete_function()}
+        signatures = {
+            SIGNATURE_BYTES: module.serve_bytes.get_concrete_function(),
+            SIGNATURE_IMAGES: module.serve_images.get_concrete_function(),
+        }
         # Track the tf.Variables the signatures capture, as keras.export.ExportArchive does: with only the
         # Keras model tracked, TF1-style loaders (TF Serving, `saved_model_cli run`) restore other copies
         # and the graph reads uninitialised variables (keras-team/keras#20095).

@@ -15,7 +15,7 @@ class Paths:
     artifacts: Path
 
     @classmethod
-    def from_config(cls, cfg: Config, root: str | Path = ".") -> "Paths":
+    def from_config(cls, cfg: Config, root: str | Path = ".") -> Paths:
         root = Path(root)
         return cls(root, root / cfg.base.data_dir, root / cfg.base.artifacts_dir)
 

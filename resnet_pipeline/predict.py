@@ -48,12 +48,16 @@ def resolve_model(model: str, registry) -> Path:
     if not is_registry_spec(model):
         path = Path(model)
         if not path.is_dir():
-            raise FileNotFoundError(f"{path}: model folder not found; expected a folder with model.keras, "
-                                    "labels.json and config.yaml, or a registry spec NAME[:VERSION|@ALIAS]")
+            raise FileNotFoundError(
+                f"{path}: model folder not found; expected a folder with model.keras, "
+                "labels.json and config.yaml, or a registry spec NAME[:VERSION|@ALIAS]"
+            )
         return path
     if registry is None:
-        raise FileNotFoundError(f"{model}: no such model folder, and no registry to look the spec up in "
-                                "(pass --registry, or run where params.yaml names register.registry)")
+        raise FileNotFoundError(
+            f"{model}: no such model folder, and no registry to look the spec up in "
+            "(pass --registry, or run where params.yaml names register.registry)"
+        )
     from resnet_pipeline.registry import fetch_model
 
     return Path(fetch_model(model, registry, cache_dir()))
@@ -65,8 +69,10 @@ def model_config(model_dir: str | Path) -> Config:
     for name in CONFIG_FILES:
         if (model_dir / name).exists():
             return config_mod.load(model_dir / name)
-    raise FileNotFoundError(f"{model_dir}: no {' or '.join(CONFIG_FILES)} beside the model; "
-                            "expected a model folder written by the train stage or pulled from the registry")
+    raise FileNotFoundError(
+        f"{model_dir}: no {' or '.join(CONFIG_FILES)} beside the model; "
+        "expected a model folder written by the train stage or pulled from the registry"
+    )
 
 
 def read_image(path: str | Path) -> bytes:
@@ -112,8 +118,7 @@ def predict(model_dir: str | Path, images: list[str | Path], top_k: int | None =
     results = []
     for path, p in zip(images, probabilities):
         best = np.argsort(-p, kind="stable")[:k]
-        results.append({"image": str(path),
-                        "top_k": [{"label": classes[i], "probability": float(p[i])} for i in best]})
+        results.append({"image": str(path), "top_k": [{"label": classes[i], "probability": float(p[i])} for i in best]})
     return results
 
 

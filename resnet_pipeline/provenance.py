@@ -13,7 +13,6 @@ with and its key, and the data by content.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -41,8 +40,10 @@ def _data_stages(cfg: Config, paths: Paths) -> dict[str, dict]:
     for stage in DATA_STAGES:
         record = recorded(stage, cfg, paths)
         if record is None:
-            raise StaleDataError(f"{stage}: its output under {paths.data} carries no stage key; run the "
-                                 f"{stage} stage again before registering (dvc repro, or the flow)")
+            raise StaleDataError(
+                f"{stage}: its output under {paths.data} carries no stage key; run the "
+                f"{stage} stage again before registering (dvc repro, or the flow)"
+            )
         stages[stage] = {"key": record["key"], "params": record.get("params") or {}}
     return stages
 
@@ -55,10 +56,14 @@ def assemble(cfg: Config, paths: Paths) -> dict:
     trained = config_mod.load(paths.model_dir / "config.yaml")
     summary = read_json(paths.model_dir / "train.json", "training summary")
     on = summary.get("data") or {}
-    if on.get("shard_key") != stages["shard"]["key"] or on.get("index_sha256") != sha256_file(paths.shards / "index.json"):
-        raise StaleDataError(f"{paths.model_dir / 'train.json'}: the model was trained on shards "
-                             f"{str(on.get('shard_key'))[:24]}... (index {str(on.get('index_sha256'))[:12]}), but "
-                             f"{paths.shards / 'index.json'} is now {stages['shard']['key'][:24]}...: train again")
+    if on.get("shard_key") != stages["shard"]["key"] or on.get("index_sha256") != sha256_file(
+        paths.shards / "index.json"
+    ):
+        raise StaleDataError(
+            f"{paths.model_dir / 'train.json'}: the model was trained on shards "
+            f"{str(on.get('shard_key'))[:24]}... (index {str(on.get('index_sha256'))[:12]}), but "
+            f"{paths.shards / 'index.json'} is now {stages['shard']['key'][:24]}...: train again"
+        )
     stages["train"] = {"key": stage_key("train", trained, project), "params": stage_params("train", trained, project)}
     for stage in ("evaluate", "register"):
         stages[stage] = {"key": stage_key(stage, cfg, project), "params": stage_params(stage, cfg, project)}
@@ -66,13 +71,18 @@ def assemble(cfg: Config, paths: Paths) -> dict:
     for stage in (*DATA_STAGES, "train", "evaluate", "register"):
         for dotted, value in stages[stage]["params"].items():
             _set(params, dotted, value)
-    data = {"manifest_sha256": sha256_file(paths.manifest), "shards_index_sha256": on["index_sha256"],
-            "stage_keys": {stage: stages[stage]["key"] for stage in DATA_STAGES}}
+    data = {
+        "manifest_sha256": sha256_file(paths.manifest),
+        "shards_index_sha256": on["index_sha256"],
+        "stage_keys": {stage: stages[stage]["key"] for stage in DATA_STAGES},
+    }
     return {"params": params, "stages": stages, "data": data}
 
 
 def params_yaml(params: dict) -> str:
     """The version's params.yaml (from `assemble(...)["params"]`): loadable like params.yaml, with a
     header saying what it is."""
-    return ("# The params each stage of this model ran with (see `stages` in the version's manifest.json)\n"
-            + yaml.safe_dump(params, sort_keys=False))
+    return (
+        "# The params each stage of this model ran with (see `stages` in the version's manifest.json)\n"
+        + yaml.safe_dump(params, sort_keys=False)
+    )

@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ def _try_lock(fd: int) -> bool:
 
 
 @contextmanager
-def folder_lock(folder: str | Path, owner: dict | None = None, wait: float = 0.0,
-                poll: float = 1.0) -> Iterator[dict]:
+def folder_lock(folder: str | Path, owner: dict | None = None, wait: float = 0.0, poll: float = 1.0) -> Iterator[dict]:
     """Hold the lock of `folder` for the block; yield the holder record written into it.
 
     If another live run holds it: wait up to `wait` seconds, then raise FolderLocked naming that run.
@@ -69,14 +68,20 @@ def folder_lock(folder: str | Path, owner: dict | None = None, wait: float = 0.0
     folder.mkdir(parents=True, exist_ok=True)
     folder = folder.resolve()
     path = folder / LOCK_FILE
-    holder = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(owner or {})}
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(owner or {}),
+    }
     with open(path, "a+") as f:
         deadline = time.monotonic() + wait
         while not _try_lock(f.fileno()):
             if time.monotonic() >= deadline:
-                raise FolderLocked(f"{folder}: in use by {describe(_read_holder(f))}; "
-                                   f"only one run at a time may use a folder (lock file {path})")
+                raise FolderLocked(
+                    f"{folder}: in use by {describe(_read_holder(f))}; "
+                    f"only one run at a time may use a folder (lock file {path})"
+                )
             time.sleep(min(poll, max(deadline - time.monotonic(), 0.01)))
         previous = _read_holder(f)
         if previous:  # its process died holding the lock (a clean release empties the file)

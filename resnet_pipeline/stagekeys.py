@@ -50,8 +50,10 @@ def project_dir(root: str | Path = ".") -> Path:
     for candidate in (root, PACKAGE_PROJECT):
         if (candidate / "dvc.yaml").is_file():
             return candidate.resolve()
-    raise FileNotFoundError(f"{root / 'dvc.yaml'}: not found (nor next to the package in {PACKAGE_PROJECT}); "
-                            "stage keys are computed from dvc.yaml")
+    raise FileNotFoundError(
+        f"{root / 'dvc.yaml'}: not found (nor next to the package in {PACKAGE_PROJECT}); "
+        "stage keys are computed from dvc.yaml"
+    )
 
 
 @lru_cache(maxsize=8)
@@ -82,8 +84,9 @@ def _param_value(params: dict, dotted: str) -> Any:
 def tree_sha256(path: Path) -> str:
     """sha256 over the relative names and bytes of a file or of every file of a folder."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files = (
+        [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    )
     for f in files:
         h.update(f.relative_to(path.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
@@ -94,8 +97,9 @@ def stage_params(stage: str, cfg: Config, project: Path) -> dict[str, Any]:
     URLs redacted: these are written into outputs and records (a presigned URL's signature changes
     with every signing, while the archive it names is pinned by its checksum)."""
     params = cfg.to_dict()
-    return redact_values({_name(item): _param_value(params, _name(item))
-                          for item in dvc_stages(project)[stage].get("params", [])})
+    return redact_values(
+        {_name(item): _param_value(params, _name(item)) for item in dvc_stages(project)[stage].get("params", [])}
+    )
 
 
 def stage_key(stage: str, cfg: Config, root: str | Path = ".") -> str:
@@ -149,7 +153,11 @@ def recorded(stage: str, cfg: Config, paths: Paths) -> dict | None:
             record = json.loads(meta[PARQUET_KEY])
         except (OSError, ValueError, KeyError):
             return None
-        if not isinstance(record, dict) or not paths.labels.is_file() or record.get("labels_sha256") != sha256_file(paths.labels):
+        if (
+            not isinstance(record, dict)
+            or not paths.labels.is_file()
+            or record.get("labels_sha256") != sha256_file(paths.labels)
+        ):
             return None  # labels.json is not the one written with this manifest
     elif stage == "shard":
         record = _read_json_file(paths.shards / "index.json")
@@ -178,8 +186,12 @@ def record_key(stage: str, cfg: Config, paths: Paths, index: dict | None = None)
         import pyarrow.parquet as pq
 
         table = pq.read_table(paths.manifest)
-        meta = {**(table.schema.metadata or {}), PARQUET_KEY: json.dumps(
-            {"key": key, "params": params, "labels_sha256": sha256_file(paths.labels)}, sort_keys=True).encode()}
+        meta = {
+            **(table.schema.metadata or {}),
+            PARQUET_KEY: json.dumps(
+                {"key": key, "params": params, "labels_sha256": sha256_file(paths.labels)}, sort_keys=True
+            ).encode(),
+        }
         sink = pa.BufferOutputStream()
         pq.write_table(table.replace_schema_metadata(meta), sink, compression="zstd")
         atomic_write_bytes(paths.manifest, sink.getvalue().to_pybytes())
@@ -200,13 +212,19 @@ def require_current(stages: tuple[str, ...], cfg: Config, paths: Paths) -> dict[
     found = {}
     for stage in stages:
         record, expected = recorded(stage, cfg, paths), stage_key(stage, cfg, paths.root)
-        where = {"download": _complete_marker(cfg, paths), "split": paths.manifest, "shard": paths.shards / "index.json"}[stage]
+        where = {
+            "download": _complete_marker(cfg, paths),
+            "split": paths.manifest,
+            "shard": paths.shards / "index.json",
+        }[stage]
         if record is None:
             log.warning("%s: %s carries no stage key; cannot check it was made from these params", stage, where)
             continue
         if record["key"] != expected:
-            raise StaleDataError(f"{where}: made by {stage} with key {record['key'][:24]}..., but these params and "
-                                 f"code give {expected[:24]}...: another run wrote it; run the {stage} stage "
-                                 f"again (dvc repro, or the flow)")
+            raise StaleDataError(
+                f"{where}: made by {stage} with key {record['key'][:24]}..., but these params and "
+                f"code give {expected[:24]}...: another run wrote it; run the {stage} stage "
+                f"again (dvc repro, or the flow)"
+            )
         found[stage] = record["key"]
     return found

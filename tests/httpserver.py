@@ -23,7 +23,7 @@ _RANGE = re.compile(r"^bytes=(\d+)-$")
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
@@ -83,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    owner: "LoopbackHTTPServer"
+    owner: LoopbackHTTPServer
 
 
 class LoopbackHTTPServer:
@@ -107,7 +107,7 @@ class LoopbackHTTPServer:
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "LoopbackHTTPServer":
+    def start(self) -> LoopbackHTTPServer:
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -123,7 +123,7 @@ class LoopbackHTTPServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "LoopbackHTTPServer":
+    def __enter__(self) -> LoopbackHTTPServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

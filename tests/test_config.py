@@ -80,11 +80,14 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("download, expected", [
-    ({"dataset": "archive", "url": "http://127.0.0.1/x.tar"}, "download.sha256: required for dataset 'archive'"),
-    ({"dataset": "archive", "sha256": "0" * 64}, "download.url: required for dataset 'archive'"),
-    ({"dataset": "imagefolder"}, "download.path: required for dataset 'imagefolder'"),
-])
+@pytest.mark.parametrize(
+    "download, expected",
+    [
+        ({"dataset": "archive", "url": "http://127.0.0.1/x.tar"}, "download.sha256: required for dataset 'archive'"),
+        ({"dataset": "archive", "sha256": "0" * 64}, "download.url: required for dataset 'archive'"),
+        ({"dataset": "imagefolder"}, "download.path: required for dataset 'imagefolder'"),
+    ],
+)
 def test_sources_require_their_keys(download, expected):
     with pytest.raises(ConfigError, match=expected):
         from_dict({"download": download})
@@ -251,8 +254,12 @@ def test_unknown_key_message_names_the_value(tmp_path, repo_root):
 
 # --- finite numbers and bounds for every float and count (issue 15) --------------------------
 
-_NUMERIC = [(group.name, f) for group in _dc.fields(Config) for f in _dc.fields(type(getattr(Config(), group.name)))
-            if f.type in ("int", "float")]
+_NUMERIC = [
+    (group.name, f)
+    for group in _dc.fields(Config)
+    for f in _dc.fields(type(getattr(Config(), group.name)))
+    if f.type in ("int", "float")
+]
 
 
 @pytest.mark.parametrize("group, f", _NUMERIC, ids=[f"{g}.{f.name}" for g, f in _NUMERIC])
@@ -275,24 +282,40 @@ def test_nan_and_inf_are_refused_naming_the_key(group, key, value):
         from_dict(raw)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("mean", [0.5, float("nan"), 0.5]), ("std", [1.0, float("inf"), 1.0]),
-    ("lr_decay_at", [30, float("inf")]), ("lr_decay_at", [float("nan")]),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("mean", [0.5, float("nan"), 0.5]),
+        ("std", [1.0, float("inf"), 1.0]),
+        ("lr_decay_at", [30, float("inf")]),
+        ("lr_decay_at", [float("nan")]),
+    ],
+)
 def test_nan_and_inf_in_lists_are_refused(key, value):
-    train = {key: value, "lr_schedule": "step", "lr_decay_at": [30]} if key != "lr_decay_at" else {
-        key: value, "lr_schedule": "step"}
+    train = (
+        {key: value, "lr_schedule": "step", "lr_decay_at": [30]}
+        if key != "lr_decay_at"
+        else {key: value, "lr_schedule": "step"}
+    )
     with pytest.raises(ConfigError, match=rf"train\.{key}: .*finite numbers"):
         from_dict({"train": train})
 
 
-@pytest.mark.parametrize("group, key, value, allowed", [
-    ("download", "retries", 101, "<= 100"), ("download", "retries", 10**12, "<= 100"),
-    ("download", "max_members", 0, ">= 1"), ("download", "max_ratio", 0.5, ">= 1.0"),
-    ("download", "max_extract_gb", 0, "> 0.0"), ("download", "s3_workers", 1000, "<= 256"),
-    ("shard", "workers", 10**6, "<= 1024"), ("train", "epochs", 10**9, "<= 1000000"),
-    ("base", "seed", -1, ">= 0"), ("base", "seed", 2**40, "<= 4294967295"),
-])
+@pytest.mark.parametrize(
+    "group, key, value, allowed",
+    [
+        ("download", "retries", 101, "<= 100"),
+        ("download", "retries", 10**12, "<= 100"),
+        ("download", "max_members", 0, ">= 1"),
+        ("download", "max_ratio", 0.5, ">= 1.0"),
+        ("download", "max_extract_gb", 0, "> 0.0"),
+        ("download", "s3_workers", 1000, "<= 256"),
+        ("shard", "workers", 10**6, "<= 1024"),
+        ("train", "epochs", 10**9, "<= 1000000"),
+        ("base", "seed", -1, ">= 0"),
+        ("base", "seed", 2**40, "<= 4294967295"),
+    ],
+)
 def test_counts_out_of_bounds_name_the_key_and_the_bound(group, key, value, allowed):
     with pytest.raises(ConfigError) as err:
         from_dict({group: {key: value}})

@@ -31,8 +31,17 @@ from tests.project import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "prefect.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore",
-                 "pyproject.toml", "resnet_pipeline", "flows"]
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "prefect.yaml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".gitignore",
+    "pyproject.toml",
+    "resnet_pipeline",
+    "flows",
+]
 POOL = "resnet-gpu"
 DATA_TASKS = ("download", "split", "shard")
 
@@ -40,8 +49,9 @@ DATA_TASKS = ("download", "split", "shard")
 def _api(base: str, method: str, path: str, body: dict | None = None):
     data = None if body is None else json.dumps(body).encode()
     for attempt in range(5):  # the SQLite-backed server answers 503 now and then on a busy machine
-        request = urllib.request.Request(base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 text = response.read()
@@ -70,8 +80,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _start_server(home: Path, port: int, env: dict) -> tuple[subprocess.Popen, object]:
     log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 180
     while True:
@@ -91,8 +106,13 @@ def prefect_server(tmp_path_factory):
     """A Prefect server on a free loopback port with its own PREFECT_HOME (SQLite)."""
     home = tmp_path_factory.mktemp("prefect-home")
     (port,) = free_ports(1)
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false", PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+    )
     proc, log = _start_server(home, port, env)
     try:
         yield {"base": f"http://127.0.0.1:{port}/api", "env": env, "home": home}
@@ -109,11 +129,18 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
     copy_project(origin, PROJECT_FILES)
     workdir = tmp_path_factory.mktemp("worker")
     bucket = s3_server.make_bucket(f"deploy-{uuid.uuid4().hex[:12]}")
-    env = dict(prefect_server["env"], RESNET_PIPELINE_REPO=str(origin), RESNET_PIPELINE_WORKDIR=str(workdir),
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
-               AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
-               AWS_DEFAULT_REGION=s3_server.region, AWS_ENDPOINT_URL=s3_server.endpoint_url,
-               AWS_EC2_METADATA_DISABLED="true")
+    env = dict(
+        prefect_server["env"],
+        RESNET_PIPELINE_REPO=str(origin),
+        RESNET_PIPELINE_WORKDIR=str(workdir),
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        AWS_ACCESS_KEY_ID=s3_server.access_key,
+        AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
+        AWS_DEFAULT_REGION=s3_server.region,
+        AWS_ENDPOINT_URL=s3_server.endpoint_url,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     _run(["git", "init", "-q", "-b", "main"], origin, env)
     _run(["git", "add", "-A"], origin, env)
@@ -121,11 +148,23 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
     _run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"], origin, env)
     deploy = _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], origin, env, timeout=600)
     worker_log = open(workdir.parent / f"{workdir.name}-worker.log", "w")
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
-                              cwd=workdir, env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
+        cwd=workdir,
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        yield {"base": prefect_server["base"], "registry": f"s3://{bucket}/registry", "workdir": workdir,
-               "deploy_output": deploy.stdout, "worker_log": Path(worker_log.name), "env": env}
+        yield {
+            "base": prefect_server["base"],
+            "registry": f"s3://{bucket}/registry",
+            "workdir": workdir,
+            "deploy_output": deploy.stdout,
+            "worker_log": Path(worker_log.name),
+            "env": env,
+        }
     finally:
         _stop(worker)
         worker_log.close()
@@ -137,8 +176,9 @@ def _deployment(base: str, name: str) -> dict:
 
 def _trigger(deployed: dict, parameters: dict, name: str = "nightly") -> str:
     deployment = _deployment(deployed["base"], name)
-    return _api(deployed["base"], "POST", f"/deployments/{deployment['id']}/create_flow_run",
-                {"parameters": parameters})["id"]
+    return _api(
+        deployed["base"], "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters}
+    )["id"]
 
 
 def _wait(deployed: dict, run_id: str, expect: str = "COMPLETED", timeout: float = 900) -> dict:
@@ -148,12 +188,15 @@ def _wait(deployed: dict, run_id: str, expect: str = "COMPLETED", timeout: float
         if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
         if time.monotonic() > deadline:
-            pytest.fail(f"flow run {run_id} still {run['state']['type']} after {timeout} s:\n"
-                        f"{deployed['worker_log'].read_text()[-4000:]}")
+            pytest.fail(
+                f"flow run {run_id} still {run['state']['type']} after {timeout} s:\n"
+                f"{deployed['worker_log'].read_text()[-4000:]}"
+            )
         time.sleep(1)
     assert run["state"]["type"] == expect, (
         f"{run['state']}\n--- flow run log ---\n{_flow_logs(base, run_id)[-8000:]}"
-        f"\n--- worker log ---\n{deployed['worker_log'].read_text()[-3000:]}")
+        f"\n--- worker log ---\n{deployed['worker_log'].read_text()[-3000:]}"
+    )
     return run
 
 
@@ -162,8 +205,12 @@ def _trigger_and_wait(deployed: dict, parameters: dict, name: str = "nightly") -
 
 
 def _flow_logs(base: str, flow_run_id: str) -> str:
-    logs = _api(base, "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200,
-                                                "sort": "TIMESTAMP_ASC"})
+    logs = _api(
+        base,
+        "POST",
+        "/logs/filter",
+        {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "sort": "TIMESTAMP_ASC"},
+    )
     return "\n".join(f"{entry['level']} {entry['message']}" for entry in logs)
 
 
@@ -186,8 +233,13 @@ def _overrides(deployed: dict, **more) -> dict:
 def _registry(deployed: dict, s3_server):
     from resnet_pipeline.registry import open_registry
 
-    return open_registry(deployed["registry"], endpoint_url=s3_server.endpoint_url, region=s3_server.region,
-                         access_key=s3_server.access_key, secret_key=s3_server.secret_key)
+    return open_registry(
+        deployed["registry"],
+        endpoint_url=s3_server.endpoint_url,
+        region=s3_server.region,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+    )
 
 
 def test_deploy_creates_both_deployments_with_schedules_on_the_pool(deployed):
@@ -224,17 +276,26 @@ def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, s3_se
     first = _trigger_and_wait(deployed, {"overrides": _overrides(deployed)})
     states = _task_states(base, first["id"])
     assert {t: states.get(t) for t in (*DATA_TASKS, "train", "evaluate", "register")} == {
-        t: {"Completed"} for t in (*DATA_TASKS, "train", "evaluate", "register")}, states
+        t: {"Completed"} for t in (*DATA_TASKS, "train", "evaluate", "register")
+    }, states
     assert states.get("write-shard") == {"Completed"}, "the shard writing is mapped over tasks"
     assert registry.versions("resnet-digits") == [1]
     assert registry.aliases("resnet-digits") == {"champion": 1}
     logs = _flow_logs(base, first["id"])  # the resnet_pipeline loggers reach the run's log
-    for line in ("download: wrote 1797 files of digits", "split: ", "shard: ", "outputs carry key shard-",
-                 "train: starting", "holding "):
+    for line in (
+        "download: wrote 1797 files of digits",
+        "split: ",
+        "shard: ",
+        "outputs carry key shard-",
+        "train: starting",
+        "holding ",
+    ):
         assert line in logs, line
 
-    by_key = {a["key"]: a for a in _api(base, "POST", "/artifacts/filter",
-                                         {"artifacts": {"flow_run_id": {"any_": [first["id"]]}}})}
+    by_key = {
+        a["key"]: a
+        for a in _api(base, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]}}})
+    }
     report = by_key["resnet-report"]["data"]
     assert "resnet-digits:1" in report and "Gate: promoted to `champion`" in report
     assert f"{deployed['registry']}/models/resnet-digits/versions/1/" in report
@@ -242,8 +303,16 @@ def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, s3_se
     assert len(json.loads(by_key["resnet-per-class"]["data"])) == 10  # ten digit classes
 
     pets = small_image_folder(tmp_path_factory.mktemp("pets"), per_class=30)
-    other = _trigger_and_wait(deployed, {"dataset": "imagefolder", "overrides": _overrides(
-        deployed, **{"download.path": str(pets), "register.model_name": "resnet-pets", "train.global_batch_size": 16})})
+    other = _trigger_and_wait(
+        deployed,
+        {
+            "dataset": "imagefolder",
+            "overrides": _overrides(
+                deployed,
+                **{"download.path": str(pets), "register.model_name": "resnet-pets", "train.global_batch_size": 16},
+            ),
+        },
+    )
     states = _task_states(base, other["id"])
     assert {t: states.get(t) for t in DATA_TASKS} == {t: {"Completed"} for t in DATA_TASKS}, states
     assert _labels(registry, "resnet-pets:1") == ["cat", "dog"]
@@ -251,8 +320,11 @@ def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, s3_se
     third = _trigger_and_wait(deployed, {"overrides": _overrides(deployed)})
     states = _task_states(base, third["id"])
     # raw/digits is still the digits' (its .complete carries the key); manifest and shards are the pets'
-    assert {t: states.get(t) for t in DATA_TASKS} == {"download": {"Cached"}, "split": {"Completed"},
-                                                       "shard": {"Completed"}}, states
+    assert {t: states.get(t) for t in DATA_TASKS} == {
+        "download": {"Cached"},
+        "split": {"Completed"},
+        "shard": {"Completed"},
+    }, states
     assert registry.versions("resnet-digits") == [1, 2]
     assert _labels(registry, "resnet-digits:2") == [str(d) for d in range(10)]
     one, two = registry.manifest("resnet-digits:1"), registry.manifest("resnet-digits:2")
@@ -272,7 +344,8 @@ def test_a_run_on_a_held_folder_fails_at_once_naming_the_holder(deployed):
         run = _wait(deployed, _trigger(deployed, {"overrides": _overrides(deployed)}), expect="FAILED")
     started = _api(deployed["base"], "GET", f"/flow_runs/{run['id']}")
     assert "in use by test-holder (flow run held-by-the-test)" in run["state"]["message"] + _flow_logs(
-        deployed["base"], run["id"]), run["state"]
+        deployed["base"], run["id"]
+    ), run["state"]
     assert _task_runs(deployed["base"], run["id"]) == {}, "no stage ran"
     assert started["total_run_time"] < 30
 
@@ -305,9 +378,17 @@ def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, s3_serv
     base, registry = deployed["base"], _registry(deployed, s3_server)
     before = registry.versions("resnet-digits")
     clean = registry.manifest(f"resnet-digits:{before[-1]}")["data"]
-    runs = {_trigger(deployed, {"overrides": _overrides(deployed, **{
-        "train.epochs": 2, "train.global_batch_size": 32, "train.label_smoothing": smoothing})}): smoothing
-        for smoothing in (0.1, 0.2)}
+    runs = {
+        _trigger(
+            deployed,
+            {
+                "overrides": _overrides(
+                    deployed, **{"train.epochs": 2, "train.global_batch_size": 32, "train.label_smoothing": smoothing}
+                )
+            },
+        ): smoothing
+        for smoothing in (0.1, 0.2)
+    }
     deadline, target = time.monotonic() + 600, None
     while target is None:
         for run_id in runs:
@@ -335,7 +416,7 @@ def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, s3_serv
     versions = {registry.manifest(f"resnet-digits:{v}")["params"]["train"]["label_smoothing"]: v for v in after[-2:]}
     assert set(versions) == {0.1, 0.2}
     models = set()
-    for smoothing, version in versions.items():
+    for version in versions.values():
         manifest = registry.manifest(f"resnet-digits:{version}")
         assert manifest["data"] == clean, "trained on the shards of a clean run (index and manifest sha256)"
         assert manifest["labels"] == [str(d) for d in range(10)]
@@ -352,9 +433,19 @@ def test_the_weekly_deployment_registers_under_its_own_name_in_its_own_folder(de
     weekly = _deployment(deployed["base"], "cifar10-weekly")["parameters"]
     pets = small_image_folder(tmp_path_factory.mktemp("weekly-pets"), per_class=30)
     # CIFAR-10 itself is on the internet: the weekly recipe on a small local folder, briefly
-    _trigger_and_wait(deployed, {**weekly, "dataset": "imagefolder", "depth": 20, "overrides": {
-        **weekly["overrides"], **_overrides(deployed, **{"download.path": str(pets), "train.global_batch_size": 16})}},
-        name="cifar10-weekly")
+    _trigger_and_wait(
+        deployed,
+        {
+            **weekly,
+            "dataset": "imagefolder",
+            "depth": 20,
+            "overrides": {
+                **weekly["overrides"],
+                **_overrides(deployed, **{"download.path": str(pets), "train.global_batch_size": 16}),
+            },
+        },
+        name="cifar10-weekly",
+    )
     assert registry.versions("resnet56-cifar10") == [1]
     assert registry.manifest("resnet56-cifar10:1")["params"]["train"]["lr_decay_at"] == [32000, 48000]
     assert (deployed["workdir"] / "cifar10-weekly/data/raw/imagefolder/.complete").is_file()

@@ -23,8 +23,16 @@ from tests.project import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".gitignore",
-                 "resnet_pipeline", "flows"]
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvc/plots",
+    ".gitignore",
+    "resnet_pipeline",
+    "flows",
+]
 STAGES = ("download", "split", "shard", "train", "evaluate", "register")
 
 
@@ -75,11 +83,20 @@ def test_dvc_repro_writes_every_stage_and_registers_version_1(dvc_project: Path)
     assert sorted(p.name for p in versions.iterdir()) == ["1"]
     manifest = json.loads((versions / "1/manifest.json").read_text())
     files = set(manifest["files"])  # the SavedModel is a folder: its files are listed one by one
-    assert {f.split("/")[0] for f in files} == {"model.keras", "saved_model", "params.yaml", "labels.json", "metrics.json"}
+    assert {f.split("/")[0] for f in files} == {
+        "model.keras",
+        "saved_model",
+        "params.yaml",
+        "labels.json",
+        "metrics.json",
+    }
     assert "saved_model/saved_model.pb" in files
     assert (dvc_project / "artifacts/model/saved_model/saved_model.pb").exists()
     metrics = json.loads((dvc_project / "artifacts/eval/metrics.json").read_text())
-    assert metrics["test"]["examples"] == json.loads((dvc_project / "data/shards/index.json").read_text())["splits"]["test"]["records"]
+    assert (
+        metrics["test"]["examples"]
+        == json.loads((dvc_project / "data/shards/index.json").read_text())["splits"]["test"]["records"]
+    )
 
 
 def test_dvc_repro_again_runs_nothing_and_train_param_reruns_only_downstream(dvc_project: Path):
@@ -133,7 +150,15 @@ def test_prefect_flow_writes_the_same_manifest_and_shards_as_dvc(dvc_project: Pa
 
 
 def _train_cmd(extra: list[str]) -> list[str]:
-    return [str(BIN / "resnet-pipeline"), "train", "--set", "train.epochs=3", "--set", "train.checkpoint_every_steps=4", *extra]
+    return [
+        str(BIN / "resnet-pipeline"),
+        "train",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.checkpoint_every_steps=4",
+        *extra,
+    ]
 
 
 def test_training_killed_midway_resumes_and_ends_with_the_same_steps(dvc_project: Path, tmp_path: Path):
@@ -148,7 +173,9 @@ def test_training_killed_midway_resumes_and_ends_with_the_same_steps(dvc_project
     reference = json.loads((work / "reference/model/train.json").read_text())
     assert reference["steps"] == 3 * reference["steps_per_epoch"]
 
-    proc = subprocess.Popen(_train_cmd([]), cwd=work, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _train_cmd([]), cwd=work, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     ckpt_root = work / "artifacts/checkpoints"
     deadline = time.monotonic() + 300
     target = random.randint(2, 5)  # kill after this many checkpoints exist: a random step, always midway
@@ -177,7 +204,9 @@ def test_training_killed_midway_resumes_and_ends_with_the_same_steps(dvc_project
 # virtual-host/path addressing of s3fs works against an `http://127.0.0.1:<port>` endpoint.
 
 
-def test_dvc_push_and_pull_through_s3_restore_data_and_model_byte_for_byte(dvc_project: Path, s3_server, tmp_path: Path):
+def test_dvc_push_and_pull_through_s3_restore_data_and_model_byte_for_byte(
+    dvc_project: Path, s3_server, tmp_path: Path
+):
     dvc, project = str(BIN / "dvc"), dvc_project
     bucket = s3_server.make_bucket("dvc-e2e-roundtrip")
     outs = _cached_outs(project)
@@ -200,7 +229,9 @@ def test_dvc_push_and_pull_through_s3_restore_data_and_model_byte_for_byte(dvc_p
         assert "pushed" in pushed.stdout, pushed.stdout
         keys = _bucket_keys(s3_server.client(), bucket)
         # DVC 3 stores every file under dvc/files/md5/<2 hex>/<30 hex>: each tracked file must be there
-        missing = {p for p, md5 in _md5_of_outs(project, outs).items() if f"dvc/files/md5/{md5[:2]}/{md5[2:]}" not in keys}
+        missing = {
+            p for p, md5 in _md5_of_outs(project, outs).items() if f"dvc/files/md5/{md5[:2]}/{md5[2:]}" not in keys
+        }
         assert not missing, f"not in s3://{bucket}: {sorted(missing)[:10]}"
         assert any(k.endswith(".dir") for k in keys)  # the directory listings (data/raw, data/shards, ...)
 
@@ -245,13 +276,17 @@ def test_dvc_push_to_a_missing_s3_bucket_fails_with_no_such_bucket(s3_server, tm
     ok = subprocess.run([dvc, "push", "-r", "good"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and "2 files pushed" in ok.stdout  # x.bin + the .dir listing, ok.stdout + ok.stderr
 
-    bad = subprocess.run([dvc, "push", "-r", "missing"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [dvc, "push", "-r", "missing"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode != 0, bad.stdout + bad.stderr
     # DVC 3.67 / s3fs print the S3 error, not the bucket's name (the name only shows with `dvc push -v`):
     #   ERROR: unexpected error - The specified bucket does not exist: An error occurred (NoSuchBucket)
     #   when calling the ListObjectsV2 operation: The specified bucket does not exist
     assert "NoSuchBucket" in bad.stderr and "The specified bucket does not exist" in bad.stderr, bad.stderr
-    verbose = subprocess.run([dvc, "push", "-v", "-r", "missing"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    verbose = subprocess.run(
+        [dvc, "push", "-v", "-r", "missing"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
     assert verbose.returncode != 0 and "dvc-e2e-no-such-bucket" in verbose.stdout + verbose.stderr
 
 
@@ -296,8 +331,18 @@ def _bucket_keys(client, bucket: str) -> set[str]:
 def test_dvc_plots_are_each_defined_once_with_their_axes(dvc_project: Path):
     shown = json.loads(_run([str(BIN / "dvc"), "plots", "show", "--json"], dvc_project).stdout)
     assert not shown.get("errors"), shown["errors"]
-    assert sorted(shown["data"]) == sorted(["loss", "accuracy", "step-loss", "learning-rate", "confusion", "per-class-f1",
-                                            "artifacts/model/curves.png", "artifacts/eval/confusion.png"])
+    assert sorted(shown["data"]) == sorted(
+        [
+            "loss",
+            "accuracy",
+            "step-loss",
+            "learning-rate",
+            "confusion",
+            "per-class-f1",
+            "artifacts/model/curves.png",
+            "artifacts/eval/confusion.png",
+        ]
+    )
     assert all(len(renders) == 1 for renders in shown["data"].values()), {k: len(v) for k, v in shown["data"].items()}
     encoding = {name: shown["data"][name][0]["content"]["encoding"] for name in ("loss", "step-loss", "per-class-f1")}
     assert encoding["loss"]["x"]["field"] == "epoch" and encoding["loss"]["y"]["scale"] == {"type": "log"}
@@ -322,10 +367,20 @@ def test_dvc_artifacts_get_from_a_fresh_clone_fetches_the_model(dvc_project: Pat
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", str(dvc_project), str(clone)], tmp_path)
     assert not (clone / "artifacts").exists() and not (clone / ".dvc/cache").exists()
-    env_identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                    "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run([str(BIN / "gto"), "register", "resnet-classifier", "--version", "v1.0.0"], cwd=clone,
-                          env={**_env(), **env_identity}, capture_output=True, text=True, timeout=120)
+    env_identity = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    proc = subprocess.run(
+        [str(BIN / "gto"), "register", "resnet-classifier", "--version", "v1.0.0"],
+        cwd=clone,
+        env={**_env(), **env_identity},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     _run([dvc, "remote", "modify", "--local", "local", "url", str(remote)], clone)
     lock = yaml.safe_load(_run(["git", "show", "HEAD:dvc.lock"], clone).stdout)  # what the clone checks out
@@ -334,8 +389,12 @@ def test_dvc_artifacts_get_from_a_fresh_clone_fetches_the_model(dvc_project: Pat
     got = _run([dvc, "artifacts", "get", str(clone), "resnet-classifier", "-o", "model"], tmp_path)
     assert "Downloaded" in got.stdout + got.stderr
     model = tmp_path / "model"
-    assert {p.relative_to(model).as_posix() for p in model.iterdir()} >= {"model.keras", "saved_model", "labels.json",
-                                                                          "config.yaml"}
+    assert {p.relative_to(model).as_posix() for p in model.iterdir()} >= {
+        "model.keras",
+        "saved_model",
+        "labels.json",
+        "config.yaml",
+    }
     import hashlib
 
     for name in ("model.keras", "labels.json", "config.yaml"):

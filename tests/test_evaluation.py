@@ -59,8 +59,11 @@ def test_confusion_csv_has_one_row_per_test_example(evaluated, digits_data):
     assert all(len(r) == 2 and r[0] in classes and r[1] in classes for r in rows)
     from resnet_pipeline.data.split import read_manifest
 
-    expected = collections.Counter(r["label_name"] for r in read_manifest(digits_data.manifest).to_pylist()
-                                   if r["split"] == "test" and r["status"] == "ok")
+    expected = collections.Counter(
+        r["label_name"]
+        for r in read_manifest(digits_data.manifest).to_pylist()
+        if r["split"] == "test" and r["status"] == "ok"
+    )
     assert collections.Counter(r[0] for r in rows) == expected
     top1 = sum(a == p for a, p in rows) / len(rows)
     assert top1 == pytest.approx(evaluated["metrics"]["test"]["top1"], abs=1e-6)
@@ -130,11 +133,19 @@ def test_champion_comparison(evaluated, digits_data, tmp_path, same_split):
     from resnet_pipeline.fileio import sha256_file
 
     sha = sha256_file(digits_data.manifest)
-    champion = {"version": 4, "test": {"examples": 150, "loss": 0.5, "top1": 0.75, "top3": 0.9, "macro_f1": 0.7,
-                                       "top5": 0.99},
-                "data": {"manifest_sha256": sha if same_split else "0" * 64}}
-    metrics = evaluate(EvaluateConfig(top_k=3), evaluated["out"].parent / "model", digits_data.shards, tmp_path,
-                       champion=champion, manifest_sha256=sha)
+    champion = {
+        "version": 4,
+        "test": {"examples": 150, "loss": 0.5, "top1": 0.75, "top3": 0.9, "macro_f1": 0.7, "top5": 0.99},
+        "data": {"manifest_sha256": sha if same_split else "0" * 64},
+    }
+    metrics = evaluate(
+        EvaluateConfig(top_k=3),
+        evaluated["out"].parent / "model",
+        digits_data.shards,
+        tmp_path,
+        champion=champion,
+        manifest_sha256=sha,
+    )
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert metrics["data"] == {"manifest_sha256": sha}
     compared = metrics["champion"]

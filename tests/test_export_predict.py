@@ -38,8 +38,9 @@ def model_dir(digits_data, tmp_path_factory) -> Path:
     prep = Preprocess.from_train(cfg.train)
     files, _ = shard_files(digits_data.shards, "train")
     model = build_resnet(20, num_classes=10)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(make_dataset(files, 32, prep, training=True, seed=0).take(30), verbose=0)
     classes = json.loads(digits_data.labels.read_text())["classes"]
     out = tmp_path_factory.mktemp("export") / "model"
@@ -92,8 +93,9 @@ print(json.dumps({
 
 
 def _python(script: str, *args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -112,9 +114,11 @@ def _predict_json(capsys, *args) -> list[dict]:
 def test_saved_model_signature_names_and_dtypes(served):
     assert served["signatures"] == ["serving_default", "serving_images"]
     assert served["inputs"] == {"image_bytes": ["string", [None]]}
-    assert served["outputs"] == {"classes": ["string", [None, TOP_K]],
-                                 "probabilities": ["float32", [None, TOP_K]],
-                                 "class_ids": ["int32", [None, TOP_K]]}
+    assert served["outputs"] == {
+        "classes": ["string", [None, TOP_K]],
+        "probabilities": ["float32", [None, TOP_K]],
+        "class_ids": ["int32", [None, TOP_K]],
+    }
 
 
 def test_saved_model_agrees_with_predict(served, model_dir, images, capsys):
@@ -130,9 +134,22 @@ def test_saved_model_agrees_with_predict(served, model_dir, images, capsys):
 
 
 def test_saved_model_is_served_by_saved_model_cli(model_dir):
-    proc = subprocess.run([str(BIN / "saved_model_cli"), "show", "--dir", str(model_dir / "saved_model"),
-                           "--tag_set", "serve", "--signature_def", "serving_default"],
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    proc = subprocess.run(
+        [
+            str(BIN / "saved_model_cli"),
+            "show",
+            "--dir",
+            str(model_dir / "saved_model"),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "inputs['image_bytes']" in proc.stdout and "DT_STRING" in proc.stdout
     for name in ("classes", "probabilities", "class_ids"):
@@ -215,9 +232,13 @@ def test_predict_reads_a_pulled_registry_folder(model_dir, images, tmp_path, cap
 
 
 def test_predict_as_a_command(model_dir, images):
-    proc = subprocess.run([str(BIN / "resnet-pipeline"), "predict", "--model", str(model_dir), "--json",
-                           "--top-k", "1", str(images[-1])], capture_output=True, text=True, timeout=300,
-                          env=ENV)
+    proc = subprocess.run(
+        [str(BIN / "resnet-pipeline"), "predict", "--model", str(model_dir), "--json", "--top-k", "1", str(images[-1])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     [result] = json.loads(proc.stdout)
     assert result["image"] == str(images[-1]) and len(result["top_k"]) == 1
@@ -258,16 +279,20 @@ def registry(model_dir, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("registry")
     reg = LocalRegistry(root)
-    files = {"model.keras": model_dir / "model.keras", "params.yaml": model_dir / "config.yaml",
-             "labels.json": model_dir / "labels.json"}
+    files = {
+        "model.keras": model_dir / "model.keras",
+        "params.yaml": model_dir / "config.yaml",
+        "labels.json": model_dir / "labels.json",
+    }
     assert [reg.register("digits", files), reg.register("digits", files)] == [1, 2]
     reg.promote("digits", 1, "champion")
     return root
 
 
 @pytest.mark.parametrize("spec, version", [("digits@champion", 1), ("digits:2", 2), ("digits", 2)])
-def test_predict_pulls_a_registry_spec_into_the_cache(spec, version, registry, model_dir, images, tmp_path,
-                                                      monkeypatch, capsys):
+def test_predict_pulls_a_registry_spec_into_the_cache(
+    spec, version, registry, model_dir, images, tmp_path, monkeypatch, capsys
+):
     cache = tmp_path / "cache"
     monkeypatch.setenv("RESNET_PIPELINE_CACHE", str(cache))
     theirs = _predict_json(capsys, "--model", spec, "--registry", registry, images[0])

@@ -18,8 +18,7 @@ from resnet_pipeline import cli
 from resnet_pipeline import config as config_mod
 from resnet_pipeline.paths import Paths
 from resnet_pipeline.runlock import LOCK_FILE, FolderLocked, folder_lock
-from resnet_pipeline.stagekeys import (DATA_STAGES, StaleDataError, is_current, recorded, require_current,
-                                       stage_key)
+from resnet_pipeline.stagekeys import DATA_STAGES, StaleDataError, is_current, recorded, require_current, stage_key
 from tests.data.test_data_stages import small_image_folder
 from tests.project import copy_project
 
@@ -27,8 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(folder: Path, **overrides):
-    return config_mod.load(REPO / "params.yaml", {"download.dataset": "imagefolder", "download.path": str(folder),
-                                                  "shard.workers": 1, **overrides})
+    return config_mod.load(
+        REPO / "params.yaml",
+        {"download.dataset": "imagefolder", "download.path": str(folder), "shard.workers": 1, **overrides},
+    )
 
 
 @pytest.fixture()
@@ -48,7 +49,9 @@ def test_each_data_stage_records_its_key_and_params_inside_its_output(made):
         found = recorded(stage, cfg, paths)
         assert found["key"] == stage_key(stage, cfg, paths.root), stage
         assert is_current(stage, cfg, paths)
-    assert json.loads((paths.raw / "imagefolder/.complete").read_text())["params"]["download"]["dataset"] == "imagefolder"
+    assert (
+        json.loads((paths.raw / "imagefolder/.complete").read_text())["params"]["download"]["dataset"] == "imagefolder"
+    )
     import pyarrow.parquet as pq
 
     meta = json.loads(pq.read_schema(paths.manifest).metadata[b"resnet_pipeline.stage"])
@@ -122,8 +125,9 @@ with folder_lock(sys.argv[1], {"flow_run_name": "holder-run", "flow_run_id": "12
 
 
 def _holder(folder: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
-                            cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -177,8 +181,11 @@ def test_provenance_takes_each_stages_params_from_its_own_record(made):
     paths.model_dir.mkdir(parents=True)
     (paths.model_dir / "config.yaml").write_text(trained.to_yaml())
     index = json.loads((paths.shards / "index.json").read_text())
-    (paths.model_dir / "train.json").write_text(json.dumps(
-        {"data": {"index_sha256": sha256_file(paths.shards / "index.json"), "shard_key": index["stage_key"]}}))
+    (paths.model_dir / "train.json").write_text(
+        json.dumps(
+            {"data": {"index_sha256": sha256_file(paths.shards / "index.json"), "shard_key": index["stage_key"]}}
+        )
+    )
     now = _cfg(folder, **{"train.lr": 0.2, "register.min_improvement": 0.01, "shard.workers": 3})
     record = assemble(now, paths)
     assert record["params"]["train"]["lr"] == 0.05  # what train ran with, not this run's params

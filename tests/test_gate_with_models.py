@@ -30,9 +30,13 @@ def _train(digits_data, root: Path, *, epochs: int, seed: int) -> dict:
     from resnet_pipeline.training.loop import train
 
     cfg = Config()
-    cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, seed=seed),
-                              train=dataclasses.replace(cfg.train, epochs=epochs, checkpoint_every_steps=1000,
-                                                        lr_schedule="onecycle", label_smoothing=0.1))
+    cfg = dataclasses.replace(
+        cfg,
+        base=dataclasses.replace(cfg.base, seed=seed),
+        train=dataclasses.replace(
+            cfg.train, epochs=epochs, checkpoint_every_steps=1000, lr_schedule="onecycle", label_smoothing=0.1
+        ),
+    )
     model_dir, eval_dir = root / "model", root / "eval"
     train(cfg.train, cfg, digits_data.shards, digits_data.labels, model_dir, root / "checkpoints")
     metrics = evaluate(EvaluateConfig(), model_dir, digits_data.shards, eval_dir, manifest_sha256="m" * 64)
@@ -43,9 +47,11 @@ def _train(digits_data, root: Path, *, epochs: int, seed: int) -> dict:
 def models(digits_data, tmp_path_factory):
     """A champion (CHAMPION_EPOCHS), a retrain of it on another seed, and a 1-epoch model."""
     root = tmp_path_factory.mktemp("gate-models")
-    return {"champion": _train(digits_data, root / "champion", epochs=CHAMPION_EPOCHS, seed=1),
-            "retrain": _train(digits_data, root / "retrain", epochs=CHAMPION_EPOCHS, seed=2),
-            "short": _train(digits_data, root / "short", epochs=1, seed=3)}
+    return {
+        "champion": _train(digits_data, root / "champion", epochs=CHAMPION_EPOCHS, seed=1),
+        "retrain": _train(digits_data, root / "retrain", epochs=CHAMPION_EPOCHS, seed=2),
+        "short": _train(digits_data, root / "short", epochs=1, seed=3),
+    }
 
 
 def _predictions(run: dict) -> dict:
@@ -81,8 +87,14 @@ def test_a_first_model_below_min_value_is_registered_not_promoted(models, tmp_pa
     shutil.copytree(short["model_dir"], run / "model")
     shutil.copytree(short["eval_dir"], run / "eval")
     (run / "model" / "config.yaml").write_text(Config().to_yaml())
-    record = register_model(open_registry(tmp_path / "registry"), "digits", run / "model", run / "eval",
-                            tmp_path / "registered.json", gate_options={"min_value": 0.99})
+    record = register_model(
+        open_registry(tmp_path / "registry"),
+        "digits",
+        run / "model",
+        run / "eval",
+        tmp_path / "registered.json",
+        gate_options={"min_value": 0.99},
+    )
     assert record["version"] == 1 and not record["promotion"]["promoted"]
     assert "below register.min_value 0.99" in record["gate"]["reason"]
     assert open_registry(tmp_path / "registry").alias("digits", "champion").record is None
@@ -92,8 +104,14 @@ def test_the_paired_gate_refuses_a_1_epoch_model_in_5_seeded_trials(models):
     champion, short = models["champion"], models["short"]
     assert short["metrics"]["test"]["top1"] < champion["metrics"]["test"]["top1"]
     for seed in range(5):
-        decision = decide(short["metrics"], "m" * 64, _manifest(champion, 1), rule="paired_bootstrap",
-                          predictions=(_predictions(short), _predictions(champion)), bootstrap_seed=seed)
+        decision = decide(
+            short["metrics"],
+            "m" * 64,
+            _manifest(champion, 1),
+            rule="paired_bootstrap",
+            predictions=(_predictions(short), _predictions(champion)),
+            bootstrap_seed=seed,
+        )
         assert not decision["promote"], decision
         assert decision["paired_bootstrap"]["high"] < 0 and "not above 0" in decision["reason"]
 
@@ -101,16 +119,27 @@ def test_the_paired_gate_refuses_a_1_epoch_model_in_5_seeded_trials(models):
 def test_a_retrain_on_another_seed_is_promoted_only_if_its_interval_clears_the_bar(models):
     champion, retrain = models["champion"], models["retrain"]
     for bar in (0.0, 0.01):
-        decision = decide(retrain["metrics"], "m" * 64, _manifest(champion, 1), rule="paired_bootstrap",
-                          min_improvement=bar, predictions=(_predictions(retrain), _predictions(champion)))
+        decision = decide(
+            retrain["metrics"],
+            "m" * 64,
+            _manifest(champion, 1),
+            rule="paired_bootstrap",
+            min_improvement=bar,
+            predictions=(_predictions(retrain), _predictions(champion)),
+        )
         interval = decision["paired_bootstrap"]
         assert decision["promote"] == (interval["low"] > bar), decision
         assert interval["low"] <= interval["mean"] <= interval["high"]
     # the plain rule would promote a retrain that is better by a single image; the paired one does not
     diff = np.mean(_predictions(retrain)["correct"]) - np.mean(_predictions(champion)["correct"])
     if 0 < diff <= 2 / len(_predictions(champion)["correct"]):
-        assert not decide(retrain["metrics"], "m" * 64, _manifest(champion, 1), rule="paired_bootstrap",
-                          predictions=(_predictions(retrain), _predictions(champion)))["promote"]
+        assert not decide(
+            retrain["metrics"],
+            "m" * 64,
+            _manifest(champion, 1),
+            rule="paired_bootstrap",
+            predictions=(_predictions(retrain), _predictions(champion)),
+        )["promote"]
 
 
 def test_a_model_worse_on_one_class_only_is_refused_naming_the_class(models, digits_data, tmp_path):
@@ -131,8 +160,16 @@ def test_a_model_worse_on_one_class_only_is_refused_naming_the_class(models, dig
     metrics = evaluate(EvaluateConfig(), altered, digits_data.shards, tmp_path / "eval", manifest_sha256="m" * 64)
     classes = json.loads(digits_data.labels.read_text())["classes"]
     theirs, mine = _predictions(champion), read_predictions(tmp_path / "eval" / "predictions.parquet")
-    decision = decide(metrics, "m" * 64, _manifest(champion, 1), rule="paired_bootstrap", min_improvement=-1.0,
-                      max_class_drop=0.1, predictions=(mine, theirs), classes=classes)
+    decision = decide(
+        metrics,
+        "m" * 64,
+        _manifest(champion, 1),
+        rule="paired_bootstrap",
+        min_improvement=-1.0,
+        max_class_drop=0.1,
+        predictions=(mine, theirs),
+        classes=classes,
+    )
     assert not decision["promote"]
     assert decision["class_drops"][classes[3]] > 0.1
     assert f"class {classes[3]!r} drops by" in decision["reason"]

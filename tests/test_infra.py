@@ -97,7 +97,7 @@ def env_of(instructions) -> dict[str, str]:
 
 
 def test_dockerfile_parser_joins_continuations_and_skips_comments():
-    text = "# syntax=docker/dockerfile:1\nFROM a:1\n\nRUN one \\\n  # a comment\n  && two\nCMD [\"x\"]\n"
+    text = '# syntax=docker/dockerfile:1\nFROM a:1\n\nRUN one \\\n  # a comment\n  && two\nCMD ["x"]\n'
     assert parse_dockerfile(text) == [("FROM", "a:1"), ("RUN", "one && two"), ("CMD", '["x"]')]
 
 
@@ -111,8 +111,14 @@ def test_dockerfile_base_is_the_gpu_image_of_the_locked_tensorflow(dockerfile):
 
 def test_dockerfile_installs_the_lock_without_tensorflow_cpu(dockerfile):
     version = lock_version("tensorflow-cpu")
-    copied_lock = next((i for i, (k, a) in enumerate(dockerfile)
-                        if k == "COPY" and "requirements.lock" in strip_flags(a)[1].split()[:-1]), None)
+    copied_lock = next(
+        (
+            i
+            for i, (k, a) in enumerate(dockerfile)
+            if k == "COPY" and "requirements.lock" in strip_flags(a)[1].split()[:-1]
+        ),
+        None,
+    )
     assert copied_lock is not None, "requirements.lock is never copied into the image"
 
     install = next((i for i, (k, a) in enumerate(dockerfile) if k == "RUN" and "requirements.lock" in a), None)
@@ -294,8 +300,11 @@ def test_manifest_image_gpu_and_shared_volume(manifest):
     pvc = manifest["PersistentVolumeClaim"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     volumes = {v["name"]: v for v in manifest["Job"]["spec"]["template"]["spec"]["volumes"]}
-    shared = [name for name, v in volumes.items()
-              if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]]
+    shared = [
+        name
+        for name, v in volumes.items()
+        if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
+    ]
     assert len(shared) == 1
 
     # data/ and artifacts/ of params.yaml, under the working directory, are on the shared volume
@@ -348,8 +357,13 @@ def test_dev_s3_serves_until_sigterm(tmp_path):
     from botocore.config import Config
 
     data = tmp_path / "s3"
-    proc = subprocess.Popen([str(DEV_S3), "--dir", str(data), "--bucket", "dev"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(DEV_S3), "--dir", str(data), "--bucket", "dev"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:
@@ -370,7 +384,7 @@ def test_dev_s3_serves_until_sigterm(tmp_path):
                 pytest.fail(f"dev-s3.sh exited ({proc.wait()}): {output}\n{proc.stderr.read()}")
             output.append(line.rstrip("\n"))
             if output[-1].startswith("export "):
-                key, _, value = shlex.split(output[-1][len("export "):])[0].partition("=")
+                key, _, value = shlex.split(output[-1][len("export ") :])[0].partition("=")
                 exports[key] = value
         assert set(exports) == {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
         assert any(exports["AWS_ENDPOINT_URL"] in line for line in output if "endpoint" in line.lower())
@@ -378,8 +392,11 @@ def test_dev_s3_serves_until_sigterm(tmp_path):
         assert _weed_processes(data), "no weed process serving the given --dir"
 
         s3 = boto3.session.Session().client(
-            "s3", endpoint_url=exports["AWS_ENDPOINT_URL"], aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"], region_name=exports["AWS_DEFAULT_REGION"],
+            "s3",
+            endpoint_url=exports["AWS_ENDPOINT_URL"],
+            aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"],
+            region_name=exports["AWS_DEFAULT_REGION"],
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
         )
         s3.put_object(Bucket="dev", Key="hello.txt", Body=b"hello dev")

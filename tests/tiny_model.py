@@ -38,8 +38,9 @@ def make_tiny_model(digits, folder: Path, steps: int = 20) -> TinyModel:
     prep = Preprocess.from_train(cfg.train)
     files, _ = shard_files(digits.shards, "train")
     model = build_resnet(20, num_classes=10)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(make_dataset(files, 32, prep, training=True, seed=0).take(steps), verbose=0)
     classes = json.loads(digits.labels.read_text())["classes"]
     model_dir = folder / "model"
@@ -49,9 +50,15 @@ def make_tiny_model(digits, folder: Path, steps: int = 20) -> TinyModel:
     (model_dir / "labels.json").write_text(json.dumps({"classes": classes}))
     export_saved_model(model, classes, prep, model_dir / "saved_model", top_k=3)
     registry = folder / "registry"
-    version = LocalRegistry(registry).register(NAME, {
-        "model.keras": model_dir / "model.keras", "params.yaml": model_dir / "config.yaml",
-        "labels.json": model_dir / "labels.json", "saved_model": model_dir / "saved_model"})
+    version = LocalRegistry(registry).register(
+        NAME,
+        {
+            "model.keras": model_dir / "model.keras",
+            "params.yaml": model_dir / "config.yaml",
+            "labels.json": model_dir / "labels.json",
+            "saved_model": model_dir / "saved_model",
+        },
+    )
     assert version == 1
     return TinyModel(registry, model_dir, _test_images(digits, folder / "images"))
 

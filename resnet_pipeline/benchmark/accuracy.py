@@ -51,29 +51,45 @@ def run(cfg: Config, seeds: int, first_seed: int = 0) -> dict:
             shard(run_cfg.shard, paths.manifest, folder.parent, paths.shards)
             summary = train(run_cfg.train, run_cfg, paths.shards, paths.labels, paths.model_dir, paths.checkpoints)
             metrics = evaluate(run_cfg.evaluate, paths.model_dir, paths.shards, paths.eval_dir)
-            rows.append({"seed": seed, "train_seconds": summary["loop_seconds"], "top1": metrics["test"]["top1"],
-                         "top1_ci95": [metrics["test_ci95"]["top1"]["low"], metrics["test_ci95"]["top1"]["high"]],
-                         "examples": metrics["test"]["examples"]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "train_seconds": summary["loop_seconds"],
+                    "top1": metrics["test"]["top1"],
+                    "top1_ci95": [metrics["test_ci95"]["top1"]["low"], metrics["test_ci95"]["top1"]["high"]],
+                    "examples": metrics["test"]["examples"],
+                }
+            )
     mean, std, low, high = mean_interval([r["top1"] for r in rows])
     low, high = max(0.0, low), min(1.0, high)  # a proportion
     seconds = [r["train_seconds"] for r in rows]
-    return {"seeds": rows, "top1_mean": round(mean, 6), "top1_std": round(std, 6),
-            "top1_mean_ci95": [round(low, 6), round(high, 6)], "train_seconds_mean": round(statistics.fmean(seconds), 2),
-            "train_seconds_max": round(max(seconds), 2),
-            "recipe": {k: v for k, v in dataclasses.asdict(cfg.train).items()
-                       if v != getattr(type(cfg.train)(), k)}}
+    return {
+        "seeds": rows,
+        "top1_mean": round(mean, 6),
+        "top1_std": round(std, 6),
+        "top1_mean_ci95": [round(low, 6), round(high, 6)],
+        "train_seconds_mean": round(statistics.fmean(seconds), 2),
+        "train_seconds_max": round(max(seconds), 2),
+        "recipe": {k: v for k, v in dataclasses.asdict(cfg.train).items() if v != getattr(type(cfg.train)(), k)},
+    }
 
 
 def format_result(result: dict) -> str:
     lines = [f"{'seed':>5} {'train s':>8} {'top1':>8}  95% interval"]
     for r in result["seeds"]:
-        lines.append(f"{r['seed']:>5} {r['train_seconds']:>8.1f} {r['top1']:>8.4f}  "
-                     f"[{r['top1_ci95'][0]:.4f}, {r['top1_ci95'][1]:.4f}] of {r['examples']}")
+        lines.append(
+            f"{r['seed']:>5} {r['train_seconds']:>8.1f} {r['top1']:>8.4f}  "
+            f"[{r['top1_ci95'][0]:.4f}, {r['top1_ci95'][1]:.4f}] of {r['examples']}"
+        )
     low, high = result["top1_mean_ci95"]
-    lines.append(f"mean top1 {result['top1_mean']:.4f}  std {result['top1_std']:.4f}  95% CI of the mean "
-                 f"[{low:.4f}, {high:.4f}]  train seconds mean {result['train_seconds_mean']:.1f} "
-                 f"max {result['train_seconds_max']:.1f}")
+    lines.append(
+        f"mean top1 {result['top1_mean']:.4f}  std {result['top1_std']:.4f}  95% CI of the mean "
+        f"[{low:.4f}, {high:.4f}]  train seconds mean {result['train_seconds_mean']:.1f} "
+        f"max {result['train_seconds_max']:.1f}"
+    )
     if result["recipe"]:
-        lines.append("recipe (train.* differing from the defaults): " +
-                     ", ".join(f"{k}={v}" for k, v in sorted(result["recipe"].items())))
+        lines.append(
+            "recipe (train.* differing from the defaults): "
+            + ", ".join(f"{k}={v}" for k, v in sorted(result["recipe"].items()))
+        )
     return "\n".join(lines)

@@ -68,13 +68,18 @@ def _stage(name: str, work: str, source: str) -> dict:
     if name == "download":
         download(DownloadConfig(dataset="imagefolder", path=source), work_dir / "raw")
     elif name == "split":
-        split(SplitConfig(), 42, work_dir / "raw" / "imagefolder", work_dir / "manifest.parquet", work_dir / "labels.json")
+        split(
+            SplitConfig(), 42, work_dir / "raw" / "imagefolder", work_dir / "manifest.parquet", work_dir / "labels.json"
+        )
     else:
         shard(ShardConfig(), work_dir / "manifest.parquet", work_dir / "raw", work_dir / "shards")
     seconds = time.perf_counter() - start
     kb = 1024  # ru_maxrss is in KiB on Linux
-    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb / 2**20,
-            "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kb / 2**20}
+    return {
+        "seconds": seconds,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb / 2**20,
+        "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kb / 2**20,
+    }
 
 
 def _in_child(name: str, work: Path, source: Path) -> dict:
@@ -108,10 +113,13 @@ def growth(rows: list[dict]) -> dict[str, float]:
 
 def _sequential_download_file(client, bucket: str, prefix: str, dest: Path) -> None:
     """The download stage's S3 loop before it went parallel: list, then download_file one by one."""
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
     for key in keys:
-        target = dest / key[len(prefix):]
+        target = dest / key[len(prefix) :]
         target.parent.mkdir(parents=True, exist_ok=True)
         client.download_file(bucket, key, str(target))
 
@@ -126,19 +134,26 @@ def run_s3(n_objects: int, workers: int, work: Path, server=None, rounds: int = 
 
         server = SeaweedS3(work / "seaweed").start()
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key,
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key, AWS_DEFAULT_REGION="us-east-1"
+    )
     try:
         bucket = server.make_bucket(f"bench-ingest-{os.getpid()}-{time.monotonic_ns() % 10**6}")
         client = server.client()
         files = sorted(make_folder(work / "s3-source", n_objects, 10, seed=1).glob("*/*.jpg"))
         with concurrent.futures.ThreadPoolExecutor(8) as pool:  # within the client's 10 connections
-            list(pool.map(lambda f: client.put_object(Bucket=bucket, Key=f"set/{f.parent.name}/{f.name}",
-                                                      Body=f.read_bytes()), files))
+            list(
+                pool.map(
+                    lambda f: client.put_object(
+                        Bucket=bucket, Key=f"set/{f.parent.name}/{f.name}", Body=f.read_bytes()
+                    ),
+                    files,
+                )
+            )
         url = f"s3://{bucket}/set"
         runs: dict[str, list[float]] = {"parallel": [], "sequential": [], "download_file loop": []}
         for r in range(rounds):
-            for kind in (runs if r % 2 == 0 else reversed(list(runs))):
+            for kind in runs if r % 2 == 0 else reversed(list(runs)):
                 dest = work / f"s3-{r}-{kind.replace(' ', '_')}"
                 start = time.perf_counter()
                 if kind == "download_file loop":
@@ -149,10 +164,14 @@ def run_s3(n_objects: int, workers: int, work: Path, server=None, rounds: int = 
                 runs[kind].append(time.perf_counter() - start)
                 shutil.rmtree(dest, ignore_errors=True)
         med = {k: statistics.median(v) for k, v in runs.items()}
-        return {"objects": n_objects, "workers": workers, "seconds": med,
-                "speedup_vs_sequential": med["sequential"] / med["parallel"],
-                "speedup_vs_download_file_loop": med["download_file loop"] / med["parallel"],
-                "rounds": {k: [round(t, 3) for t in v] for k, v in runs.items()}}
+        return {
+            "objects": n_objects,
+            "workers": workers,
+            "seconds": med,
+            "speedup_vs_sequential": med["sequential"] / med["parallel"],
+            "speedup_vs_download_file_loop": med["download_file loop"] / med["parallel"],
+            "rounds": {k: [round(t, 3) for t in v] for k, v in runs.items()},
+        }
     finally:
         for k, v in saved.items():
             if v is None:
@@ -163,8 +182,15 @@ def run_s3(n_objects: int, workers: int, work: Path, server=None, rounds: int = 
             server.stop()
 
 
-def run(sizes: list[int], *, classes: int = 100, s3_objects: int = 2000, s3_workers: int = 16,
-        work_dir: Path | None = None, s3_server=None) -> dict:
+def run(
+    sizes: list[int],
+    *,
+    classes: int = 100,
+    s3_objects: int = 2000,
+    s3_workers: int = 16,
+    work_dir: Path | None = None,
+    s3_server=None,
+) -> dict:
     """Every figure of the benchmark (see the module doc); `s3_objects=0` skips the S3 part."""
     own = work_dir is None
     work = Path(work_dir or tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -179,19 +205,25 @@ def run(sizes: list[int], *, classes: int = 100, s3_objects: int = 2000, s3_work
 
 def format_result(r: dict) -> str:
     out = io.StringIO()
-    out.write(f"{'stage':<9} {'images':>8} {'seconds':>9} {'images/s':>9} {'us/image':>9} "
-              f"{'peak RSS MB':>12} {'workers MB':>11}\n")
+    out.write(
+        f"{'stage':<9} {'images':>8} {'seconds':>9} {'images/s':>9} {'us/image':>9} "
+        f"{'peak RSS MB':>12} {'workers MB':>11}\n"
+    )
     for row in r["stages"]:
-        out.write(f"{row['stage']:<9} {row['images']:>8} {row['seconds']:>9.2f} {row['images'] / row['seconds']:>9.0f} "
-                  f"{row['us_per_image']:>9.1f} {row['rss_mb']:>12.0f} {row['workers_rss_mb']:>11.0f}\n")
+        out.write(
+            f"{row['stage']:<9} {row['images']:>8} {row['seconds']:>9.2f} {row['images'] / row['seconds']:>9.0f} "
+            f"{row['us_per_image']:>9.1f} {row['rss_mb']:>12.0f} {row['workers_rss_mb']:>11.0f}\n"
+        )
     small, large = r["sizes"][0], r["sizes"][-1]
     for name, g in r["growth"].items():
         out.write(f"per-image cost {name} at {large} / at {small}: {g:.2f}x\n")
     if r["s3"]:
         s = r["s3"]
         sec = s["seconds"]
-        out.write(f"S3 folder of {s['objects']} objects: {s['workers']} requests at a time {sec['parallel']:.2f} s, "
-                  f"one at a time {sec['sequential']:.2f} s ({s['speedup_vs_sequential']:.2f}x), "
-                  f"old download_file loop {sec['download_file loop']:.2f} s "
-                  f"({s['speedup_vs_download_file_loop']:.2f}x)  rounds: {s['rounds']}\n")
+        out.write(
+            f"S3 folder of {s['objects']} objects: {s['workers']} requests at a time {sec['parallel']:.2f} s, "
+            f"one at a time {sec['sequential']:.2f} s ({s['speedup_vs_sequential']:.2f}x), "
+            f"old download_file loop {sec['download_file loop']:.2f} s "
+            f"({s['speedup_vs_download_file_loop']:.2f}x)  rounds: {s['rounds']}\n"
+        )
     return out.getvalue().rstrip("\n")

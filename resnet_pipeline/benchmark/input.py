@@ -59,13 +59,18 @@ def _synthetic_photo(rng: np.random.Generator, width: int, height: int, label: i
     from PIL import Image, ImageDraw
 
     # background: gradient between two colours, the first near a hue of the class, in a random direction
-    hue = np.array([np.cos(2 * np.pi * label / classes), np.cos(2 * np.pi * (label / classes - 1 / 3)),
-                    np.cos(2 * np.pi * (label / classes + 1 / 3))])
+    hue = np.array(
+        [
+            np.cos(2 * np.pi * label / classes),
+            np.cos(2 * np.pi * (label / classes - 1 / 3)),
+            np.cos(2 * np.pi * (label / classes + 1 / 3)),
+        ]
+    )
     c0 = np.clip(128 + 90 * hue + rng.normal(0, 20, 3), 0, 255)
     c1 = rng.uniform(0, 255, 3)
     angle = rng.uniform(0, 2 * np.pi)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    t = (np.cos(angle) * x / width + np.sin(angle) * y / height)
+    t = np.cos(angle) * x / width + np.sin(angle) * y / height
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     # a low-frequency ripple, so the background is not a plain ramp
     t = np.clip(t + 0.08 * np.sin(x / rng.uniform(15, 60) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(15, 60)), 0, 1)
@@ -92,8 +97,14 @@ def _synthetic_photo(rng: np.random.Generator, width: int, height: int, label: i
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
-def make_jpeg_folder(folder: Path, n_images: int = 1000, size: tuple[int, int] = (500, 375), classes: int = 10,
-                     seed: int = 0, quality: int = 90) -> Path:
+def make_jpeg_folder(
+    folder: Path,
+    n_images: int = 1000,
+    size: tuple[int, int] = (500, 375),
+    classes: int = 10,
+    seed: int = 0,
+    quality: int = 90,
+) -> Path:
     """Write `n_images` JPEGs of `size` (width, height) into class sub-folders `c00`, `c01`, …; return `folder`.
 
     Image i belongs to class i % classes and is drawn from its own generator seeded with (seed, i),
@@ -127,8 +138,14 @@ def bundled_photos() -> list:
     return photos
 
 
-def make_photo_folder(folder: Path, n_images: int = 1000, size: tuple[int, int] = (500, 375), classes: int = 10,
-                      seed: int = 0, quality: int = 90) -> Path:
+def make_photo_folder(
+    folder: Path,
+    n_images: int = 1000,
+    size: tuple[int, int] = (500, 375),
+    classes: int = 10,
+    seed: int = 0,
+    quality: int = 90,
+) -> Path:
     """Write `n_images` JPEGs of `size` (width, height), random crops (and mirror images) of the
     bundled photos, into class sub-folders `c00`, `c01`, ...; the same folder on every call."""
     from PIL import Image
@@ -190,7 +207,11 @@ def seed_image_data_generator(folder: Path, image_size: int, batch_size: int, se
         horizontal_flip=True,
     )
     return generator.flow_from_directory(
-        str(folder), target_size=(image_size, image_size), batch_size=batch_size, class_mode="sparse", seed=seed,
+        str(folder),
+        target_size=(image_size, image_size),
+        batch_size=batch_size,
+        class_mode="sparse",
+        seed=seed,
     )
 
 
@@ -199,7 +220,11 @@ def keras_image_dataset(folder: Path, image_size: int, batch_size: int, seed: in
     import keras
 
     ds = keras.utils.image_dataset_from_directory(
-        str(folder), image_size=(image_size, image_size), batch_size=batch_size, shuffle=True, seed=seed,
+        str(folder),
+        image_size=(image_size, image_size),
+        batch_size=batch_size,
+        shuffle=True,
+        seed=seed,
     )
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -269,9 +294,17 @@ def _measure(source: Iterable, n_images: int, warmup_batches: int) -> tuple[floa
     return count / elapsed, count
 
 
-def run(folder: Path, ours: Callable[[], tf.data.Dataset] | None, *, image_size: int = 224, batch_size: int = 32,
-        n_images: int | Mapping[str, int] | None = None, repeats: int = 1, warmup_batches: int = 2,
-        seed: int = 0) -> list[dict]:
+def run(
+    folder: Path,
+    ours: Callable[[], tf.data.Dataset] | None,
+    *,
+    image_size: int = 224,
+    batch_size: int = 32,
+    n_images: int | Mapping[str, int] | None = None,
+    repeats: int = 1,
+    warmup_batches: int = 2,
+    seed: int = 0,
+) -> list[dict]:
     """Time every source on `folder`; rows {"name", "images_per_sec", "ratio", "images", "runs"}.
 
     `n_images`: images timed per source and repeat: None for as many as the folder holds, an int for
@@ -315,15 +348,23 @@ def run(folder: Path, ours: Callable[[], tf.data.Dataset] | None, *, image_size:
                 source = source.repeat()
             rate, counted[name] = _measure(source, count_for(name), warmup_batches)
             runs[name].append(rate)
-            log.info("benchmark input: %s round %d/%d: %.1f images/s (%d images)", name, r, repeats, rate,
-                     counted[name])
+            log.info(
+                "benchmark input: %s round %d/%d: %.1f images/s (%d images)", name, r, repeats, rate, counted[name]
+            )
             del source
             gc.collect()
 
     rows: list[dict[str, Any]] = []
     for name in factories:
-        rows.append({"name": name, "images_per_sec": statistics.median(runs[name]), "ratio": None,
-                     "images": counted[name], "runs": runs[name]})
+        rows.append(
+            {
+                "name": name,
+                "images_per_sec": statistics.median(runs[name]),
+                "ratio": None,
+                "images": counted[name],
+                "runs": runs[name],
+            }
+        )
     if ours is not None:
         ours_rate = rows[0]["images_per_sec"]
         for row in rows:
@@ -343,9 +384,18 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare(images: Path | None, *, count: int = 1000, image_size: int = 224, batch_size: int = 32,
-            max_shorter_side: int = 256, generator_images: int = 320, repeats: int = 2,
-            work_dir: Path | None = None, photos: bool = False) -> list[dict]:
+def compare(
+    images: Path | None,
+    *,
+    count: int = 1000,
+    image_size: int = 224,
+    batch_size: int = 32,
+    max_shorter_side: int = 256,
+    generator_images: int = 320,
+    repeats: int = 2,
+    work_dir: Path | None = None,
+    photos: bool = False,
+) -> list[dict]:
     """Shard `images` (or `count` generated JPEGs) with our stages and time our training pipeline
     (random-resized-crop + flip, the ImageNet recipe) against the references, in one run."""
     import shutil
@@ -364,14 +414,24 @@ def compare(images: Path | None, *, count: int = 1000, image_size: int = 224, ba
             images = make(work / "raw" / "images", count)
         images = Path(images)
         split(SplitConfig(), 42, images, work / "manifest.parquet", work / "labels.json")
-        index = shard(ShardConfig(max_shorter_side=max_shorter_side, target_shard_mb=8), work / "manifest.parquet",
-                      images.parent, work / "shards")
+        index = shard(
+            ShardConfig(max_shorter_side=max_shorter_side, target_shard_mb=8),
+            work / "manifest.parquet",
+            images.parent,
+            work / "shards",
+        )
         files = [str(work / "shards" / e["file"]) for e in index["shards"]]
         prep = Preprocess(image_size, augment="imagenet", random_flip=True)
         n = len(jpeg_files(images))
         counts = {OURS: n, GENERATOR: min(generator_images, n), KERAS_DATASET: n, DECODE_ONLY: n}
-        return run(images, lambda: make_dataset(files, batch_size, prep, training=True),
-                   image_size=image_size, batch_size=batch_size, n_images=counts, repeats=repeats)
+        return run(
+            images,
+            lambda: make_dataset(files, batch_size, prep, training=True),
+            image_size=image_size,
+            batch_size=batch_size,
+            n_images=counts,
+            repeats=repeats,
+        )
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)

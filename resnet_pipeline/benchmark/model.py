@@ -16,8 +16,8 @@ import gc
 import logging
 import statistics
 import time
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -45,7 +45,9 @@ def build_pair(variant: str, depth: int, input_shape: tuple[int, int, int], num_
     """(ours, keras.applications' or None) for one depth, both ending in logits."""
     base = "v1" if variant in ("v1", "v1.5") else variant
     if depth not in SPECS.get(base, {}):
-        raise ValueError(f"depth: received {depth} for variant {variant!r}; allowed: {', '.join(map(str, SPECS.get(base, {})))}")
+        raise ValueError(
+            f"depth: received {depth} for variant {variant!r}; allowed: {', '.join(map(str, SPECS.get(base, {})))}"
+        )
     layout: dict[str, Any] = dict(KERAS_APPLICATIONS_LAYOUT.get(variant, {}))
     if variant == "v1" and SPECS["v1"][depth].block != "bottleneck":
         layout.pop("stride_in_1x1")  # basic blocks have no 1x1
@@ -90,8 +92,18 @@ def _time(fn: Callable[[], float], steps: int) -> list[float]:
     return durations
 
 
-def benchmark_depth(variant: str, depth: int, *, batch_size: int, image_size: int, steps: int, warmup: int,
-                    rounds: int, num_classes: int = 1000, seed: int = 0) -> list[dict]:
+def benchmark_depth(
+    variant: str,
+    depth: int,
+    *,
+    batch_size: int,
+    image_size: int,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    num_classes: int = 1000,
+    seed: int = 0,
+) -> list[dict]:
     """Rows of figures (one per model and phase) for one depth; keras' rows carry no ratio."""
     shape = (image_size, image_size, 3)
     ours, reference = build_pair(variant, depth, shape, num_classes)
@@ -118,12 +130,22 @@ def benchmark_depth(variant: str, depth: int, *, batch_size: int, image_size: in
         for label, model in models.items():
             d = durations[(label, phase)]
             mean = statistics.fmean(d)
-            rows.append({
-                "model": label, "depth": depth, "variant": variant, "phase": phase, "batch_size": batch_size,
-                "image_size": image_size, "steps": len(d), "mean_sec": mean,
-                "std_sec": statistics.stdev(d) if len(d) > 1 else 0.0, "images_per_sec": batch_size / mean,
-                "params": model.count_params(), "multiply_adds": multiply_adds(model),
-            })
+            rows.append(
+                {
+                    "model": label,
+                    "depth": depth,
+                    "variant": variant,
+                    "phase": phase,
+                    "batch_size": batch_size,
+                    "image_size": image_size,
+                    "steps": len(d),
+                    "mean_sec": mean,
+                    "std_sec": statistics.stdev(d) if len(d) > 1 else 0.0,
+                    "images_per_sec": batch_size / mean,
+                    "params": model.count_params(),
+                    "multiply_adds": multiply_adds(model),
+                }
+            )
         if reference is not None:
             ours_row, keras_row = rows[-2], rows[-1]
             ours_row["ratio_vs_keras"] = ours_row["images_per_sec"] / keras_row["images_per_sec"]
@@ -144,11 +166,15 @@ def benchmark_models(variant: str, depths: list[int], **kwargs) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     width = max(len("model"), *(len(r["model"]) for r in rows))
-    header = f"{'model':<{width}}  {'phase':<10}  {'batch':>5}  {'ms/step (mean ± std)':>22}  {'images/s':>9}  {'ratio':>8}"
+    header = (
+        f"{'model':<{width}}  {'phase':<10}  {'batch':>5}  {'ms/step (mean ± std)':>22}  {'images/s':>9}  {'ratio':>8}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         timing = f"{r['mean_sec'] * 1e3:.1f} ± {r['std_sec'] * 1e3:.1f}"
         ratio = next((f"{r[k]:.3f}x" for k in ("ratio_vs_keras", "ratio_vs_one_device") if k in r), "")
-        lines.append(f"{r['model']:<{width}}  {r['phase']:<10}  {r['batch_size']:>5}  {timing:>22}  "
-                     f"{r['images_per_sec']:>9.1f}  {ratio:>8}")
+        lines.append(
+            f"{r['model']:<{width}}  {r['phase']:<10}  {r['batch_size']:>5}  {timing:>22}  "
+            f"{r['images_per_sec']:>9.1f}  {ratio:>8}"
+        )
     return "\n".join(lines)

@@ -76,8 +76,17 @@ def _pid(server) -> int:
         raise RuntimeError("benchmark pull: the SeaweedFS server is not running")
     return server.process.pid
 
-def run(registry: str | None, *, seaweed: bool = False, size_mb: float = 100.0, rounds: int = 3,
-        pin: bool = False, part_mb: float | None = None, connections: int | None = None) -> dict:
+
+def run(
+    registry: str | None,
+    *,
+    seaweed: bool = False,
+    size_mb: float = 100.0,
+    rounds: int = 3,
+    pin: bool = False,
+    part_mb: float | None = None,
+    connections: int | None = None,
+) -> dict:
     """Register a version of `size_mb`, then time pulls and plain GETs in `rounds` alternating rounds."""
     from resnet_pipeline.registry import open_registry
     from resnet_pipeline.registry.s3 import S3Storage
@@ -97,8 +106,13 @@ def run(registry: str | None, *, seaweed: bool = False, size_mb: float = 100.0, 
             if pin:
                 os.sched_setaffinity(0, cpus[1:])
             server.make_bucket("bench-pull")
-            reg = open_registry("s3://bench-pull/registry", endpoint_url=server.endpoint_url, region=server.region,
-                                access_key=server.access_key, secret_key=server.secret_key)
+            reg = open_registry(
+                "s3://bench-pull/registry",
+                endpoint_url=server.endpoint_url,
+                region=server.region,
+                access_key=server.access_key,
+                secret_key=server.secret_key,
+            )
         elif registry:
             reg = open_registry(registry)
         else:
@@ -112,8 +126,11 @@ def run(registry: str | None, *, seaweed: bool = False, size_mb: float = 100.0, 
         src = work / "src"
         src.mkdir()
         files: dict[str, str | Path] = {"model.keras": _random_file(src / "model.keras", int(size_mb * 1e6))}
-        for name, text in (("params.yaml", "train:\n  epochs: 1\n"), ("labels.json", '{"classes": ["a", "b"]}\n'),
-                           ("metrics.json", '{"test": {"top1": 0.5}}\n')):
+        for name, text in (
+            ("params.yaml", "train:\n  epochs: 1\n"),
+            ("labels.json", '{"classes": ["a", "b"]}\n'),
+            ("metrics.json", '{"test": {"top1": 0.5}}\n'),
+        ):
             (src / name).write_text(text)
             files[name] = src / name
         name = f"bench-pull-{uuid.uuid4().hex[:8]}"
@@ -141,13 +158,21 @@ def run(registry: str | None, *, seaweed: bool = False, size_mb: float = 100.0, 
                 shutil.rmtree(dest)
         reg.storage.delete([o.key for o in reg.storage.list(f"models/{name}/")])
         pull_s, get_s = statistics.median(times["pull"]), statistics.median(times["get"])
-        return {"registry": reg.location, "endpoint": reg.storage.endpoint, "bytes": total, "rounds": rounds,
-                "pinned": pin, "part_bytes": reg.storage.download_part_size,
-                "connections": reg.storage.download_concurrency,
-                "cpu_seconds": {k: round(statistics.median(v), 4) for k, v in cpu.items() if v},
-                "pull_seconds": [round(t, 4) for t in times["pull"]], "get_seconds": [round(t, 4) for t in times["get"]],
-                "pull_mb_s": round(total / 1e6 / pull_s, 1), "get_mb_s": round(total / 1e6 / get_s, 1),
-                "ratio": round(get_s / pull_s, 3)}
+        return {
+            "registry": reg.location,
+            "endpoint": reg.storage.endpoint,
+            "bytes": total,
+            "rounds": rounds,
+            "pinned": pin,
+            "part_bytes": reg.storage.download_part_size,
+            "connections": reg.storage.download_concurrency,
+            "cpu_seconds": {k: round(statistics.median(v), 4) for k, v in cpu.items() if v},
+            "pull_seconds": [round(t, 4) for t in times["pull"]],
+            "get_seconds": [round(t, 4) for t in times["get"]],
+            "pull_mb_s": round(total / 1e6 / pull_s, 1),
+            "get_mb_s": round(total / 1e6 / get_s, 1),
+            "ratio": round(get_s / pull_s, 3),
+        }
     finally:
         if server is not None:
             server.close()
@@ -165,15 +190,17 @@ def format_result(result: dict) -> str:
         return f"CPU s: this process {cpu[what]:.3f}{server}"
 
     pinned = "server on CPU 0, client on the others" if result["pinned"] else "not pinned"
-    return "\n".join([
-        f"registry {result['registry']} at {result['endpoint']}: {mb:.1f} MB per pull, {result['rounds']} rounds "
-        f"(medians), {pinned}",
-        f"  registry pull ({result['part_bytes'] / 2**20:g} MB parts, {result['connections']} connections, "
-        f"sha256 verified)  {result['pull_mb_s']:8.1f} MB/s   {cpu_text('pull')}",
-        f"  plain GET of presigned URLs, streamed to disk             {result['get_mb_s']:8.1f} MB/s   "
-        f"{cpu_text('get')}",
-        f"  ratio pull / GET                                          {result['ratio']:8.3f}",
-    ])
+    return "\n".join(
+        [
+            f"registry {result['registry']} at {result['endpoint']}: {mb:.1f} MB per pull, {result['rounds']} rounds "
+            f"(medians), {pinned}",
+            f"  registry pull ({result['part_bytes'] / 2**20:g} MB parts, {result['connections']} connections, "
+            f"sha256 verified)  {result['pull_mb_s']:8.1f} MB/s   {cpu_text('pull')}",
+            f"  plain GET of presigned URLs, streamed to disk             {result['get_mb_s']:8.1f} MB/s   "
+            f"{cpu_text('get')}",
+            f"  ratio pull / GET                                          {result['ratio']:8.3f}",
+        ]
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,8 +36,10 @@ def mirrored(replicas: int) -> tf.distribute.MirroredStrategy:
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))][:replicas]
     if len(devices) < replicas:
-        raise ValueError(f"--replicas: received {replicas}; this machine has {len(devices)} devices "
-                         "(split the CPU before TensorFlow starts: prepare_devices)")
+        raise ValueError(
+            f"--replicas: received {replicas}; this machine has {len(devices)} devices "
+            "(split the CPU before TensorFlow starts: prepare_devices)"
+        )
     return tf.distribute.MirroredStrategy(devices)
 
 
@@ -71,8 +73,20 @@ def _train_step(strategy: tf.distribute.Strategy, build, images: np.ndarray, lab
     return lambda: float(step().numpy())
 
 
-def benchmark_replicas(variant: str, depth: int, *, replicas: int, batch_size: int, image_size: int, steps: int,
-                       warmup: int, rounds: int, num_classes: int = 1000, seed: int = 0, **layout) -> list[dict]:
+def benchmark_replicas(
+    variant: str,
+    depth: int,
+    *,
+    replicas: int,
+    batch_size: int,
+    image_size: int,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    num_classes: int = 1000,
+    seed: int = 0,
+    **layout,
+) -> list[dict]:
     """Rows for one device and for `replicas` mirrored replicas, training with global batch `batch_size`."""
     if batch_size % replicas:
         raise ValueError(f"--batch-size: received {batch_size}; must be a multiple of --replicas {replicas}")
@@ -104,10 +118,20 @@ def benchmark_replicas(variant: str, depth: int, *, replicas: int, batch_size: i
     rows: list[dict[str, Any]] = []
     for label, d in durations.items():
         mean = statistics.fmean(d)
-        rows.append({"model": f"ResNet-{depth} {variant}, {label}", "depth": depth, "variant": variant,
-                     "phase": "train_step", "batch_size": batch_size, "image_size": image_size, "steps": len(d),
-                     "mean_sec": mean, "std_sec": statistics.stdev(d) if len(d) > 1 else 0.0,
-                     "images_per_sec": batch_size / mean})
+        rows.append(
+            {
+                "model": f"ResNet-{depth} {variant}, {label}",
+                "depth": depth,
+                "variant": variant,
+                "phase": "train_step",
+                "batch_size": batch_size,
+                "image_size": image_size,
+                "steps": len(d),
+                "mean_sec": mean,
+                "std_sec": statistics.stdev(d) if len(d) > 1 else 0.0,
+                "images_per_sec": batch_size / mean,
+            }
+        )
     rows[1]["ratio_vs_one_device"] = rows[1]["images_per_sec"] / rows[0]["images_per_sec"]
     del sides
     keras.backend.clear_session()

@@ -23,8 +23,15 @@ from resnet_pipeline.data.split import split
 log = logging.getLogger(__name__)
 
 
-def run(images: Path | None, *, count: int = 2000, workers: int = 2, max_shorter_side: int = 256,
-        repeats: int = 3, work_dir: Path | None = None) -> dict:
+def run(
+    images: Path | None,
+    *,
+    count: int = 2000,
+    workers: int = 2,
+    max_shorter_side: int = 256,
+    repeats: int = 3,
+    work_dir: Path | None = None,
+) -> dict:
     """Time the shard stage with 1 and `workers` processes, in `repeats` alternating rounds (so that a
     slow spell of a shared machine falls on both); the figures are the medians."""
     from resnet_pipeline.benchmark.input import make_jpeg_folder
@@ -52,9 +59,14 @@ def run(images: Path | None, *, count: int = 2000, workers: int = 2, max_shorter
             (one / name).read_bytes() == (many / name).read_bytes() for name in names
         )
         return {
-            "images": table.num_rows, "workers": workers, "max_shorter_side": max_shorter_side,
-            "seconds_1_worker": timings[1], f"seconds_{workers}_workers": timings[workers],
-            "speedup": timings[1] / timings[workers], "byte_identical": identical, "files": len(names),
+            "images": table.num_rows,
+            "workers": workers,
+            "max_shorter_side": max_shorter_side,
+            "seconds_1_worker": timings[1],
+            f"seconds_{workers}_workers": timings[workers],
+            "speedup": timings[1] / timings[workers],
+            "byte_identical": identical,
+            "files": len(names),
             "rounds": {str(n): [round(t, 3) for t in ts] for n, ts in runs.items()},
         }
     finally:
@@ -64,11 +76,13 @@ def run(images: Path | None, *, count: int = 2000, workers: int = 2, max_shorter
 
 def format_result(r: dict) -> str:
     w = r["workers"]
-    return "\n".join([
-        f"images: {r['images']}  shorter side capped at {r['max_shorter_side'] or 'no cap'}  files: {r['files']}",
-        f"1 worker:   {r['seconds_1_worker']:.2f} s  ({r['images'] / r['seconds_1_worker']:.0f} images/s)",
-        f"{w} workers:  {r[f'seconds_{w}_workers']:.2f} s  "
-        f"({r['images'] / r[f'seconds_{w}_workers']:.0f} images/s)",
-        f"speed-up:   {r['speedup']:.2f}x  (medians of {len(r['rounds']['1'])} alternating rounds: {r['rounds']})",
-        f"shards byte-identical: {'yes' if r['byte_identical'] else 'NO'}",
-    ])
+    return "\n".join(
+        [
+            f"images: {r['images']}  shorter side capped at {r['max_shorter_side'] or 'no cap'}  files: {r['files']}",
+            f"1 worker:   {r['seconds_1_worker']:.2f} s  ({r['images'] / r['seconds_1_worker']:.0f} images/s)",
+            f"{w} workers:  {r[f'seconds_{w}_workers']:.2f} s  "
+            f"({r['images'] / r[f'seconds_{w}_workers']:.0f} images/s)",
+            f"speed-up:   {r['speedup']:.2f}x  (medians of {len(r['rounds']['1'])} alternating rounds: {r['rounds']})",
+            f"shards byte-identical: {'yes' if r['byte_identical'] else 'NO'}",
+        ]
+    )

@@ -53,8 +53,12 @@ def _stage(cfg: Config, paths: Paths, work: Path) -> dict:
     summary = train(cfg.train, cfg, paths.shards, paths.labels, work / "model", work / "checkpoints")
     images = summary["steps"] * summary["global_batch_size"] - summary["first_chunk_images"]
     seconds = summary["loop_seconds"] - summary["first_chunk_seconds"]
-    return {"images": images, "seconds": round(seconds, 3), "images_per_sec": round(images / seconds, 2),
-            "first_chunk_images": summary["first_chunk_images"]}
+    return {
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_sec": round(images / seconds, 2),
+        "first_chunk_images": summary["first_chunk_images"],
+    }
 
 
 def _bare(cfg: Config, paths: Paths, steps: int, skip_images: int) -> dict:
@@ -105,9 +109,12 @@ def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
     keras.utils.set_random_seed(cfg.base.seed)
     # the same L2 as the trainer's 0.5 x decay x sum(w^2), as Keras regularizers on the kernels
     model = build_resnet(**model_arguments(t, num_classes=classes), weight_decay=t.weight_decay / 2)
-    model.compile(optimizer=optim.make_optimizer(t, optim.make_schedule(t, steps_per_epoch)),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
-                  jit_compile=t.jit_compile)
+    model.compile(
+        optimizer=optim.make_optimizer(t, optim.make_schedule(t, steps_per_epoch)),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=t.jit_compile,
+    )
     prep = Preprocess.from_train(t)
     train_ds = make_dataset(files, gbs, prep, training=True, seed=cfg.base.seed).repeat()
     val_ds = make_dataset(val_files, gbs, prep, training=False)
@@ -123,8 +130,9 @@ def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
             self.end = time.perf_counter()
 
     clock = Clock()
-    model.fit(train_ds, epochs=t.epochs, steps_per_epoch=steps_per_epoch, validation_data=val_ds, verbose=0,
-              callbacks=[clock])
+    model.fit(
+        train_ds, epochs=t.epochs, steps_per_epoch=steps_per_epoch, validation_data=val_ds, verbose=0, callbacks=[clock]
+    )
     images = (t.epochs * steps_per_epoch - skip_batches) * gbs
     seconds = clock.end - clock.start
     return {"images": images, "seconds": round(seconds, 3), "images_per_sec": round(images / seconds, 2)}
@@ -137,21 +145,35 @@ def run(cfg: Config, epochs: int) -> dict:
         work = Path(tmp)
         paths = ensure_data(cfg, work / "project")
         stage = _stage(cfg, paths, work)
-        bare = _bare(cfg, paths, steps=max(stage["images"] // cfg.train.global_batch_size // 2, 20),
-                     skip_images=stage["first_chunk_images"])
+        bare = _bare(
+            cfg,
+            paths,
+            steps=max(stage["images"] // cfg.train.global_batch_size // 2, 20),
+            skip_images=stage["first_chunk_images"],
+        )
         fit = _fit(cfg, paths, skip_images=stage["first_chunk_images"])
-    return {"model": f"ResNet-{cfg.train.depth} ({cfg.train.variant})", "epochs": epochs,
-            "global_batch_size": cfg.train.global_batch_size, "stage": stage, "bare_step": bare, "model_fit": fit,
-            "stage_vs_bare_step": round(stage["images_per_sec"] / bare["images_per_sec"], 3),
-            "stage_vs_model_fit": round(stage["images_per_sec"] / fit["images_per_sec"], 3)}
+    return {
+        "model": f"ResNet-{cfg.train.depth} ({cfg.train.variant})",
+        "epochs": epochs,
+        "global_batch_size": cfg.train.global_batch_size,
+        "stage": stage,
+        "bare_step": bare,
+        "model_fit": fit,
+        "stage_vs_bare_step": round(stage["images_per_sec"] / bare["images_per_sec"], 3),
+        "stage_vs_model_fit": round(stage["images_per_sec"] / fit["images_per_sec"], 3),
+    }
 
 
 def format_result(result: dict) -> str:
-    lines = [f"{result['model']}, {result['epochs']} epochs, global batch {result['global_batch_size']}",
-             f"{'':<12} {'images':>8} {'seconds':>9} {'images/s':>10}"]
+    lines = [
+        f"{result['model']}, {result['epochs']} epochs, global batch {result['global_batch_size']}",
+        f"{'':<12} {'images':>8} {'seconds':>9} {'images/s':>10}",
+    ]
     for key, label in (("stage", "stage"), ("bare_step", "bare step"), ("model_fit", "model.fit")):
         r = result[key]
         lines.append(f"{label:<12} {r['images']:>8} {r['seconds']:>9.2f} {r['images_per_sec']:>10.1f}")
-    lines.append(f"stage / bare step: {result['stage_vs_bare_step']:.3f}x   "
-                 f"stage / model.fit: {result['stage_vs_model_fit']:.3f}x")
+    lines.append(
+        f"stage / bare step: {result['stage_vs_bare_step']:.3f}x   "
+        f"stage / model.fit: {result['stage_vs_model_fit']:.3f}x"
+    )
     return "\n".join(lines)

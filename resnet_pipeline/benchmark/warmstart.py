@@ -54,8 +54,16 @@ def _train_and_evaluate(cfg: Config, data: Path, out: Path, registry=None) -> di
     return evaluate(cfg.evaluate, out / "model", data / "shards", out / "eval")["test"]
 
 
-def run(work: str | Path, *, epochs: int = 3, source_epochs: int = 10, seeds: tuple[int, ...] = (1, 2, 3),
-        overrides: dict | None = None, recipe: dict | None = None, project_params_arm: bool = True) -> dict:
+def run(
+    work: str | Path,
+    *,
+    epochs: int = 3,
+    source_epochs: int = 10,
+    seeds: tuple[int, ...] = (1, 2, 3),
+    overrides: dict | None = None,
+    recipe: dict | None = None,
+    project_params_arm: bool = True,
+) -> dict:
     """Train A, register it, then B from scratch and warm-started per seed; return the figures.
     `project_params_arm=False` leaves out the from-scratch run with the project's params."""
     from resnet_pipeline.data.download import download
@@ -74,17 +82,24 @@ def run(work: str | Path, *, epochs: int = 3, source_epochs: int = 10, seeds: tu
     try:
         source_cfg = from_dict({"train": {**base["train"], "epochs": source_epochs}})
         source = _train_and_evaluate(source_cfg, task_a, work / "runs" / "a")
-        record = register_model(registry, SOURCE, work / "runs/a/model", work / "runs/a/eval", work / "runs/a/registered.json",
-                                data_manifest=task_a / "manifest.parquet")
+        record = register_model(
+            registry,
+            SOURCE,
+            work / "runs/a/model",
+            work / "runs/a/eval",
+            work / "runs/a/registered.json",
+            data_manifest=task_a / "manifest.parquet",
+        )
         rows = []
         for seed in seeds:
             row = {"seed": seed}
             recipe = RECIPE if recipe is None else recipe
-            arms = [("scratch_default", None, {})] if project_params_arm else []
+            arms: list[tuple[str, str | None, dict]] = [("scratch_default", None, {})] if project_params_arm else []
             for arm, init, extra in arms + [("scratch", None, recipe), ("warm", f"{SOURCE}@champion", recipe)]:
                 arm_cfg = from_dict({"base": {"seed": seed}, "train": {**base["train"], **extra, "init": init}})
-                row[arm] = _train_and_evaluate(arm_cfg, task_b, work / "runs" / f"b-{arm}-{seed}",
-                                               registry if init else None)["top1"]
+                row[arm] = _train_and_evaluate(
+                    arm_cfg, task_b, work / "runs" / f"b-{arm}-{seed}", registry if init else None
+                )["top1"]
             row["gain"] = row["warm"] - row["scratch"]
             rows.append(row)
             log.info("warmstart: seed %d: scratch %.4f, warm %.4f", seed, row["scratch"], row["warm"])
@@ -94,28 +109,47 @@ def run(work: str | Path, *, epochs: int = 3, source_epochs: int = 10, seeds: tu
         else:
             os.environ["RESNET_PIPELINE_CACHE"] = previous_cache
     gains = [r["gain"] for r in rows]
-    return {"source": {"task": "digits " + ",".join(TASK_A), "epochs": source_epochs, "test_top1": source["top1"],
-                       "version": record["version"]},
-            "target": {"task": "digits " + ",".join(TASK_B), "epochs": epochs,
-                       "recipe": RECIPE if recipe is None else recipe},
-            "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k in (overrides or {})},
-            "rows": rows,
-            "mean": {k: statistics.fmean(r.get(k, float("nan")) for r in rows)
-                     for k in ("scratch_default", "scratch", "warm", "gain")},
-            "gain_sd": statistics.stdev(gains) if len(gains) > 1 else None, "min_gain": min(gains)}
+    return {
+        "source": {
+            "task": "digits " + ",".join(TASK_A),
+            "epochs": source_epochs,
+            "test_top1": source["top1"],
+            "version": record["version"],
+        },
+        "target": {
+            "task": "digits " + ",".join(TASK_B),
+            "epochs": epochs,
+            "recipe": RECIPE if recipe is None else recipe,
+        },
+        "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k in (overrides or {})},
+        "rows": rows,
+        "mean": {
+            k: statistics.fmean(r.get(k, float("nan")) for r in rows)
+            for k in ("scratch_default", "scratch", "warm", "gain")
+        },
+        "gain_sd": statistics.stdev(gains) if len(gains) > 1 else None,
+        "min_gain": min(gains),
+    }
 
 
 def format_result(result: dict) -> str:
-    lines = [f"source: ResNet-20 on {result['source']['task']}, {result['source']['epochs']} epochs, "
-             f"test top-1 {result['source']['test_top1']:.4f}, registered as {SOURCE}:{result['source']['version']}",
-             f"target: {result['target']['task']}, {result['target']['epochs']} epochs, test top-1; "
-             f"scratch and warm (from {SOURCE}@champion) with {result['target']['recipe']}; "
-             "scratch_default with the project's params; gain = warm - scratch",
-             f"{'seed':>6} {'scratch_default':>16} {'scratch':>9} {'warm':>9} {'gain':>9}"]
-    lines += [f"{r['seed']:>6} {r.get('scratch_default', float('nan')):>16.4f} {r['scratch']:>9.4f} {r['warm']:>9.4f} {r['gain']:>+9.4f}"
-              for r in result["rows"]]
+    lines = [
+        f"source: ResNet-20 on {result['source']['task']}, {result['source']['epochs']} epochs, "
+        f"test top-1 {result['source']['test_top1']:.4f}, registered as {SOURCE}:{result['source']['version']}",
+        f"target: {result['target']['task']}, {result['target']['epochs']} epochs, test top-1; "
+        f"scratch and warm (from {SOURCE}@champion) with {result['target']['recipe']}; "
+        "scratch_default with the project's params; gain = warm - scratch",
+        f"{'seed':>6} {'scratch_default':>16} {'scratch':>9} {'warm':>9} {'gain':>9}",
+    ]
+    lines += [
+        f"{r['seed']:>6} {r.get('scratch_default', float('nan')):>16.4f} {r['scratch']:>9.4f} {r['warm']:>9.4f} "
+        f"{r['gain']:>+9.4f}"
+        for r in result["rows"]
+    ]
     m = result["mean"]
     sd = f" (sd {result['gain_sd']:.4f})" if result["gain_sd"] is not None else ""
-    lines.append(f"{'mean':>6} {m['scratch_default']:>16.4f} {m['scratch']:>9.4f} {m['warm']:>9.4f} "
-                 f"{m['gain']:>+9.4f}{sd}; smallest gain {result['min_gain']:+.4f}")
+    lines.append(
+        f"{'mean':>6} {m['scratch_default']:>16.4f} {m['scratch']:>9.4f} {m['warm']:>9.4f} "
+        f"{m['gain']:>+9.4f}{sd}; smallest gain {result['min_gain']:+.4f}"
+    )
     return "\n".join(lines)

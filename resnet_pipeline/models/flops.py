@@ -6,7 +6,6 @@ import math
 
 import keras
 
-
 _COUNTED = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense)
 
 

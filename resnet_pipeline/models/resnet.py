@@ -28,8 +28,19 @@ import tensorflow as tf
 from keras import layers
 
 from resnet_pipeline.models.specs import (  # noqa: F401 - the table and its checks, re-exported
-    BOTTLENECK_EXPANSION, KERAS_APPLICATIONS_LAYOUT, POOLINGS, SPECS, Spec, Stage, _check_arguments, allowed_depths,
-    block_strides, default_shortcut, model_arguments, total_stride)
+    BOTTLENECK_EXPANSION,
+    KERAS_APPLICATIONS_LAYOUT,
+    POOLINGS,
+    SPECS,
+    Spec,
+    Stage,
+    _check_arguments,
+    allowed_depths,
+    block_strides,
+    default_shortcut,
+    model_arguments,
+    total_stride,
+)
 
 
 @keras.saving.register_keras_serializable(package="resnet_pipeline")
@@ -91,9 +102,20 @@ class SyncBatchNormalization(layers.BatchNormalization):
 class _Builder:
     """Layer factories and the stem, block and head of one model, sharing its settings."""
 
-    def __init__(self, spec: Spec, *, shortcut: str, stride_in_1x1: bool, zero_init_residual: bool,
-                 bias_before_bn: bool, bias_elsewhere: bool, weight_decay: float, bn_momentum: float,
-                 bn_epsilon: float, sync_bn: bool = False):
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        shortcut: str,
+        stride_in_1x1: bool,
+        zero_init_residual: bool,
+        bias_before_bn: bool,
+        bias_elsewhere: bool,
+        weight_decay: float,
+        bn_momentum: float,
+        bn_epsilon: float,
+        sync_bn: bool = False,
+    ):
         self.spec, self.shortcut = spec, shortcut
         self.stride_in_1x1, self.zero_init_residual = stride_in_1x1, zero_init_residual
         self.bias_before_bn, self.bias_elsewhere = bias_before_bn, bias_elsewhere
@@ -107,16 +129,23 @@ class _Builder:
         if kernel > 1 and stride > 1:
             x, padding = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x), "valid"
         return layers.Conv2D(
-            filters, kernel, strides=stride, padding=padding,
+            filters,
+            kernel,
+            strides=stride,
+            padding=padding,
             use_bias=self.bias_before_bn if before_bn else self.bias_elsewhere,
-            kernel_initializer="he_normal", kernel_regularizer=self.reg, name=f"{name}_conv",
+            kernel_initializer="he_normal",
+            kernel_regularizer=self.reg,
+            name=f"{name}_conv",
         )(x)
 
     def bn(self, x, name: str, zero_gamma: bool = False):
         kind = SyncBatchNormalization if self.sync_bn else layers.BatchNormalization
         return kind(
-            momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-            gamma_initializer="zeros" if zero_gamma else "ones", name=f"{name}_bn",
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            gamma_initializer="zeros" if zero_gamma else "ones",
+            name=f"{name}_bn",
         )(x)
 
     @staticmethod
@@ -225,15 +254,32 @@ def build_resnet(
     """
     shortcut = shortcut or default_shortcut(variant)
     spec = _check_arguments(
-        depth, variant, input_shape=input_shape, num_classes=num_classes, shortcut=shortcut, pooling=pooling,
-        include_top=include_top, stride_in_1x1=stride_in_1x1, v2_stride_last=v2_stride_last, use_bias=use_bias,
-        zero_init_residual=zero_init_residual, weight_decay=weight_decay, bn_momentum=bn_momentum,
+        depth,
+        variant,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        shortcut=shortcut,
+        pooling=pooling,
+        include_top=include_top,
+        stride_in_1x1=stride_in_1x1,
+        v2_stride_last=v2_stride_last,
+        use_bias=use_bias,
+        zero_init_residual=zero_init_residual,
+        weight_decay=weight_decay,
+        bn_momentum=bn_momentum,
         bn_epsilon=bn_epsilon,
     )
     b = _Builder(
-        spec, shortcut=shortcut, stride_in_1x1=stride_in_1x1, zero_init_residual=zero_init_residual,
-        bias_before_bn=bool(use_bias), bias_elsewhere=use_bias if use_bias is not None else v2_stride_last,
-        weight_decay=weight_decay, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, sync_bn=bool(sync_bn),
+        spec,
+        shortcut=shortcut,
+        stride_in_1x1=stride_in_1x1,
+        zero_init_residual=zero_init_residual,
+        bias_before_bn=bool(use_bias),
+        bias_elsewhere=use_bias if use_bias is not None else v2_stride_last,
+        weight_decay=weight_decay,
+        bn_momentum=bn_momentum,
+        bn_epsilon=bn_epsilon,
+        sync_bn=bool(sync_bn),
     )
 
     inputs = keras.Input(shape=tuple(input_shape), name="image")

@@ -85,8 +85,23 @@ def block_strides(spec: Spec, stride_last: bool = False) -> list[list[int]]:
     return [[1] * (stage.blocks - 1) + [stride] for stage, stride in zip(spec.stages, moved)]
 
 
-def _check_arguments(depth, variant, *, input_shape, num_classes, shortcut, pooling, include_top, stride_in_1x1,
-                     v2_stride_last, use_bias, zero_init_residual, weight_decay, bn_momentum, bn_epsilon) -> Spec:
+def _check_arguments(
+    depth,
+    variant,
+    *,
+    input_shape,
+    num_classes,
+    shortcut,
+    pooling,
+    include_top,
+    stride_in_1x1,
+    v2_stride_last,
+    use_bias,
+    zero_init_residual,
+    weight_decay,
+    bn_momentum,
+    bn_epsilon,
+) -> Spec:
     """Raise ValueError naming the argument, the value received and what is allowed; return the spec."""
     if variant not in SPECS:
         raise ValueError(f"variant: received {variant!r}; allowed: {', '.join(map(repr, SPECS))}")
@@ -109,8 +124,12 @@ def _check_arguments(depth, variant, *, input_shape, num_classes, shortcut, pool
         )
     if v2_stride_last and variant != "v2":
         raise ValueError(f"v2_stride_last: received True for variant {variant!r}; allowed: True only for 'v2'")
-    for name, value in (("stride_in_1x1", stride_in_1x1), ("v2_stride_last", v2_stride_last),
-                        ("include_top", include_top), ("zero_init_residual", zero_init_residual)):
+    for name, value in (
+        ("stride_in_1x1", stride_in_1x1),
+        ("v2_stride_last", v2_stride_last),
+        ("include_top", include_top),
+        ("zero_init_residual", zero_init_residual),
+    ):
         if not isinstance(value, bool):
             raise ValueError(f"{name}: received {value!r}; allowed: True or False")
     if use_bias is not None and not isinstance(use_bias, bool):
@@ -129,8 +148,10 @@ def _check_arguments(depth, variant, *, input_shape, num_classes, shortcut, pool
         raise ValueError(f"bn_epsilon: received {bn_epsilon!r}; allowed: a number > 0")
     stride = total_stride(variant, depth)
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else input_shape
-    sides_ok = isinstance(shape, tuple) and len(shape) == 3 and all(
-        d is None or (isinstance(d, int) and d >= stride) for d in shape[:2]
+    sides_ok = (
+        isinstance(shape, tuple)
+        and len(shape) == 3
+        and all(d is None or (isinstance(d, int) and d >= stride) for d in shape[:2])
     )
     if not sides_ok or not (isinstance(shape[2], int) and shape[2] >= 1):
         raise ValueError(
@@ -153,10 +174,17 @@ def model_arguments(train, num_classes: int, channels: int = 3) -> dict:
     Raises the builder's ValueError, which names the option, for a combination it cannot build.
     """
     kwargs = dict(
-        depth=train.depth, variant=train.variant, input_shape=(train.image_size, train.image_size, channels),
-        num_classes=num_classes, shortcut=None if train.shortcut == "auto" else train.shortcut,
-        bn_momentum=train.bn_momentum, bn_epsilon=train.bn_epsilon, sync_bn=train.sync_bn,
-        stride_in_1x1=train.stride_in_1x1, v2_stride_last=train.v2_stride_last, use_bias=train.use_bias,
+        depth=train.depth,
+        variant=train.variant,
+        input_shape=(train.image_size, train.image_size, channels),
+        num_classes=num_classes,
+        shortcut=None if train.shortcut == "auto" else train.shortcut,
+        bn_momentum=train.bn_momentum,
+        bn_epsilon=train.bn_epsilon,
+        sync_bn=train.sync_bn,
+        stride_in_1x1=train.stride_in_1x1,
+        v2_stride_last=train.v2_stride_last,
+        use_bias=train.use_bias,
         zero_init_residual=train.zero_init_residual,
     )
     checked = dict(kwargs, shortcut=kwargs["shortcut"] or default_shortcut(train.variant), weight_decay=0.0)

@@ -18,13 +18,15 @@ def layer_rows(model: keras.Model) -> list[dict]:
     rows = []
     for layer in model.layers:
         shape = layer.output.shape[1:]
-        rows.append({
-            "name": layer.name,
-            "type": type(layer).__name__,
-            "output": "x".join("?" if d is None else str(d) for d in shape),
-            "params": layer.count_params() if layer.weights else 0,
-            "multiply_adds": layer_multiply_adds(layer),
-        })
+        rows.append(
+            {
+                "name": layer.name,
+                "type": type(layer).__name__,
+                "output": "x".join("?" if d is None else str(d) for d in shape),
+                "params": layer.count_params() if layer.weights else 0,
+                "multiply_adds": layer_multiply_adds(layer),
+            }
+        )
     return rows
 
 

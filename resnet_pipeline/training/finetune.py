@@ -43,8 +43,9 @@ class FineTune:
 
     def __init__(self, model: keras.Model, cfg: TrainConfig):
         self.model, self.cfg = model, cfg
-        self.first_trained = _LAST if cfg.trainable_from == HEAD else (
-            int(cfg.trainable_from[4:]) if cfg.trainable_from else 1)
+        self.first_trained = (
+            _LAST if cfg.trainable_from == HEAD else (int(cfg.trainable_from[4:]) if cfg.trainable_from else 1)
+        )
         self.phase: str | None = None
         self._set("all")  # the optimizer is built over these
         head = model.get_layer(HEAD) if HEAD in [layer.name for layer in model.layers] else None
@@ -75,8 +76,13 @@ class FineTune:
         changed = self._set(self.phase_of(epoch))
         if changed or epoch == 0:
             trained = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
-            log.info("fine-tune: epoch %d in the %s phase; %d trainable weights (%d layers frozen)", epoch + 1,
-                     self.phase, trained, sum(1 for layer in self.model.layers if layer.weights and not layer.trainable))
+            log.info(
+                "fine-tune: epoch %d in the %s phase; %d trainable weights (%d layers frozen)",
+                epoch + 1,
+                self.phase,
+                trained,
+                sum(1 for layer in self.model.layers if layer.weights and not layer.trainable),
+            )
         return changed
 
     def scale(self, grads: list, variables: list) -> list:
@@ -89,6 +95,10 @@ class FineTune:
     def describe(self) -> dict:
         """The settings, for the model's record."""
         frozen = [layer.name for layer in self.model.layers if layer.weights and not self.trains(layer, "all")]
-        return {"freeze_bn": self.cfg.freeze_bn, "trainable_from": self.cfg.trainable_from,
-                "head_epochs": self.cfg.head_epochs, "head_lr_multiplier": self.cfg.head_lr_multiplier,
-                "frozen_layers": len(frozen)}
+        return {
+            "freeze_bn": self.cfg.freeze_bn,
+            "trainable_from": self.cfg.trainable_from,
+            "head_epochs": self.cfg.head_epochs,
+            "head_lr_multiplier": self.cfg.head_lr_multiplier,
+            "frozen_layers": len(frozen),
+        }

@@ -83,6 +83,9 @@ def resolve_source(cfg: TrainConfig, cache_dir: str | Path, registry=None) -> di
     """Fetch what `cfg.init` names into `cache_dir`; `{"init", "path", "source", "sha256", "params"}`."""
     kind, cache_dir = init_kind(cfg.init), Path(cache_dir)
     params = None
+    init = cfg.init or ""
+    url: str | None = None
+    path: Path
     try:
         if kind == "imagenet":
             file, url, md5 = imagenet_file(cfg.variant, cfg.depth)
@@ -90,32 +93,40 @@ def resolve_source(cfg: TrainConfig, cache_dir: str | Path, registry=None) -> di
                 url = cfg.init_url + file if cfg.init_url.endswith("/") else cfg.init_url
             path = _fetch(url, cache_dir / "imagenet" / file, md5=md5, sha256=cfg.init_sha256)
         elif kind == "url":
-            url = cfg.init
+            url = init
             name = Path(url.split("?", 1)[0]).name or "weights.h5"
             folder = cfg.init_sha256 or re.sub(r"[^A-Za-z0-9._-]", "_", redact_url(url))[-100:]
             path = _fetch(url, cache_dir / "files" / folder / name, sha256=cfg.init_sha256)
         elif kind == "path":
-            path = Path(cfg.init)
+            path = Path(init)
             if not path.is_file():
                 raise InitError(f"train.init: {path}: weights file not found")
         else:
             if registry is None:
-                raise InitError(f"train.init: {cfg.init!r} is a registry spec, and there is no registry to fetch it from")
+                raise InitError(
+                    f"train.init: {cfg.init!r} is a registry spec, and there is no registry to fetch it from"
+                )
             from resnet_pipeline.predict import cache_dir as models_cache
             from resnet_pipeline.registry import fetch_model
 
-            folder = Path(fetch_model(cfg.init, registry, models_cache()))
-            path, url = folder / "model.keras", f"{cfg.init} ({folder.parent.name}:{folder.name})"
-            if (folder / "params.yaml").is_file():
-                params = (yaml.safe_load((folder / "params.yaml").read_text()) or {}).get("train")
+            pulled = Path(fetch_model(init, registry, models_cache()))
+            path, url = pulled / "model.keras", f"{init} ({pulled.parent.name}:{pulled.name})"
+            if (pulled / "params.yaml").is_file():
+                params = (yaml.safe_load((pulled / "params.yaml").read_text()) or {}).get("train")
     except DownloadError as err:
         raise InitError(f"train.init: {err}") from None
     digest = sha256_file(path)
     if kind == "path" and cfg.init_sha256 and digest.lower() != cfg.init_sha256.lower():
         raise InitError(f"train.init: {path}: sha256 mismatch: expected {cfg.init_sha256}, received {digest}")
-    source = str(path) if kind == "path" else redact_url(url)
-    return {"init": cfg.init if kind != "url" else redact_url(cfg.init), "kind": kind, "path": str(path),
-            "source": source, "sha256": digest, "params": params}
+    source = str(path) if kind == "path" or url is None else redact_url(url)
+    return {
+        "init": cfg.init if kind != "url" else redact_url(init),
+        "kind": kind,
+        "path": str(path),
+        "source": source,
+        "sha256": digest,
+        "params": params,
+    }
 
 
 def check_layout(cfg: TrainConfig, params: dict | None, spec: str) -> None:
@@ -124,8 +135,10 @@ def check_layout(cfg: TrainConfig, params: dict | None, spec: str) -> None:
         return
     for key in LAYOUT_KEYS:
         if key in params and params[key] != getattr(cfg, key):
-            raise InitError(f"train.{key}: received {getattr(cfg, key)!r}; the weights of {spec} need "
-                            f"{params[key]!r} (its params.yaml)")
+            raise InitError(
+                f"train.{key}: received {getattr(cfg, key)!r}; the weights of {spec} need "
+                f"{params[key]!r} (its params.yaml)"
+            )
 
 
 def _weighted_layers(model: keras.Model) -> dict[str, keras.layers.Layer]:
@@ -153,7 +166,9 @@ def _depth_hint(file_names, cfg: TrainConfig) -> str:
     blocks = _stage_blocks(file_names)
     depths = [d for d, spec in SPECS.get(cfg.variant, {}).items() if tuple(s.blocks for s in spec.stages) == blocks]
     if depths and depths[0] != cfg.depth:
-        return f"; the file holds ResNet-{depths[0]} ({'-'.join(map(str, blocks))} blocks): set train.depth: {depths[0]}"
+        return (
+            f"; the file holds ResNet-{depths[0]} ({'-'.join(map(str, blocks))} blocks): set train.depth: {depths[0]}"
+        )
     return f"; the file's stages have {'-'.join(map(str, blocks))} blocks (check train.depth and train.variant)"
 
 
@@ -165,12 +180,17 @@ def _check_config(path, name: str, ours: dict, theirs: dict | None) -> None:
     """Layer options the weights do not show but depend on (strides, BN epsilon), from a .keras config."""
     if not theirs:
         return
-    hints = {"strides": "train.stride_in_1x1 (v1) or train.v2_stride_last (v2)", "epsilon": "train.bn_epsilon",
-             "use_bias": "train.use_bias"}
+    hints = {
+        "strides": "train.stride_in_1x1 (v1) or train.v2_stride_last (v2)",
+        "epsilon": "train.bn_epsilon",
+        "use_bias": "train.use_bias",
+    }
     for key, hint in hints.items():
         if key in ours and key in theirs and list(np.atleast_1d(ours[key])) != list(np.atleast_1d(theirs[key])):
-            raise InitError(f"{path}: layer {name}: {key} is {theirs[key]!r} in the file, {ours[key]!r} in the "
-                            f"model; set {hint} to match the weights")
+            raise InitError(
+                f"{path}: layer {name}: {key} is {theirs[key]!r} in the file, {ours[key]!r} in the "
+                f"model; set {hint} to match the weights"
+            )
 
 
 def plan(model: keras.Model, cfg: TrainConfig, path: str | Path) -> tuple[dict, list[str], list[str]]:
@@ -187,8 +207,10 @@ def plan(model: keras.Model, cfg: TrainConfig, path: str | Path) -> tuple[dict, 
         raise InitError(f"{path}: holds no weights")
     for name in weights:  # a layer of the file the model lacks: another depth or variant
         if name not in ours:
-            raise InitError(f"{path}: layer {name} of the file is not in the model ResNet-{cfg.depth} "
-                            f"({cfg.variant}){_depth_hint(weights, cfg)}")
+            raise InitError(
+                f"{path}: layer {name} of the file is not in the model ResNet-{cfg.depth} "
+                f"({cfg.variant}){_depth_hint(weights, cfg)}"
+            )
     assign, reinit = {}, []
     for name, layer in ours.items():
         arrays = weights.get(name)
@@ -200,12 +222,16 @@ def plan(model: keras.Model, cfg: TrainConfig, path: str | Path) -> tuple[dict, 
         shapes = [tuple(w.shape) for w in layer.weights]
         if len(arrays) != len(shapes):
             hint = "; set train.use_bias to match the file" if isinstance(layer, keras.layers.Conv2D) else ""
-            raise InitError(f"{path}: layer {name}: the file has {len(arrays)} weights ({_describe(arrays)}), the "
-                            f"model {len(shapes)} ({', '.join(map(str, shapes))}){hint}")
+            raise InitError(
+                f"{path}: layer {name}: the file has {len(arrays)} weights ({_describe(arrays)}), the "
+                f"model {len(shapes)} ({', '.join(map(str, shapes))}){hint}"
+            )
         for array, shape, var in zip(arrays, shapes, layer.weights):
             if tuple(array.shape) != shape:
-                raise InitError(f"{path}: layer {name}: weight {var.name} is {tuple(array.shape)} in the file, "
-                                f"{shape} in the model (check train.depth, train.variant and train.shortcut)")
+                raise InitError(
+                    f"{path}: layer {name}: weight {var.name} is {tuple(array.shape)} in the file, "
+                    f"{shape} in the model (check train.depth, train.variant and train.shortcut)"
+                )
         _check_config(path, name, layer.get_config(), configs.get(name))
         assign[name] = arrays
     return assign, reinit, [name for name in weights if name not in assign]
@@ -222,9 +248,21 @@ def load_initial_weights(model: keras.Model, cfg: TrainConfig, *, cache_dir: str
     for name, arrays in assign.items():
         for var, array in zip(model.get_layer(name).weights, arrays):
             var.assign(array.astype(var.dtype))
-    record = {"init": source["init"], "source": source["source"], "sha256": source["sha256"],
-              "loaded": sorted(assign), "reinitialised": reinit,
-              "loaded_weights": sum(len(a) for a in assign.values()), "skipped": skipped}
-    log.info("init: loaded %d layers (%d weights) from %s (sha256 %s); re-initialised: %s",
-             len(assign), record["loaded_weights"], source["source"], source["sha256"][:12], ", ".join(reinit) or "none")
+    record = {
+        "init": source["init"],
+        "source": source["source"],
+        "sha256": source["sha256"],
+        "loaded": sorted(assign),
+        "reinitialised": reinit,
+        "loaded_weights": sum(len(a) for a in assign.values()),
+        "skipped": skipped,
+    }
+    log.info(
+        "init: loaded %d layers (%d weights) from %s (sha256 %s); re-initialised: %s",
+        len(assign),
+        record["loaded_weights"],
+        source["source"],
+        source["sha256"][:12],
+        ", ".join(reinit) or "none",
+    )
     return record

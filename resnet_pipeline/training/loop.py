@@ -49,9 +49,13 @@ log = logging.getLogger(__name__)
 HISTORY_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_sec")
 STEP_FIELDS = ("step", "loss", "accuracy", "lr")
 # params that do not change what is trained: a run resumes across changes of these
-NOT_IN_FINGERPRINT = ("checkpoint_every_steps", "keep_checkpoints", "summary_every_steps", "validate_every_epochs",
-                      "export")
-
+NOT_IN_FINGERPRINT = (
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "summary_every_steps",
+    "validate_every_epochs",
+    "export",
+)
 
 
 class WorkerFailed(RuntimeError):
@@ -90,8 +94,10 @@ def trained_on(shards_dir: Path) -> dict:
     """The data a run trains on, by content: the sha256 of the shard index and the shard stage key
     recorded in it (None for shards written without one)."""
     index = read_json(shards_dir / INDEX, "shard index")
-    return {"index_sha256": sha256_file(shards_dir / INDEX),
-            "shard_key": index.get("stage_key") if isinstance(index, dict) else None}
+    return {
+        "index_sha256": sha256_file(shards_dir / INDEX),
+        "shard_key": index.get("stage_key") if isinstance(index, dict) else None,
+    }
 
 
 def train(
@@ -147,14 +153,28 @@ def train(
     step = int(trainer.step.numpy())
     sums = {k: float(v.numpy()) for k, v in trainer.sums.items()}
     if latest:
-        history = [h for h in read_json(history_path, "history") if h["epoch"] < step // steps_per_epoch] if history_path.exists() else []
+        history = (
+            [h for h in read_json(history_path, "history") if h["epoch"] < step // steps_per_epoch]
+            if history_path.exists()
+            else []
+        )
         step_rows = [r for r in _read_steps(steps_path) if r["step"] <= step]
         log.info("train: resuming from %s at step %d of %d", latest, step, total_steps)
     else:
-        log.info("train: starting %s, %d steps (%d epochs x %d), global batch %d over %d replica(s)",
-                 trainer.model.name, total_steps, cfg.epochs, steps_per_epoch, gbs, replicas)
-    writer = (tf.summary.create_file_writer(str(Path(tensorboard_root) / run_dir.name))
-              if tensorboard_root and cluster.is_chief else tf.summary.create_noop_writer())
+        log.info(
+            "train: starting %s, %d steps (%d epochs x %d), global batch %d over %d replica(s)",
+            trainer.model.name,
+            total_steps,
+            cfg.epochs,
+            steps_per_epoch,
+            gbs,
+            replicas,
+        )
+    writer = (
+        tf.summary.create_file_writer(str(Path(tensorboard_root) / run_dir.name))
+        if tensorboard_root and cluster.is_chief
+        else tf.summary.create_noop_writer()
+    )
 
     def save(at: int) -> str:
         path = trainer.save(at, sums)
@@ -175,14 +195,23 @@ def train(
                 trainer.enter_epoch(epoch)  # the head phase of fine-tuning ends at an epoch boundary
 
                 def dataset_fn(ctx: tf.distribute.InputContext, epoch=epoch, skip=done_in_epoch):
-                    return make_dataset(train_files, ctx.get_per_replica_batch_size(gbs), prep, training=True,
-                                        seed=seed + epoch, input_context=ctx, skip_batches=skip,
-                                        split_global_batch=cfg.deterministic)
+                    return make_dataset(
+                        train_files,
+                        ctx.get_per_replica_batch_size(gbs),
+                        prep,
+                        training=True,
+                        seed=seed + epoch,
+                        input_context=ctx,
+                        skip_batches=skip,
+                        split_global_batch=cfg.deterministic,
+                    )
 
                 iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
                 if cluster.is_chief:
                     print(f"Epoch {epoch + 1}/{cfg.epochs}", flush=True)
-                bar = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "accuracy", "img/s"], verbose=verbose)
+                bar = keras.utils.Progbar(
+                    steps_per_epoch, stateful_metrics=["loss", "accuracy", "img/s"], verbose=verbose
+                )
                 clock = time.perf_counter()
                 while step < (epoch + 1) * steps_per_epoch:
                     n = _steps_to_next_stop(step, steps_per_epoch, cfg)
@@ -190,20 +219,37 @@ def train(
                     loss, correct, stop = trainer.train_steps(iterator, n, sigterm.requested)
                     step += n
                     now = time.perf_counter()
-                    for name, value in (("epoch_loss", loss), ("epoch_correct", correct), ("epoch_seen", n * gbs),
-                                        ("epoch_seconds", now - clock), ("run_images", n * gbs),
-                                        ("run_seconds", now - clock)):
+                    for name, value in (
+                        ("epoch_loss", loss),
+                        ("epoch_correct", correct),
+                        ("epoch_seen", n * gbs),
+                        ("epoch_seconds", now - clock),
+                        ("run_images", n * gbs),
+                        ("run_seconds", now - clock),
+                    ):
                         sums[name] += value
                     clock = now
                     if timing["first"] < 0:
                         timing["first"], timing["first_images"] = now - start, n * gbs
                     rate = sums["epoch_seen"] / max(sums["epoch_seconds"], 1e-9)
-                    step_rows.append({"step": step, "loss": loss / (n * gbs), "accuracy": correct / (n * gbs), "lr": lr})
-                    bar.update(step - epoch * steps_per_epoch, [("loss", sums["epoch_loss"] / sums["epoch_seen"]),
-                               ("accuracy", sums["epoch_correct"] / sums["epoch_seen"]), ("img/s", rate)])
+                    step_rows.append(
+                        {"step": step, "loss": loss / (n * gbs), "accuracy": correct / (n * gbs), "lr": lr}
+                    )
+                    bar.update(
+                        step - epoch * steps_per_epoch,
+                        [
+                            ("loss", sums["epoch_loss"] / sums["epoch_seen"]),
+                            ("accuracy", sums["epoch_correct"] / sums["epoch_seen"]),
+                            ("img/s", rate),
+                        ],
+                    )
                     if step % cfg.summary_every_steps == 0 or n < cfg.summary_every_steps:
-                        for name, value in (("loss", loss / (n * gbs)), ("accuracy", correct / (n * gbs)), ("lr", lr),
-                                            ("images_per_sec", rate)):
+                        for name, value in (
+                            ("loss", loss / (n * gbs)),
+                            ("accuracy", correct / (n * gbs)),
+                            ("lr", lr),
+                            ("images_per_sec", rate),
+                        ):
                             tf.summary.scalar(f"train/{name}", value, step=step)
                     if stop:
                         path = save(step)
@@ -216,14 +262,20 @@ def train(
                     sums[name] = 0.0
                 save(step)
         timing["loop"] = time.perf_counter() - start
-    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError,
-            tf.errors.InternalError) as err:
+    except (
+        tf.errors.UnavailableError,
+        tf.errors.AbortedError,
+        tf.errors.DeadlineExceededError,
+        tf.errors.InternalError,
+    ) as err:
         if cluster.workers <= 1:
             raise
         first = str(err).strip().splitlines()[0]
-        raise WorkerFailed(f"{cluster.name}: a collective operation failed at step {step + 1} ({first}); "
-                           f"another worker died or is unreachable; restart all workers to resume from "
-                           f"{tf.train.latest_checkpoint(str(run_dir))}") from None
+        raise WorkerFailed(
+            f"{cluster.name}: a collective operation failed at step {step + 1} ({first}); "
+            f"another worker died or is unreachable; restart all workers to resume from "
+            f"{tf.train.latest_checkpoint(str(run_dir))}"
+        ) from None
     finally:
         writer.flush()
         if scratch is not None:
@@ -231,14 +283,22 @@ def train(
 
     images, seconds = sums["run_images"], sums["run_seconds"]
     summary = {
-        "steps": step, "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch,
-        "global_batch_size": gbs, "replicas": replicas, "workers": cluster.workers,
-        "strategy": _strategy_name(strategy), "precision": cfg.precision, "jit_compile": cfg.jit_compile,
+        "steps": step,
+        "epochs": cfg.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "global_batch_size": gbs,
+        "replicas": replicas,
+        "workers": cluster.workers,
+        "strategy": _strategy_name(strategy),
+        "precision": cfg.precision,
+        "jit_compile": cfg.jit_compile,
         "wall_time_sec": round(seconds, 3),
         "images_per_sec": round(images / seconds, 2) if seconds > 0 else None,
-        "exported": cfg.export, "ema_decay": cfg.ema_decay,
+        "exported": cfg.export,
+        "ema_decay": cfg.ema_decay,
         # the epochs' wall time with validation and checkpoints, and its first chunk (tracing included)
-        "loop_seconds": round(timing["loop"], 3), "first_chunk_seconds": round(max(timing["first"], 0.0), 3),
+        "loop_seconds": round(timing["loop"], 3),
+        "first_chunk_seconds": round(max(timing["first"], 0.0), 3),
         "first_chunk_images": int(timing["first_images"]),
         "best_val_accuracy": float(trainer.best_val.numpy()) if float(trainer.best_val.numpy()) >= 0 else None,
         "final": history[-1] if history else None,
@@ -246,8 +306,16 @@ def train(
     }
     if cluster.is_chief:
         trainer.finalize(run_dir)
-        _write_model_dir(trainer.model, full_config, history, summary, classes, model_dir, step_rows,
-                         {"init": trainer.init_record, "finetune": trainer.tuner.describe()})
+        _write_model_dir(
+            trainer.model,
+            full_config,
+            history,
+            summary,
+            classes,
+            model_dir,
+            step_rows,
+            {"init": trainer.init_record, "finetune": trainer.tuner.describe()},
+        )
     return summary
 
 
@@ -261,14 +329,29 @@ def _steps_to_next_stop(step: int, steps_per_epoch: int, cfg: TrainConfig) -> in
     return max(1, min(marks) - step)
 
 
-def _epoch_record(trainer: Trainer, epoch: int, step: int, sums: dict, val_ds, n_val: int, cfg: TrainConfig,
-                  run_dir: Path, cluster: Cluster) -> dict:
+def _epoch_record(
+    trainer: Trainer,
+    epoch: int,
+    step: int,
+    sums: dict,
+    val_ds,
+    n_val: int,
+    cfg: TrainConfig,
+    run_dir: Path,
+    cluster: Cluster,
+) -> dict:
     """The epoch's row of history.csv; validation only every `validate_every_epochs` and at the end."""
     seen = sums["epoch_seen"]
-    record = {"epoch": epoch, "step": step, "lr": float(trainer.schedule(step)),
-              "train_loss": sums["epoch_loss"] / seen, "train_accuracy": sums["epoch_correct"] / seen,
-              "val_loss": None, "val_accuracy": None,
-              "images_per_sec": seen / max(sums["epoch_seconds"], 1e-9)}
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "lr": float(trainer.schedule(step)),
+        "train_loss": sums["epoch_loss"] / seen,
+        "train_accuracy": sums["epoch_correct"] / seen,
+        "val_loss": None,
+        "val_accuracy": None,
+        "images_per_sec": seen / max(sums["epoch_seconds"], 1e-9),
+    }
     last = epoch + 1 == cfg.epochs
     if n_val and ((epoch + 1) % cfg.validate_every_epochs == 0 or last):
         val_loss, val_correct = trainer.validate(val_ds)
@@ -289,8 +372,10 @@ def _read_steps(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{"step": int(r["step"]), "loss": float(r["loss"]), "accuracy": float(r["accuracy"]), "lr": float(r["lr"])}
-                for r in csv.DictReader(f)]
+        return [
+            {"step": int(r["step"]), "loss": float(r["loss"]), "accuracy": float(r["accuracy"]), "lr": float(r["lr"])}
+            for r in csv.DictReader(f)
+        ]
 
 
 def _write_steps(path: Path, rows: list[dict]) -> None:
@@ -308,8 +393,9 @@ def _interactive() -> bool:
     return sys.stdout.isatty()
 
 
-def _write_model_dir(model, full_config: Config, history, summary, classes, model_dir: Path, step_rows=(),
-                     init=None) -> None:
+def _write_model_dir(
+    model, full_config: Config, history, summary, classes, model_dir: Path, step_rows=(), init=None
+) -> None:
     """model.keras, the SavedModel, the resolved config, history.csv, steps.csv, curves.png,
     train.json and init.json (the starting weights and fine-tuning), swapped in as a whole."""
     with staged_dir(model_dir) as tmp:
@@ -317,8 +403,14 @@ def _write_model_dir(model, full_config: Config, history, summary, classes, mode
         with recursion_limit():  # ResNet-1202's graph is deeper than Python's default limit
             model.save(tmp / "model.keras")
         from resnet_pipeline.export import export_saved_model  # the SavedModel for serving
-        export_saved_model(model, classes, Preprocess.from_train(full_config.train), tmp / "saved_model",
-                           top_k=full_config.evaluate.top_k)
+
+        export_saved_model(
+            model,
+            classes,
+            Preprocess.from_train(full_config.train),
+            tmp / "saved_model",
+            top_k=full_config.evaluate.top_k,
+        )
         (tmp / "config.yaml").write_text(full_config.to_yaml())
         atomic_write_json(tmp / "labels.json", {"classes": classes})
         atomic_write_json(tmp / "train.json", summary)

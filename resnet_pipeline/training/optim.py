@@ -31,8 +31,15 @@ BN_AND_BIAS_NAMES = ("gamma", "beta", "bias")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup from base_lr / 10, then `kind`: step (x factor at each boundary), cosine or constant."""
 
-    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "constant",
-                 boundaries: tuple[int, ...] = (), factor: float = 0.1):
+    def __init__(
+        self,
+        base_lr: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        kind: str = "constant",
+        boundaries: tuple[int, ...] = (),
+        factor: float = 0.1,
+    ):
         self.base_lr, self.total_steps, self.warmup_steps = float(base_lr), int(total_steps), int(warmup_steps)
         self.kind, self.boundaries, self.factor = kind, tuple(int(b) for b in boundaries), float(factor)
 
@@ -59,8 +66,14 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return lr
 
     def get_config(self) -> dict:
-        return {"base_lr": self.base_lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "kind": self.kind, "boundaries": list(self.boundaries), "factor": self.factor}
+        return {
+            "base_lr": self.base_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "kind": self.kind,
+            "boundaries": list(self.boundaries),
+            "factor": self.factor,
+        }
 
 
 def base_learning_rate(cfg: TrainConfig) -> float:
@@ -100,7 +113,7 @@ def weight_decay_loss(variables: list, weight_decay: float) -> tf.Tensor:
 def per_example_loss(labels: tf.Tensor, logits: tf.Tensor, num_classes: int, label_smoothing: float) -> tf.Tensor:
     logits = tf.cast(logits, tf.float32)
     if label_smoothing:
-        return keras.losses.categorical_crossentropy(tf.one_hot(labels, num_classes), logits, from_logits=True,
-                                                     label_smoothing=label_smoothing)
+        return keras.losses.categorical_crossentropy(
+            tf.one_hot(labels, num_classes), logits, from_logits=True, label_smoothing=label_smoothing
+        )
     return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-

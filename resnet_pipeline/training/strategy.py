@@ -68,8 +68,10 @@ def split_cpu(devices: int) -> None:
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
     except RuntimeError as err:
-        raise RuntimeError(f"train.cpu_devices: cannot split the CPU into {devices} devices once "
-                           f"TensorFlow has started ({err}); create the strategy first") from None
+        raise RuntimeError(
+            f"train.cpu_devices: cannot split the CPU into {devices} devices once "
+            f"TensorFlow has started ({err}); create the strategy first"
+        ) from None
 
 
 def make_strategy(name: str, cpu_devices: int = 1) -> tuple[tf.distribute.Strategy, Cluster]:
@@ -77,14 +79,20 @@ def make_strategy(name: str, cpu_devices: int = 1) -> tuple[tf.distribute.Strate
     cluster = read_tf_config()
     if name == "multi_worker":
         if cluster is None:
-            raise ValueError("train.strategy: 'multi_worker' needs TF_CONFIG (the cluster and this task); "
-                             "set it, or run `resnet-pipeline train --workers N` to try it on one machine")
+            raise ValueError(
+                "train.strategy: 'multi_worker' needs TF_CONFIG (the cluster and this task); "
+                "set it, or run `resnet-pipeline train --workers N` to try it on one machine"
+            )
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:
             split_cpu(cpu_devices)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        log.info("strategy: MultiWorkerMirroredStrategy, %s of %d workers, %d replicas",
-                 cluster.name, cluster.workers, strategy.num_replicas_in_sync)
+        log.info(
+            "strategy: MultiWorkerMirroredStrategy, %s of %d workers, %d replicas",
+            cluster.name,
+            cluster.workers,
+            strategy.num_replicas_in_sync,
+        )
         return strategy, cluster
     gpus = tf.config.list_physical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):

@@ -41,8 +41,9 @@ def set_precision(precision: str) -> None:
 class Trainer:
     """One training run's model, optimizer, EMA and checkpointed state."""
 
-    def __init__(self, cfg: TrainConfig, strategy: tf.distribute.Strategy, num_classes: int, steps_per_epoch: int,
-                 registry=None):
+    def __init__(
+        self, cfg: TrainConfig, strategy: tf.distribute.Strategy, num_classes: int, steps_per_epoch: int, registry=None
+    ):
         self.cfg, self.strategy, self.num_classes, self.registry = cfg, strategy, num_classes, registry
         self.steps_per_epoch = steps_per_epoch
         self.global_batch_size = cfg.global_batch_size
@@ -57,14 +58,17 @@ class Trainer:
         try:
             with self.strategy.scope():
                 self.model = build_resnet(**model_arguments(cfg, num_classes=self.num_classes))
-                self.init_record = load_initial_weights(self.model, cfg, cache_dir=init_cache_dir(),
-                                                        registry=self.registry)
+                self.init_record = load_initial_weights(
+                    self.model, cfg, cache_dir=init_cache_dir(), registry=self.registry
+                )
                 self.tuner = finetune.FineTune(self.model, cfg)  # before the optimizer: it covers every phase
                 self.optimizer = optim.make_optimizer(cfg, self.schedule)
                 self.optimizer.build(self.model.trainable_variables)
                 self.averaged = [v for v in self.model.weights if "float" in str(v.dtype)] if cfg.ema_decay else []
-                self.ema = [tf.Variable(tf.convert_to_tensor(v), trainable=False, name=f"ema_{i}")
-                            for i, v in enumerate(self.averaged)]
+                self.ema = [
+                    tf.Variable(tf.convert_to_tensor(v), trainable=False, name=f"ema_{i}")
+                    for i, v in enumerate(self.averaged)
+                ]
         finally:
             set_precision("float32")  # the policy is global: leave it as found
         self.decayed = optim.decayed_variables(self.model, cfg.decay_bn_and_bias) if cfg.weight_decay else []
@@ -72,8 +76,9 @@ class Trainer:
         self.best_val = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_accuracy")
         self.sums = {k: tf.Variable(0.0, dtype=tf.float64, trainable=False, name=k) for k in SUMS}
         state = {f"ema_{i}": v for i, v in enumerate(self.ema)}
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step,
-                                              best_val=self.best_val, **self.sums, **state)
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer, step=self.step, best_val=self.best_val, **self.sums, **state
+        )
         self._trace()
         self._validate = tf.function(self._validate_fn)
 
@@ -114,7 +119,11 @@ class Trainer:
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
             if self.decayed:
                 loss += tf.nn.scale_regularization_loss(optim.weight_decay_loss(self.decayed, cfg.weight_decay))
-            scaled = self.optimizer.scale_loss(loss) if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) else loss
+            scaled = (
+                self.optimizer.scale_loss(loss)
+                if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+                else loss
+            )
         grads = tape.gradient(scaled, model.trainable_variables)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         return grads, tf.reduce_sum(per_example), correct
@@ -145,8 +154,9 @@ class Trainer:
 
     def train_steps(self, iterator, steps: int, stop: bool) -> tuple[float, float, bool]:
         """Train `steps` steps; (summed loss, correct predictions, whether any worker asked to stop)."""
-        loss, correct, stopped = self._train_steps(iterator, tf.constant(steps, tf.int64),
-                                                   tf.constant(1.0 if stop else 0.0))
+        loss, correct, stopped = self._train_steps(
+            iterator, tf.constant(steps, tf.int64), tf.constant(1.0 if stop else 0.0)
+        )
         return float(loss), float(correct), float(stopped) > 0
 
     def _validate_fn(self, dataset):

@@ -52,8 +52,9 @@ def read_weights(path: str | Path, names_by_class: dict[str, list[str]] | None =
     except WeightsFileError:
         raise
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as err:
-        raise WeightsFileError(f"{path}: not a readable weights file (truncated or corrupt?): "
-                               f"{type(err).__name__}: {err}") from None
+        raise WeightsFileError(
+            f"{path}: not a readable weights file (truncated or corrupt?): {type(err).__name__}: {err}"
+        ) from None
     raise WeightsFileError(f"{path}: unknown weights format; expected .h5 (keras.applications), .weights.h5 or .keras")
 
 
@@ -86,7 +87,9 @@ def _array(path: Path, layer: str, dataset) -> np.ndarray:
     try:
         return np.asarray(dataset[()])
     except (OSError, KeyError, ValueError) as err:
-        raise WeightsFileError(f"{path}: layer {layer}: cannot read its weights (truncated or corrupt?): {err}") from None
+        raise WeightsFileError(
+            f"{path}: layer {layer}: cannot read its weights (truncated or corrupt?): {err}"
+        ) from None
 
 
 def _read_store(path: Path, names_by_class: dict[str, list[str]], h5: h5py.File | None = None) -> dict:
@@ -98,6 +101,7 @@ def _read_store(path: Path, names_by_class: dict[str, list[str]], h5: h5py.File 
         out = {}
         for key in f["layers"]:
             match = re.fullmatch(r"(.+?)(?:_(\d+))?", key)
+            assert match is not None  # (.+?) matches any non-empty key
             cls, k = _class_key(match.group(1)), int(match.group(2) or 0)
             group = f["layers"][key].get("vars")
             if group is None or not len(group):

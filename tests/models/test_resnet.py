@@ -10,7 +10,13 @@ import tensorflow as tf
 from resnet_pipeline.config import ConfigError, from_dict
 from resnet_pipeline.models.flops import multiply_adds
 from resnet_pipeline.models.resnet import (
-    KERAS_APPLICATIONS_LAYOUT, SPECS, ZeroPadShortcut, allowed_depths, block_strides, build_resnet, model_arguments,
+    KERAS_APPLICATIONS_LAYOUT,
+    SPECS,
+    ZeroPadShortcut,
+    allowed_depths,
+    block_strides,
+    build_resnet,
+    model_arguments,
     recursion_limit,
 )
 
@@ -71,13 +77,22 @@ def test_v1_forward_on_small_input():
 
 def test_layer_names_follow_the_paper_stages():
     names = {layer.name for layer in build_resnet(20).layers}
-    for name in ("conv1_conv", "conv1_bn", "conv1_relu", "conv2_block1_1_conv", "conv2_block1_2_bn",
-                 "conv2_block3_out", "conv3_block1_0_pad", "conv4_block3_add", "avg_pool", "logits"):
+    for name in (
+        "conv1_conv",
+        "conv1_bn",
+        "conv1_relu",
+        "conv2_block1_1_conv",
+        "conv2_block1_2_bn",
+        "conv2_block3_out",
+        "conv3_block1_0_pad",
+        "conv4_block3_add",
+        "avg_pool",
+        "logits",
+    ):
         assert name in names, name
     assert "conv2_block4_1_conv" not in names and "conv5_block1_1_conv" not in names
     names50 = {layer.name for layer in build_resnet(50, "v1", input_shape=(64, 64, 3)).layers}
-    for name in ("pool1_pool", "conv2_block1_0_conv", "conv2_block3_3_conv", "conv4_block6_3_bn",
-                 "conv5_block3_out"):
+    for name in ("pool1_pool", "conv2_block1_0_conv", "conv2_block3_3_conv", "conv4_block6_3_bn", "conv5_block3_out"):
         assert name in names50, name
     assert "conv4_block7_1_conv" not in names50
 
@@ -117,11 +132,31 @@ def test_allowed_depths_follow_the_table():
         (dict(depth=20, bn_epsilon=0.0), "0.0"),
         (dict(depth=20, weight_decay=-1e-4), "-0.0001"),
     ],
-    ids=["depth", "variant-depth", "depth-of-other-variant", "cifar-input-too-small", "v1-input-too-small",
-         "shortcut", "num_classes", "cifar-not-in-table", "v1-200", "variant", "v2-input-too-small",
-         "input-rank", "no-channels", "bottleneck-option-A", "stride_in_1x1-basic", "stride_in_1x1-cifar",
-         "v2_stride_last-v1", "pooling", "top-without-pooling", "use_bias", "bn_momentum", "bn_epsilon",
-         "weight_decay"],
+    ids=[
+        "depth",
+        "variant-depth",
+        "depth-of-other-variant",
+        "cifar-input-too-small",
+        "v1-input-too-small",
+        "shortcut",
+        "num_classes",
+        "cifar-not-in-table",
+        "v1-200",
+        "variant",
+        "v2-input-too-small",
+        "input-rank",
+        "no-channels",
+        "bottleneck-option-A",
+        "stride_in_1x1-basic",
+        "stride_in_1x1-cifar",
+        "v2_stride_last-v1",
+        "pooling",
+        "top-without-pooling",
+        "use_bias",
+        "bn_momentum",
+        "bn_epsilon",
+        "weight_decay",
+    ],
 )
 def test_bad_arguments_raise_value_error_naming_the_value(kwargs, fragment):
     with pytest.raises(ValueError) as err:
@@ -154,7 +189,9 @@ def test_get_config_from_config_round_trip():
     x = np.random.default_rng(1).random((2, 32, 32, 3), dtype=np.float32)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(clone(x, training=False)),
-        keras.ops.convert_to_numpy(model(x, training=False)), rtol=0, atol=1e-6,
+        keras.ops.convert_to_numpy(model(x, training=False)),
+        rtol=0,
+        atol=1e-6,
     )
 
 
@@ -182,8 +219,12 @@ KERAS_SETTING = KERAS_APPLICATIONS_LAYOUT  # biases and the stride on the 1x1 (v
 
 # keras.applications.<model>(weights=None).count_params(), 1000 classes at 224x224x3
 KERAS_PARAMS = {
-    ("v1", 50): 25_636_712, ("v1", 101): 44_707_176, ("v1", 152): 60_419_944,
-    ("v2", 50): 25_613_800, ("v2", 101): 44_675_560, ("v2", 152): 60_380_648,
+    ("v1", 50): 25_636_712,
+    ("v1", 101): 44_707_176,
+    ("v1", 152): 60_419_944,
+    ("v2", 50): 25_613_800,
+    ("v2", 101): 44_675_560,
+    ("v2", 152): 60_380_648,
 }
 
 
@@ -211,8 +252,14 @@ def _randomize(model: keras.Model, seed: int) -> None:
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             shapes = [w.shape for w in layer.get_weights()]
-            layer.set_weights([rng.uniform(0.5, 1.0, shapes[0]), rng.normal(0, 0.1, shapes[1]),
-                               rng.normal(0, 0.1, shapes[2]), rng.uniform(0.5, 1.5, shapes[3])])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.0, shapes[0]),
+                    rng.normal(0, 0.1, shapes[1]),
+                    rng.normal(0, 0.1, shapes[2]),
+                    rng.uniform(0.5, 1.5, shapes[3]),
+                ]
+            )
         elif getattr(layer, "bias", None) is not None:
             layer.bias.assign(rng.normal(0, 0.1, layer.bias.shape))
 
@@ -350,8 +397,9 @@ def test_use_bias_follows_the_layout_or_the_argument():
     keras_v2 = _conv_biases(build_resnet(50, "v2", input_shape=(64, 64, 3), v2_stride_last=True))
     for name, bias in keras_v2.items():
         assert bias == (name == "conv1_conv" or name.endswith(("_0_conv", "_3_conv"))), name
-    assert not any(_conv_biases(build_resnet(50, "v2", input_shape=(64, 64, 3), v2_stride_last=True,
-                                             use_bias=False)).values())
+    assert not any(
+        _conv_biases(build_resnet(50, "v2", input_shape=(64, 64, 3), v2_stride_last=True, use_bias=False)).values()
+    )
 
 
 ZERO_INIT = [("cifar", 20, "_2_bn"), ("v1", 50, "_3_bn"), ("v2", 18, "_1_bn"), ("v2", 50, "_2_bn")]
@@ -366,8 +414,9 @@ def test_zero_init_residual_starts_every_block_as_its_shortcut(variant, depth, l
             zero = "_block" in layer.name and layer.name.endswith(last_bn)
             assert (not gamma.any()) if zero else (gamma == 1).all(), layer.name
     # an identity block passes its input through unchanged (v1: through the final ReLU)
-    probe = keras.Model(model.input, [model.get_layer("conv2_block1_out").output,
-                                      model.get_layer("conv2_block2_out").output])
+    probe = keras.Model(
+        model.input, [model.get_layer("conv2_block1_out").output, model.get_layer("conv2_block2_out").output]
+    )
     x = np.random.default_rng(6).random((1, 32, 32, 3), dtype=np.float32)
     first, second = (keras.ops.convert_to_numpy(t) for t in probe(x, training=False))
     np.testing.assert_allclose(second, first if variant == "v2" else np.maximum(first, 0), atol=1e-6)
@@ -421,9 +470,20 @@ def test_train_config_takes_the_v2_table():
 
 
 def test_train_params_choose_the_builder_options():
-    cfg = from_dict({"train": {"variant": "v1", "depth": 50, "image_size": 64, "stride_in_1x1": True,
-                               "use_bias": True, "zero_init_residual": True, "bn_momentum": 0.99,
-                               "bn_epsilon": 1.001e-5}})
+    cfg = from_dict(
+        {
+            "train": {
+                "variant": "v1",
+                "depth": 50,
+                "image_size": 64,
+                "stride_in_1x1": True,
+                "use_bias": True,
+                "zero_init_residual": True,
+                "bn_momentum": 0.99,
+                "bn_epsilon": 1.001e-5,
+            }
+        }
+    )
     model = build_resnet(**model_arguments(cfg.train, num_classes=7))
     conv = model.get_layer("conv3_block1_1_conv")
     assert conv.strides == (2, 2) and conv.use_bias
@@ -433,15 +493,21 @@ def test_train_params_choose_the_builder_options():
     assert model.output.shape[-1] == 7
 
 
-@pytest.mark.parametrize("train, fragment", [
-    ({"variant": "v1", "depth": 50, "shortcut": "A"}, r"train\.shortcut: received 'A' for ResNet-50"),
-    ({"variant": "cifar", "depth": 20, "stride_in_1x1": True}, r"train\.stride_in_1x1: received True"),
-    ({"variant": "v1", "depth": 18, "v2_stride_last": True}, r"train\.v2_stride_last: received True for variant 'v1'"),
-    ({"use_bias": "yes"}, r"train\.use_bias: expected true, false or null, received 'yes'"),
-    ({"bn_momentum": 1.0}, r"train\.bn_momentum: received 1\.0; allowed: >= 0\.0 and < 1\.0"),
-    ({"bn_epsilon": 0}, r"train\.bn_epsilon: received 0\.0; allowed: > 0\.0"),
-    ({"shortcut": "C"}, r"train\.shortcut: received 'C'; allowed: 'auto', 'A', 'B'"),
-])
+@pytest.mark.parametrize(
+    "train, fragment",
+    [
+        ({"variant": "v1", "depth": 50, "shortcut": "A"}, r"train\.shortcut: received 'A' for ResNet-50"),
+        ({"variant": "cifar", "depth": 20, "stride_in_1x1": True}, r"train\.stride_in_1x1: received True"),
+        (
+            {"variant": "v1", "depth": 18, "v2_stride_last": True},
+            r"train\.v2_stride_last: received True for variant 'v1'",
+        ),
+        ({"use_bias": "yes"}, r"train\.use_bias: expected true, false or null, received 'yes'"),
+        ({"bn_momentum": 1.0}, r"train\.bn_momentum: received 1\.0; allowed: >= 0\.0 and < 1\.0"),
+        ({"bn_epsilon": 0}, r"train\.bn_epsilon: received 0\.0; allowed: > 0\.0"),
+        ({"shortcut": "C"}, r"train\.shortcut: received 'C'; allowed: 'auto', 'A', 'B'"),
+    ],
+)
 def test_impossible_model_options_in_params_are_refused(train, fragment):
     with pytest.raises(ConfigError, match=fragment):
         from_dict({"train": train})

@@ -57,12 +57,15 @@ def test_summary_reads_params_and_its_overrides(capsys, repo_root, monkeypatch):
     assert abs(_figure(out, "trainable params") - 0.46e6) / 0.46e6 < 0.02
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--depth", "42"], "train.depth: received 42"),
-    (["--depth", "200", "--image-size", "16"], "train.image_size: received 16; ResNet-200 (v2) needs at least 32"),
-    (["--variant", "v2", "--depth", "20"], "train.depth: received 20 for variant 'v2'"),
-    (["--channels", "0"], "--channels: received 0"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--depth", "42"], "train.depth: received 42"),
+        (["--depth", "200", "--image-size", "16"], "train.image_size: received 16; ResNet-200 (v2) needs at least 32"),
+        (["--variant", "v2", "--depth", "20"], "train.depth: received 20 for variant 'v2'"),
+        (["--channels", "0"], "--channels: received 0"),
+    ],
+)
 def test_summary_refuses_what_cannot_be_built(capsys, tmp_path, monkeypatch, argv, fragment):
     monkeypatch.chdir(tmp_path)
     code, out, err = _summary(capsys, *argv)
@@ -73,8 +76,10 @@ def test_summary_refuses_what_cannot_be_built(capsys, tmp_path, monkeypatch, arg
 def test_benchmark_times_ours_and_keras_on_the_same_network(tmp_path):
     rows = benchmark_models("v1", [50], batch_size=2, image_size=32, steps=3, warmup=1, rounds=2)
     assert [(r["model"], r["phase"]) for r in rows] == [
-        ("ResNet-50 v1 (ours)", "forward"), ("keras.applications.ResNet50", "forward"),
-        ("ResNet-50 v1 (ours)", "train_step"), ("keras.applications.ResNet50", "train_step"),
+        ("ResNet-50 v1 (ours)", "forward"),
+        ("keras.applications.ResNet50", "forward"),
+        ("ResNet-50 v1 (ours)", "train_step"),
+        ("keras.applications.ResNet50", "train_step"),
     ]
     for ours, ref in (rows[0:2], rows[2:4]):
         # the keras layout makes them one network: the ratio compares implementations
@@ -87,8 +92,26 @@ def test_benchmark_times_ours_and_keras_on_the_same_network(tmp_path):
 
 def test_benchmark_without_a_keras_counterpart_and_its_cli(capsys, tmp_path):
     out_file = tmp_path / "bench.json"
-    code = cli.main(["benchmark", "model", "--depths", "20", "--variant", "cifar", "--batch-size", "2",
-                     "--image-size", "32", "--steps", "2", "--warmup", "0", "--output", str(out_file)])
+    code = cli.main(
+        [
+            "benchmark",
+            "model",
+            "--depths",
+            "20",
+            "--variant",
+            "cifar",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--output",
+            str(out_file),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     rows = json.loads(out_file.read_text())
@@ -96,11 +119,14 @@ def test_benchmark_without_a_keras_counterpart_and_its_cli(capsys, tmp_path):
     assert "ResNet-20 cifar (ours)  forward" in out and "keras.applications" not in out
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--depths", "fifty"], "--depths: received 'fifty'"),
-    (["--depths", "42"], "depth: received 42 for variant 'v1'"),
-    (["--steps", "1"], "--steps: received 1; allowed: 2 or more"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--depths", "fifty"], "--depths: received 'fifty'"),
+        (["--depths", "42"], "depth: received 42 for variant 'v1'"),
+        (["--steps", "1"], "--steps: received 1; allowed: 2 or more"),
+    ],
+)
 def test_benchmark_refuses_bad_arguments(capsys, argv, fragment):
     assert cli.main(["benchmark", "model", *argv]) == 2
     assert fragment in capsys.readouterr().err

@@ -5,9 +5,12 @@ from __future__ import annotations
 from resnet_pipeline.training.curves import draw_curves, plot_curves
 
 # the default run's shape: val loss 43 at epoch 2, then around 0.05
-HISTORY = [{"epoch": e, "train_loss": t, "val_loss": v, "train_accuracy": a, "val_accuracy": b}
-           for e, (t, v, a, b) in enumerate([(2.1, 2.4, 0.3, 0.2), (0.9, 43.0, 0.7, 0.1), (0.3, 0.2, 0.9, 0.93),
-                                             (0.1, 0.06, 0.97, 0.98)])]
+HISTORY = [
+    {"epoch": e, "train_loss": t, "val_loss": v, "train_accuracy": a, "val_accuracy": b}
+    for e, (t, v, a, b) in enumerate(
+        [(2.1, 2.4, 0.3, 0.2), (0.9, 43.0, 0.7, 0.1), (0.3, 0.2, 0.9, 0.93), (0.1, 0.06, 0.97, 0.98)]
+    )
+]
 
 
 def test_loss_panel_is_log_scaled_and_shows_every_epoch():

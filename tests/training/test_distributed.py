@@ -30,9 +30,15 @@ STEPS_PER_EPOCH = 22
 # first gradients are so ill-conditioned in float32 (2 % from float64's) that any change of
 # summation order, even the same device with another convolution library, drifts past 1e-3 in a
 # few steps.
-DETERMINISTIC = ["train.deterministic=true", "train.sync_bn=true", "train.zero_init_residual=true",
-                 "train.lr=0.01", "train.lr_schedule=constant", "train.warmup_epochs=0",
-                 "train.summary_every_steps=1"]  # a steps.csv row per step, to compare step by step
+DETERMINISTIC = [
+    "train.deterministic=true",
+    "train.sync_bn=true",
+    "train.zero_init_residual=true",
+    "train.lr=0.01",
+    "train.lr_schedule=constant",
+    "train.warmup_epochs=0",
+    "train.summary_every_steps=1",
+]  # a steps.csv row per step, to compare step by step
 
 
 def _env(**extra) -> dict:
@@ -53,7 +59,9 @@ def _cmd(sets: list[str], workers: int = 0) -> list[str]:
 
 def _train(work: Path, sets: list[str], workers: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run(_cmd(sets, workers), cwd=work, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"train {sets} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"train {sets} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -105,7 +113,10 @@ def test_two_replicas_and_two_workers_match_one_device_step_by_step(work):
 
     one = _steps(work / "one/model")
     assert len(one) == STEPS_PER_EPOCH
-    for name, replicas, strategy in (("mirrored", 2, "MirroredStrategy"), ("workers", 2, "MultiWorkerMirroredStrategy")):
+    for name, replicas, strategy in (
+        ("mirrored", 2, "MirroredStrategy"),
+        ("workers", 2, "MultiWorkerMirroredStrategy"),
+    ):
         summary = json.loads((work / name / "model/train.json").read_text())
         assert (summary["replicas"], summary["strategy"]) == (replicas, strategy)
         other = _steps(work / name / "model")
@@ -143,7 +154,9 @@ def test_sigterm_saves_at_the_step_and_resumes_with_no_lost_step(work):
     reference_steps = _steps(work / "reference/model")
 
     ckpt_root = work / "artifacts/checkpoints"
-    proc = subprocess.Popen(_cmd(common), cwd=work, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(common), cwd=work, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_checkpoint(proc, ckpt_root, STEPS_PER_EPOCH)  # the end of epoch 1
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -160,12 +173,15 @@ def test_sigterm_saves_at_the_step_and_resumes_with_no_lost_step(work):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']:.0f}"
 
 
-@pytest.mark.parametrize("sets", [
-    pytest.param(["train.precision=mixed_float16"], id="mixed_float16"),
-    pytest.param(["train.precision=mixed_bfloat16"], id="mixed_bfloat16"),
-    pytest.param(["train.jit_compile=true"], id="xla"),
-    pytest.param(["train.jit_compile=true", "train.strategy=mirrored", "train.cpu_devices=2"], id="xla-mirrored"),
-])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        pytest.param(["train.precision=mixed_float16"], id="mixed_float16"),
+        pytest.param(["train.precision=mixed_bfloat16"], id="mixed_bfloat16"),
+        pytest.param(["train.jit_compile=true"], id="xla"),
+        pytest.param(["train.jit_compile=true", "train.strategy=mirrored", "train.cpu_devices=2"], id="xla-mirrored"),
+    ],
+)
 def test_mixed_precision_and_xla_complete_an_epoch(work, sets):
     _train(work, ["train.epochs=1", *sets])
     summary = json.loads((work / "artifacts/model/train.json").read_text())
@@ -183,8 +199,9 @@ def _children(pid: int) -> list[int]:
 def test_a_dead_worker_fails_the_run_in_bounded_time_and_a_restart_resumes(work):
     common = ["train.epochs=2", "train.checkpoint_every_steps=4", "train.summary_every_steps=1"]
     ckpt_root = work / "artifacts/checkpoints"
-    launcher = subprocess.Popen(_cmd(common, workers=2), cwd=work, env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        _cmd(common, workers=2), cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_checkpoint(launcher, ckpt_root, 8)
     saved = _checkpointed_step(ckpt_root)
     workers = _children(launcher.pid)

@@ -30,8 +30,14 @@ def _start_model(path) -> keras.Model:
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             g, b, m, v = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
-                               rng.normal(0, 0.1, m.shape), rng.uniform(0.5, 1.5, v.shape)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, g.shape),
+                    rng.normal(0, 0.1, b.shape),
+                    rng.normal(0, 0.1, m.shape),
+                    rng.uniform(0.5, 1.5, v.shape),
+                ]
+            )
     model.save(path)
     return model
 
@@ -50,14 +56,27 @@ def _restore(checkpoint: str) -> dict[str, list[np.ndarray]]:
     return _by_layer(model)
 
 
-def test_freeze_bn_trainable_from_and_the_head_phase_on_two_replicas_through_a_resume(work):
+def test_freeze_bn_trainable_from_and_the_head_phase_on_two_replicas_through_a_resume(work):  # noqa: F811
     start = _by_layer(_start_model(work / "start.keras"))
-    sets = ["train.strategy=mirrored", "train.cpu_devices=2", "train.epochs=2", "train.head_epochs=1",
-            "train.freeze_bn=true", "train.trainable_from=conv3", "train.head_lr_multiplier=10",
-            f"train.init={work / 'start.keras'}", "train.checkpoint_every_steps=4", "train.keep_checkpoints=10",
-            "train.lr=0.05", "train.warmup_epochs=0", f"train.global_batch_size={BATCH}"]
+    sets = [
+        "train.strategy=mirrored",
+        "train.cpu_devices=2",
+        "train.epochs=2",
+        "train.head_epochs=1",
+        "train.freeze_bn=true",
+        "train.trainable_from=conv3",
+        "train.head_lr_multiplier=10",
+        f"train.init={work / 'start.keras'}",
+        "train.checkpoint_every_steps=4",
+        "train.keep_checkpoints=10",
+        "train.lr=0.05",
+        "train.warmup_epochs=0",
+        f"train.global_batch_size={BATCH}",
+    ]
     ckpt_root = work / "artifacts/checkpoints"
-    proc = subprocess.Popen(_cmd(sets), cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _cmd(sets), cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         _wait_for_checkpoint(proc, ckpt_root, 4)  # SIGTERM inside the head phase (epoch 1)
         proc.send_signal(signal.SIGTERM)
@@ -94,8 +113,9 @@ def test_warmstart_benchmark_smoke_registers_and_fine_tunes_from_the_version(tmp
     from resnet_pipeline.benchmark.warmstart import SOURCE, format_result, run
     from resnet_pipeline.registry import open_registry, register_model
 
-    result = run(tmp_path, epochs=1, source_epochs=1, seeds=(1,), overrides={"global_batch_size": 128},
-                 project_params_arm=False)
+    result = run(
+        tmp_path, epochs=1, source_epochs=1, seeds=(1,), overrides={"global_batch_size": 128}, project_params_arm=False
+    )
     row = result["rows"][0]
     assert 0 <= row["scratch"] <= 1 and 0 <= row["warm"] <= 1 and row["gain"] == row["warm"] - row["scratch"]
     assert "seed" in format_result(result) and f"registered as {SOURCE}:1" in format_result(result)
@@ -105,8 +125,13 @@ def test_warmstart_benchmark_smoke_registers_and_fine_tunes_from_the_version(tmp
     scratch = json.loads((tmp_path / "runs/b-scratch-1/model/init.json").read_text())
     assert scratch["init"] is None
     reg = open_registry(tmp_path / "registry")  # the fine-tuned model registered: its metadata says where it started
-    register_model(reg, "digits-b", tmp_path / "runs/b-warm-1/model", tmp_path / "runs/b-warm-1/eval",
-                   tmp_path / "registered-b.json")
+    register_model(
+        reg,
+        "digits-b",
+        tmp_path / "runs/b-warm-1/model",
+        tmp_path / "runs/b-warm-1/eval",
+        tmp_path / "registered-b.json",
+    )
     meta = reg.manifest("digits-b:1")["init"]
     assert meta["init"]["sha256"] == record["sha256"] and meta["init"]["loaded"] == record["loaded"]
     assert meta["finetune"]["head_epochs"] == 0

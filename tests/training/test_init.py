@@ -22,10 +22,18 @@ from resnet_pipeline.training.init import InitError, imagenet_file, load_initial
 from tests.httpserver import LoopbackHTTPServer
 
 SIZE, CLASSES = 64, 10
-APPLICATIONS = [("ResNet50", "v1", 50), ("ResNet101", "v1", 101), ("ResNet152", "v1", 152),
-                ("ResNet50V2", "v2", 50), ("ResNet101V2", "v2", 101), ("ResNet152V2", "v2", 152)]
-LAYOUT = {"v1": {"stride_in_1x1": True, "use_bias": True, "bn_epsilon": 1.001e-5},
-          "v2": {"v2_stride_last": True, "bn_epsilon": 1.001e-5}}
+APPLICATIONS = [
+    ("ResNet50", "v1", 50),
+    ("ResNet101", "v1", 101),
+    ("ResNet152", "v1", 152),
+    ("ResNet50V2", "v2", 50),
+    ("ResNet101V2", "v2", 101),
+    ("ResNet152V2", "v2", 152),
+]
+LAYOUT = {
+    "v1": {"stride_in_1x1": True, "use_bias": True, "bn_epsilon": 1.001e-5},
+    "v2": {"v2_stride_last": True, "bn_epsilon": 1.001e-5},
+}
 
 
 def _legacy_h5(model: keras.Model, path: Path) -> bytes:
@@ -42,8 +50,14 @@ def _randomise(model: keras.Model, seed: int) -> None:
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
-                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 1.5, var.shape)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, gamma.shape),
+                    rng.normal(0, 0.1, beta.shape),
+                    rng.normal(0, 0.1, mean.shape),
+                    rng.uniform(0.5, 1.5, var.shape),
+                ]
+            )
 
 
 def _with_other_head(data: bytes, path: Path, classes: int) -> bytes:
@@ -68,20 +82,25 @@ def served(tmp_path_factory):
     files, models = {}, {}
     for i, (app, _, _) in enumerate(APPLICATIONS):
         keras.utils.set_random_seed(i)
-        ref = getattr(keras.applications, app)(weights=None, input_shape=(SIZE, SIZE, 3), classes=CLASSES,
-                                               classifier_activation=None)
+        ref = getattr(keras.applications, app)(
+            weights=None, input_shape=(SIZE, SIZE, 3), classes=CLASSES, classifier_activation=None
+        )
         _randomise(ref, i)
         files[f"/{app}.h5"] = _legacy_h5(ref, folder / f"{app}.h5")
         files[f"/{app}-3.h5"] = _with_other_head(files[f"/{app}.h5"], folder / f"{app}-3.h5", 3)
         models[app] = ref
     with LoopbackHTTPServer(files) as server:
+
         def entry(path):
             return server.url(path), hashlib.sha256(files[path]).hexdigest()
+
         yield {app: (ref, *entry(f"/{app}.h5"), *entry(f"/{app}-3.h5")) for app, ref in models.items()}, server
 
 
 def _cfg(variant: str, depth: int, **train):
-    return from_dict({"train": {"variant": variant, "depth": depth, "image_size": SIZE, **LAYOUT[variant], **train}}).train
+    return from_dict(
+        {"train": {"variant": variant, "depth": depth, "image_size": SIZE, **LAYOUT[variant], **train}}
+    ).train
 
 
 def _ours(cfg, classes: int) -> keras.Model:
@@ -127,8 +146,11 @@ def test_a_file_of_another_depth_is_refused_naming_the_file_and_layer(served, re
     models, _ = served
     _, url, digest, *_ = models["ResNet101"]
     cfg = _cfg("v1", 50, init=url, init_sha256=digest)
-    with pytest.raises(InitError, match=r"ResNet101\.h5: layer conv4_block7_1_conv of the file is not in the model "
-                                        r"ResNet-50 \(v1\).*ResNet-101.*set train.depth: 101"):
+    with pytest.raises(
+        InitError,
+        match=r"ResNet101\.h5: layer conv4_block7_1_conv of the file is not in the model "
+        r"ResNet-50 \(v1\).*ResNet-101.*set train.depth: 101",
+    ):
         load_initial_weights(resnet50, cfg, cache_dir=tmp_path)
     missing = tmp_path / "missing.h5"  # a file without one of the model's layers
     missing.write_bytes(served[1].files["/ResNet50.h5"])
@@ -177,8 +199,17 @@ def test_imagenet_from_a_mirror_checks_the_official_md5(served, resnet50, tmp_pa
     assert file == "resnet50_weights_tf_dim_ordering_tf_kernels.h5" and md5 == "2cb95161c43110f7111970584f804107"
     assert imagenet_file("v2", 152, include_top=False)[0] == "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
     server.files[f"/mirror/{file}"] = server.files["/ResNet50.h5"]
-    cfg = from_dict({"train": {"init": "imagenet", "variant": "v1", "depth": 50, "image_size": SIZE,
-                               "init_url": server.url("/mirror/")}}).train
+    cfg = from_dict(
+        {
+            "train": {
+                "init": "imagenet",
+                "variant": "v1",
+                "depth": 50,
+                "image_size": SIZE,
+                "init_url": server.url("/mirror/"),
+            }
+        }
+    ).train
     assert (cfg.stride_in_1x1, cfg.use_bias, cfg.bn_epsilon, cfg.bn_momentum) == (True, True, 1.001e-5, 0.99)
     with pytest.raises(InitError, match=rf"mirror/{file}: md5 mismatch: expected {md5}"):
         load_initial_weights(resnet50, cfg, cache_dir=tmp_path)
@@ -210,17 +241,22 @@ def test_a_keras_file_of_another_stride_layout_is_refused(served, tmp_path):
         load_initial_weights(_ours(cfg, CLASSES), cfg, cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("train,message", [
-    ({"init": "imagenet", "variant": "v1", "depth": 50, "stride_in_1x1": False},
-     "train.stride_in_1x1: received False; the ImageNet weights of ResNet-50 (v1) need True"),
-    ({"init": "imagenet", "variant": "v2", "depth": 50, "bn_epsilon": 1e-3}, "train.bn_epsilon: received 0.001"),
-    ({"init": "imagenet", "variant": "v1", "depth": 34}, "train.depth: received 34; init imagenet has weights for"),
-    ({"init": "imagenet"}, "train.variant: received 'cifar'; init imagenet needs 'v1' or 'v2'"),
-    ({"init": "https://example.com/w.h5"}, "train.init_sha256: required"),
-    ({"init": "resnet-digits@champion", "init_url": "http://m/"}, "train.init_url: received 'http://m/'"),
-    ({"init": "Not A Spec"}, "train.init: model spec 'Not A Spec'"),
-    ({"init": "imagenet", "variant": "v1", "depth": 50, "mean": [0.5, 0.5, 0.5]}, "train.mean: received"),
-])
+@pytest.mark.parametrize(
+    "train,message",
+    [
+        (
+            {"init": "imagenet", "variant": "v1", "depth": 50, "stride_in_1x1": False},
+            "train.stride_in_1x1: received False; the ImageNet weights of ResNet-50 (v1) need True",
+        ),
+        ({"init": "imagenet", "variant": "v2", "depth": 50, "bn_epsilon": 1e-3}, "train.bn_epsilon: received 0.001"),
+        ({"init": "imagenet", "variant": "v1", "depth": 34}, "train.depth: received 34; init imagenet has weights for"),
+        ({"init": "imagenet"}, "train.variant: received 'cifar'; init imagenet needs 'v1' or 'v2'"),
+        ({"init": "https://example.com/w.h5"}, "train.init_sha256: required"),
+        ({"init": "resnet-digits@champion", "init_url": "http://m/"}, "train.init_url: received 'http://m/'"),
+        ({"init": "Not A Spec"}, "train.init: model spec 'Not A Spec'"),
+        ({"init": "imagenet", "variant": "v1", "depth": 50, "mean": [0.5, 0.5, 0.5]}, "train.mean: received"),
+    ],
+)
 def test_init_params_are_checked_naming_the_key(train, message):
     with pytest.raises(ConfigError) as err:
         from_dict({"train": train})

@@ -29,10 +29,18 @@ def test_imagenet_step_schedule_divides_by_ten_at_epochs_30_60_90():
 
 
 def test_cifar_step_schedule_in_iterations_and_the_linear_scaling_rule():
-    cfg = TrainConfig(lr=0.1, epochs=164, global_batch_size=128, lr_schedule="step", lr_decay_at=(32000, 48000),
-                      lr_decay_unit="steps", warmup_epochs=0)
+    cfg = TrainConfig(
+        lr=0.1,
+        epochs=164,
+        global_batch_size=128,
+        lr_schedule="step",
+        lr_decay_at=(32000, 48000),
+        lr_decay_unit="steps",
+        warmup_epochs=0,
+    )
     assert [_lr(cfg, 391, s) for s in (0, 31999, 32000, 47999, 48000, 63999)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
     scaled = TrainConfig(lr=0.1, global_batch_size=1024, scale_lr=True, lr_schedule="constant", warmup_epochs=0)
     assert _lr(scaled, 10, 5) == pytest.approx(0.4)
 
@@ -72,7 +80,9 @@ def test_label_smoothing_loss():
 
 def test_mixed_float16_wraps_the_optimizer_in_loss_scaling():
     sched = optim.make_schedule(TrainConfig(), 10)
-    assert isinstance(optim.make_optimizer(TrainConfig(precision="mixed_float16"), sched), keras.optimizers.LossScaleOptimizer)
+    assert isinstance(
+        optim.make_optimizer(TrainConfig(precision="mixed_float16"), sched), keras.optimizers.LossScaleOptimizer
+    )
     assert isinstance(optim.make_optimizer(TrainConfig(precision="mixed_bfloat16"), sched), keras.optimizers.SGD)
     assert isinstance(optim.make_optimizer(TrainConfig(optimizer="adam"), sched), keras.optimizers.Adam)
 
@@ -87,14 +97,17 @@ def test_logits_stay_float32_under_a_mixed_policy():
     assert model(np.zeros((1, 32, 32, 3), np.float32)).dtype == "float32"
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("strategy", "horovod", ["train.strategy", "horovod", "multi_worker"]),
-    ("precision", "float16", ["train.precision", "mixed_float16"]),
-    ("lr_decay_at", [60, 30], ["train.lr_decay_at", "[60, 30]", "increasing"]),
-    ("lr_decay_at", "30", ["train.lr_decay_at", "list of numbers"]),
-    ("cpu_devices", 0, ["train.cpu_devices", ">= 1"]),
-    ("label_smoothing", 1.0, ["train.label_smoothing", "< 1.0"]),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("strategy", "horovod", ["train.strategy", "horovod", "multi_worker"]),
+        ("precision", "float16", ["train.precision", "mixed_float16"]),
+        ("lr_decay_at", [60, 30], ["train.lr_decay_at", "[60, 30]", "increasing"]),
+        ("lr_decay_at", "30", ["train.lr_decay_at", "list of numbers"]),
+        ("cpu_devices", 0, ["train.cpu_devices", ">= 1"]),
+        ("label_smoothing", 1.0, ["train.label_smoothing", "< 1.0"]),
+    ],
+)
 def test_bad_training_params_are_named(key, value, expected):
     with pytest.raises(ConfigError) as err:
         config_mod.from_dict({"train": {key: value}})

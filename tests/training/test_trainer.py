@@ -66,8 +66,16 @@ def test_ema_weights_are_validated_and_exported(digits_data, tmp_path):
 
 
 def test_export_best_exports_the_best_validated_epoch(digits_data, tmp_path):
-    _, summary = _train(digits_data, tmp_path / "best", epochs=3, export="best", lr=0.2, warmup_epochs=0,
-                        lr_schedule="constant", checkpoint_every_steps=1000)
+    _, summary = _train(
+        digits_data,
+        tmp_path / "best",
+        epochs=3,
+        export="best",
+        lr=0.2,
+        warmup_epochs=0,
+        lr_schedule="constant",
+        checkpoint_every_steps=1000,
+    )
     import csv
 
     with open(tmp_path / "best/model/history.csv", newline="") as f:
@@ -103,6 +111,6 @@ def test_linear_and_onecycle_schedules_end_at_zero(kind):
     if kind == "onecycle":
         peak = int(1000 * optim.ONECYCLE_PEAK)
         assert float(schedule(0)) == pytest.approx(0.04) and float(schedule(peak)) == pytest.approx(0.4, rel=1e-3)
-        assert all(a <= b for a, b in zip(lrs[: peak // 50], lrs[1: peak // 50 + 1]))
+        assert all(a <= b for a, b in zip(lrs[: peak // 50], lrs[1 : peak // 50 + 1]))
     else:
         assert float(schedule(550)) == pytest.approx(0.2, rel=1e-3)  # halfway after the warmup
