@@ -89,6 +89,7 @@ def test_dvc_repro_writes_every_stage_and_registers_version_1(dvc_project: Path)
         "params.yaml",
         "labels.json",
         "metrics.json",
+        "predictions.parquet",  # per test image, for the paired gate
     }
     assert "saved_model/saved_model.pb" in files
     assert (dvc_project / "artifacts/model/saved_model/saved_model.pb").exists()
@@ -359,6 +360,12 @@ def test_dvc_artifacts_get_from_a_fresh_clone_fetches_the_model(dvc_project: Pat
     folder, and DVC 3.67's `push --all-commits` resolves it against `/` for other commits (/.dvc-remote)."""
     dvc = str(BIN / "dvc")
     remote = tmp_path / "remote"
+    # the module's earlier tests rerun stages and pull into a fresh cache: commit the workspace they leave, so
+    # that the clone checks out outputs the cache holds
+    _run(["git", "add", "-A"], dvc_project)
+    _run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "workspace", "--allow-empty"], dvc_project
+    )
     _run([dvc, "remote", "add", "--local", "shared", str(remote)], dvc_project)
     try:  # --all-commits: HEAD's outputs, whatever an earlier test's `dvc exp run` left in the workspace
         _run([dvc, "push", "--all-commits", "-r", "shared"], dvc_project, timeout=600)
