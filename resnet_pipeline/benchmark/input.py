@@ -97,6 +97,21 @@ def _synthetic_photo(rng: np.random.Generator, width: int, height: int, label: i
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
+def _write_folder(folder: Path, n_images: int, classes: int, seed: int, quality: int, stem: str, draw) -> Path:
+    """Write `n_images` JPEGs into class sub-folders `c00`, `c01`, ...: image i is `draw(rng, i)` with a
+    generator seeded by (seed, i), in class i % classes, so the folder is the same on every call."""
+    if n_images < 1 or classes < 1:
+        raise ValueError(f"n_images and classes must be positive; received {n_images}, {classes}")
+    folder = Path(folder)
+    digits = max(2, len(str(classes - 1)))
+    for c in range(classes):
+        (folder / f"c{c:0{digits}d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        img = draw(np.random.default_rng([seed, i]), i)
+        img.save(folder / f"c{i % classes:0{digits}d}" / f"{stem}_{i:05d}.jpg", format="JPEG", quality=quality)
+    return folder
+
+
 def make_jpeg_folder(
     folder: Path,
     n_images: int = 1000,
@@ -105,24 +120,17 @@ def make_jpeg_folder(
     seed: int = 0,
     quality: int = 90,
 ) -> Path:
-    """Write `n_images` JPEGs of `size` (width, height) into class sub-folders `c00`, `c01`, …; return `folder`.
-
-    Image i belongs to class i % classes and is drawn from its own generator seeded with (seed, i),
-    so the folder is the same on every call. Existing files of the same names are overwritten.
-    """
-    if n_images < 1 or classes < 1:
-        raise ValueError(f"n_images and classes must be positive; received {n_images}, {classes}")
-    folder = Path(folder)
-    width, height = size
-    digits = max(2, len(str(classes - 1)))
-    for c in range(classes):
-        (folder / f"c{c:0{digits}d}").mkdir(parents=True, exist_ok=True)
-    for i in range(n_images):
-        label = i % classes
-        rng = np.random.default_rng([seed, i])
-        img = _synthetic_photo(rng, width, height, label, classes)
-        img.save(folder / f"c{label:0{digits}d}" / f"img_{i:05d}.jpg", format="JPEG", quality=quality)
-    return folder
+    """Write `n_images` generated JPEGs of `size` (width, height) into class sub-folders; return `folder`.
+    Existing files of the same names are overwritten."""
+    return _write_folder(
+        folder,
+        n_images,
+        classes,
+        seed,
+        quality,
+        "img",
+        lambda rng, i: _synthetic_photo(rng, size[0], size[1], i % classes, classes),
+    )
 
 
 def bundled_photos() -> list:
@@ -147,18 +155,12 @@ def make_photo_folder(
     quality: int = 90,
 ) -> Path:
     """Write `n_images` JPEGs of `size` (width, height), random crops (and mirror images) of the
-    bundled photos, into class sub-folders `c00`, `c01`, ...; the same folder on every call."""
+    bundled photos, into class sub-folders; return `folder`."""
     from PIL import Image
 
-    if n_images < 1 or classes < 1:
-        raise ValueError(f"n_images and classes must be positive; received {n_images}, {classes}")
     photos, width, height = bundled_photos(), size[0], size[1]
-    folder = Path(folder)
-    digits = max(2, len(str(classes - 1)))
-    for c in range(classes):
-        (folder / f"c{c:0{digits}d}").mkdir(parents=True, exist_ok=True)
-    for i in range(n_images):
-        rng = np.random.default_rng([seed, i])
+
+    def draw(rng: np.random.Generator, i: int):
         photo = photos[i % len(photos)]
         scale = max(width / photo.width, height / photo.height, 1.0)  # native resolution when the crop fits
         if scale > 1.0:
@@ -166,10 +168,9 @@ def make_photo_folder(
         x0 = int(rng.integers(0, photo.width - width + 1))
         y0 = int(rng.integers(0, photo.height - height + 1))
         crop = photo.crop((x0, y0, x0 + width, y0 + height))
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        crop.save(folder / f"c{i % classes:0{digits}d}" / f"photo_{i:05d}.jpg", format="JPEG", quality=quality)
-    return folder
+        return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+    return _write_folder(folder, n_images, classes, seed, quality, "photo", draw)
 
 
 def jpeg_files(folder: Path) -> list[str]:
