@@ -179,10 +179,12 @@ def train(
     )
 
     def save(at: int) -> str:
+        began = time.perf_counter()
         path = trainer.save(at, sums)
         if cluster.is_chief:
             atomic_write_json(history_path, history)
             _write_steps(steps_path, step_rows)
+        timing["checkpoints"] += time.perf_counter() - began
         return path
 
     prep = Preprocess.from_train(cfg)
@@ -196,7 +198,8 @@ def train(
         trainer.trace_validation()
     verbose = (1 if _interactive() else 2) if cluster.is_chief else 0
     start = time.perf_counter()
-    timing: dict[str, float] = {"first": -1.0, "first_images": 0, "loop": 0.0}  # the first chunk traces the step
+    # the first chunk traces the step; the seconds of the loop spent validating and checkpointing
+    timing: dict[str, float] = {"first": -1.0, "first_images": 0, "loop": 0.0, "validation": 0.0, "checkpoints": 0.0}
     try:
         with _SigtermWatcher() as sigterm, writer.as_default():
             iterator = _train_iterator(strategy, train_files, in_memory, prep, cfg, seed, step, steps_per_epoch)
@@ -252,7 +255,9 @@ def train(
                         raise Preempted(step, path if cluster.is_chief else str(run_dir))
                     if step % cfg.checkpoint_every_steps == 0 and step % steps_per_epoch:
                         save(step)
+                began = time.perf_counter()
                 history.append(_epoch_record(trainer, epoch, step, sums, val_ds, n_val, cfg, run_dir, cluster))
+                timing["validation"] += time.perf_counter() - began
                 log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in history[-1].items() if v is not None})
                 for name in ("epoch_loss", "epoch_correct", "epoch_seen", "epoch_seconds"):
                     sums[name] = 0.0
@@ -299,6 +304,8 @@ def train(
         "loop_seconds": round(timing["loop"], 3),
         "first_chunk_seconds": round(max(timing["first"], 0.0), 3),
         "first_chunk_images": int(timing["first_images"]),
+        "validation_seconds": round(timing["validation"], 3),
+        "checkpoint_seconds": round(timing["checkpoints"], 3),
         "best_val_accuracy": float(trainer.best_val.numpy()) if float(trainer.best_val.numpy()) >= 0 else None,
         "final": history[-1] if history else None,
         "data": trained_on(shards_dir),
@@ -393,6 +400,8 @@ def _epoch_record(
 def _strategy_name(strategy: tf.distribute.Strategy) -> str:
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):  # its class is CollectiveAllReduceStrategy
         return "MultiWorkerMirroredStrategy"
+    if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy():
+        return "DefaultStrategy"
     return type(strategy).__name__
 
 
