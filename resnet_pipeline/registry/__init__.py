@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from resnet_pipeline.redact import redact_url
-from resnet_pipeline.registry.core import GC_AGE, AliasState, Registry
+from resnet_pipeline.registry.aliases import AliasState
+from resnet_pipeline.registry.core import GC_AGE, Registry
 from resnet_pipeline.registry.manifest import CLAIM, HEARTBEAT, MANIFEST
 from resnet_pipeline.registry.gate import decide
 from resnet_pipeline.registry.spec import Spec, parse_spec
