@@ -60,6 +60,11 @@ def int_list(example: str, low: int = 1) -> Callable[[str], list[int]]:
     return check
 
 
+def options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """`{name: args.name}` for the options a function takes under the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
 def add_params(p: argparse.ArgumentParser, default: str | None = "params.yaml", helptext: str | None = None) -> None:
     """`--params FILE` and `--set GROUP.KEY=VALUE` (repeatable)."""
     p.add_argument("--params", default=default, help=helptext or f"params file (default: {default})")

@@ -18,6 +18,7 @@ from resnet_pipeline.cli_args import (
     at_least,
     int_list,
     load_params,
+    options,
     positive_float,
     positive_int,
     write_output,
@@ -33,21 +34,13 @@ def _model(args) -> tuple[Any, str]:
         prepare_devices(args.replicas)  # logical CPU devices: before anything else touches TensorFlow
     from resnet_pipeline.benchmark.model import benchmark_models, format_rows
 
-    timing = dict(
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        steps=args.steps,
-        warmup=args.warmup,
-        rounds=min(args.rounds, args.steps),
-    )
-    if args.replicas:
-        rows = _replica_rows(args, timing)
-    else:
-        rows = benchmark_models(args.variant, args.depths, **timing)
+    timing = {**options(args, "batch_size", "image_size", "steps", "warmup"), "rounds": min(args.rounds, args.steps)}
+    rows = _replica_rows(args, timing) if args.replicas else benchmark_models(args.variant, args.depths, **timing)
     return rows, format_rows(rows)
 
 
 def _replica_rows(args, timing: dict) -> list[dict]:
+    from resnet_pipeline.benchmark.harness import Timing
     from resnet_pipeline.benchmark.replicas import benchmark_replicas
     from resnet_pipeline.models.specs import SPECS
 
@@ -59,13 +52,10 @@ def _replica_rows(args, timing: dict) -> list[dict]:
                 f"--depths: received {depth} for variant {args.variant!r}; "
                 f"allowed: {', '.join(map(str, SPECS[variant]))}"
             )
+        stride = stride_in_1x1 and SPECS[variant][depth].block == "bottleneck"
+        classes = 10 if variant == "cifar" else 1000
         rows += benchmark_replicas(
-            variant,
-            depth,
-            replicas=args.replicas,
-            num_classes=10 if variant == "cifar" else 1000,
-            stride_in_1x1=stride_in_1x1 and SPECS[variant][depth].block == "bottleneck",
-            **timing,
+            variant, depth, Timing(**timing), replicas=args.replicas, num_classes=classes, stride_in_1x1=stride
         )
     return rows
 
@@ -85,13 +75,8 @@ def _shard(args) -> tuple[Any, str]:
 
     from resnet_pipeline.benchmark.shard import format_result, run
 
-    result = run(
-        Path(args.images) if args.images else None,
-        count=args.count,
-        workers=args.workers,
-        max_shorter_side=args.max_shorter_side,
-        repeats=args.repeats,
-    )
+    images = Path(args.images) if args.images else None
+    result = run(images, **options(args, "count", "workers", "max_shorter_side", "repeats"))
     return result, format_result(result)
 
 
@@ -100,15 +85,9 @@ def _input(args) -> tuple[Any, str]:
 
     from resnet_pipeline.benchmark.input import compare, format_rows
 
-    rows = compare(
-        Path(args.images) if args.images else None,
-        count=args.count,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        max_shorter_side=args.max_shorter_side,
-        generator_images=args.generator_images,
-        photos=args.photos,
-    )
+    images = Path(args.images) if args.images else None
+    names = ("count", "image_size", "batch_size", "max_shorter_side", "generator_images", "photos")
+    rows = compare(images, **options(args, *names))
     return rows, format_rows(rows)
 
 
@@ -144,15 +123,7 @@ def _pull(args) -> tuple[Any, str]:
 
     if args.pin and not args.seaweed:
         raise ConfigError("benchmark pull --pin: only with --seaweed (the server must run on this machine)")
-    result = run(
-        args.registry,
-        seaweed=args.seaweed,
-        size_mb=args.size_mb,
-        rounds=args.rounds,
-        pin=args.pin,
-        part_mb=args.part_mb,
-        connections=args.connections,
-    )
+    result = run(args.registry, **options(args, "seaweed", "size_mb", "rounds", "pin", "part_mb", "connections"))
     return result, format_result(result)
 
 
@@ -176,6 +147,19 @@ def run_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+ABOUT = {  # each benchmark's line in `resnet-pipeline benchmark --help`
+    "model": "forward and training-step throughput vs keras.applications",
+    "warmstart": "fine-tuning from a registered model vs from scratch, on digits tasks",
+    "shard": "shard stage time with 1 and N worker processes",
+    "input": "training input images/s: ours vs ImageDataGenerator, image_dataset_from_directory, JPEG decoding alone",
+    "train": "train stage images/s over a short run vs its bare step and model.fit",
+    "accuracy": "split, train, evaluate over N seeds: test top-1 mean, std, 95%% CI",
+    "ingest": "download/split/shard time, images/s and peak RSS at growing sizes; "
+    "parallel vs sequential S3 folder download",
+    "pull": "registry pull MB/s vs a plain HTTP GET of the same objects",
+}
+
+
 def add_parsers(sub) -> None:
     """The `benchmark` command and its sub-commands, on the top-level subparsers `sub`."""
     bench = sub.add_parser("benchmark", help="time our code against a reference in the same run")
@@ -193,7 +177,7 @@ def add_parsers(sub) -> None:
 
 
 def _model_parser(bench_sub) -> None:
-    p = bench_sub.add_parser("model", help="forward and training-step throughput vs keras.applications")
+    p = bench_sub.add_parser("model", help=ABOUT["model"])
     p.add_argument("--depths", type=int_list("50,101"), default=[50], help="comma-separated depths (default: 50)")
     p.add_argument(
         "--variant",
@@ -216,7 +200,7 @@ def _model_parser(bench_sub) -> None:
 
 
 def _warmstart_parser(bench_sub) -> None:
-    p = bench_sub.add_parser("warmstart", help="fine-tuning from a registered model vs from scratch, on digits tasks")
+    p = bench_sub.add_parser("warmstart", help=ABOUT["warmstart"])
     p.add_argument("--epochs", type=positive_int, default=3, help="epochs on the second task, both arms (default: 3)")
     p.add_argument("--source-epochs", type=positive_int, default=10, help="epochs on the first task (default: 10)")
     p.add_argument(
@@ -227,7 +211,7 @@ def _warmstart_parser(bench_sub) -> None:
 
 
 def _shard_parser(bench_sub) -> None:
-    p = bench_sub.add_parser("shard", help="shard stage time with 1 and N worker processes")
+    p = bench_sub.add_parser("shard", help=ABOUT["shard"])
     p.add_argument("--images", help="an image folder, one sub-folder per class (default: generate --count JPEGs)")
     p.add_argument("--count", type=positive_int, default=2000, help="JPEGs of 500x375 to generate (default: 2000)")
     p.add_argument("--workers", type=at_least(2), default=2, help="worker processes to compare with 1 (default: 2)")
@@ -239,11 +223,7 @@ def _shard_parser(bench_sub) -> None:
 
 
 def _input_parser(bench_sub) -> None:
-    p = bench_sub.add_parser(
-        "input",
-        help="training input images/s: ours vs ImageDataGenerator, "
-        "image_dataset_from_directory and JPEG decoding alone",
-    )
+    p = bench_sub.add_parser("input", help=ABOUT["input"])
     p.add_argument("--images", help="a folder of JPEGs, one sub-folder per class (default: generate --count)")
     p.add_argument("--count", type=positive_int, default=1000, help="JPEGs of 500x375 to generate (default: 1000)")
     p.add_argument(
@@ -267,12 +247,12 @@ def _input_parser(bench_sub) -> None:
 
 def _run_parsers(bench_sub) -> None:
     """`train` and `accuracy`: runs of the pipeline with the params."""
-    p = bench_sub.add_parser("train", help="train stage images/s over a short run vs its bare step and model.fit")
+    p = bench_sub.add_parser("train", help=ABOUT["train"])
     p.add_argument("--epochs", type=positive_int, default=5, help="epochs of the run (default: 5)")
     add_params(p)
     add_output(p)
 
-    p = bench_sub.add_parser("accuracy", help="split, train, evaluate over N seeds: test top-1 mean, std, 95%% CI")
+    p = bench_sub.add_parser("accuracy", help=ABOUT["accuracy"])
     p.add_argument("--seeds", type=positive_int, default=5, help="values of base.seed to run (default: 5)")
     p.add_argument("--first-seed", type=int, default=0, help="the first seed; then +1 (default: 0)")
     add_params(p)
@@ -280,11 +260,7 @@ def _run_parsers(bench_sub) -> None:
 
 
 def _ingest_parser(bench_sub) -> None:
-    p = bench_sub.add_parser(
-        "ingest",
-        help="download/split/shard time, images/s and peak RSS at growing sizes; "
-        "parallel vs sequential S3 folder download",
-    )
+    p = bench_sub.add_parser("ingest", help=ABOUT["ingest"])
     p.add_argument(
         "--sizes",
         type=int_list("10000,40000,160000"),
@@ -303,7 +279,7 @@ def _ingest_parser(bench_sub) -> None:
 
 
 def _pull_parser(bench_sub) -> None:
-    p = bench_sub.add_parser("pull", help="registry pull MB/s vs a plain HTTP GET of the same objects")
+    p = bench_sub.add_parser("pull", help=ABOUT["pull"])
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--registry", help="s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment")
     where.add_argument("--seaweed", action="store_true", help="start a SeaweedFS on loopback and use it instead")

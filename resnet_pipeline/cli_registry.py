@@ -121,6 +121,12 @@ def add_parsers(sub) -> None:
     _action_options(reg_sub.choices)
 
 
+OLDER_THAN = (
+    "only versions whose newest object (claim, heartbeat or file) is at least this old "
+    "(default: 86400, a day; a live registration refreshes its heartbeat every minute)"
+)
+
+
 def _action_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
     show, pull, promote, gc = (parsers[a] for a in ("show", "pull", "promote", "gc"))
     show.add_argument("--json", action="store_true", help="the whole manifest (or history) as JSON")
@@ -138,11 +144,4 @@ def _action_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
         "as DEST/VERSION/saved_model.pb, variables/, assets/ for tensorflow_model_server",
     )
     promote.add_argument("alias", help="alias to point at the version, such as champion or staging")
-    gc.add_argument(
-        "--older-than",
-        type=float,
-        default=86400.0,
-        metavar="SECONDS",
-        help="only versions whose newest object (claim, heartbeat or file) is at least this "
-        "old (default: 86400, a day; a live registration refreshes its heartbeat every minute)",
-    )
+    gc.add_argument("--older-than", type=float, default=86400.0, metavar="SECONDS", help=OLDER_THAN)
