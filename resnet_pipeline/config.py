@@ -465,6 +465,20 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     return out
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set` items (`GROUP.KEY=VALUE`, the value read as YAML) as `{"group.key": value}`."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected GROUP.KEY=VALUE, such as train.epochs=3")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({getattr(err, 'problem', err)})") from None
+    return overrides
+
+
 def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
     """Read, override and validate a params file."""
     path = Path(path)
