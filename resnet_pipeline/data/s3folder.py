@@ -1,0 +1,336 @@
+"""An `s3://bucket/prefix` image folder into a local folder, many requests at a time.
+
+boto3 lists the folder (pagination, credentials, endpoint and addressing rules) and every key is
+checked before the first object is fetched: none may leave the prefix (`..`, absolute), no two may
+land on the same file, no class folder may be empty. The objects then come through presigned GET
+URLs signed by that same client and fetched by `workers` threads, each with one keep-alive
+`http.client` connection: botocore's full request pipeline costs ~0.86 ms of CPU per object, a
+presign and a plain GET ~0.4 ms, and with small objects on a small machine the CPU is the limit.
+
+The plain GET keeps what botocore would do: TLS verified against the CA bundle botocore uses
+(`AWS_CA_BUNDLE`, `ca_bundle` in the AWS config, else its default), its timeouts, retries of
+transient failures (connection errors, cut bodies, 5xx, 503 SlowDown, 429) with bounded, jittered
+backoff. Where botocore would go through a proxy or present a client certificate, every object goes
+through `get_object` instead; an answer the plain GET does not handle (a redirect to another
+region, a 403 or 404) is asked again through `get_object`, so that botocore's redirect handling
+and error messages apply. Each object's length must match the listing's `Size`; each file is
+written under a temporary name and renamed into place. Logs and errors name `s3://bucket/key`,
+never a signed URL.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlsplit
+
+from tqdm import tqdm
+
+from resnet_pipeline.data.fetch import DownloadError
+from resnet_pipeline.redact import redact_text
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+MAX_BACKOFF = 8.0  # seconds: the longest wait between two attempts of one object
+URL_EXPIRES = 3600  # seconds a presigned URL is valid; each attempt signs a fresh one
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+_ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    target: Path
+
+
+def s3_keys(client: Any, bucket: str, prefix: str, url: str) -> tuple[dict[str, int], dict[str, int]]:
+    """The objects under the prefix as {key: size} (checked: none may escape it) and the file count
+    per class folder."""
+    objects: dict[str, int] = {}
+    classes: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            relative = Path(key[len(prefix) :])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise ValueError(f"download.path: object key {key!r} under {url} escapes the folder")
+            if not relative.parts:
+                continue
+            is_marker = key.endswith("/")
+            if is_marker or len(relative.parts) > 1:
+                classes.setdefault(relative.parts[0], 0)
+            if not is_marker:
+                objects[key] = int(obj["Size"])
+                if len(relative.parts) > 1:
+                    classes[relative.parts[0]] += 1
+    return objects, classes
+
+
+def plan(objects: dict[str, int], prefix: str, dest: Path, url: str) -> list[S3Object]:
+    """Where every object goes below `dest`; two keys naming one file (`a//b`, `a/./b`) are refused."""
+    planned: dict[Path, str] = {}
+    out = []
+    for key, size in objects.items():
+        target = dest / key[len(prefix) :]
+        if target in planned:
+            raise ValueError(
+                f"download.path: object keys {planned[target]!r} and {key!r} under {url} name the same file"
+            )
+        planned[target] = key
+        out.append(S3Object(key, size, target))
+    return out
+
+
+class _Transient(Exception):
+    """Worth another attempt: a connection error, a cut body, a 5xx or a throttling answer."""
+
+
+class _AskBotocore(Exception):
+    """An answer the plain GET does not handle (a redirect, 403, 404): ask through get_object."""
+
+
+class _Fetcher:
+    """Fetches objects of one bucket through presigned URLs, one keep-alive connection per thread."""
+
+    def __init__(self, client: Any, bucket: str, ca_bundle: str | None, retries: int, backoff: float) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = client.meta.config.read_timeout
+        self._ssl = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+        self._local = threading.local()
+        self._open: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._open:
+                conn.close()
+            self._open.clear()
+
+    def fetch(self, obj: S3Object, part: Path) -> None:
+        """`obj` into `obj.target`, through `part` (a temporary name), retried while transient."""
+        for attempt in range(self.retries + 1):
+            try:
+                try:
+                    self._get(obj, part)
+                except _AskBotocore:
+                    self._get_object(obj, part)
+                os.replace(part, obj.target)
+                return
+            except _Transient as e:
+                if attempt == self.retries:
+                    raise DownloadError(
+                        f"s3://{self.bucket}/{obj.key}: giving up after {attempt + 1} attempts: {e}"
+                    ) from None
+                delay = min(self.backoff * 2**attempt, MAX_BACKOFF) * random.uniform(0.5, 1.0)
+                log.warning("s3://%s/%s: %s; retry %d/%d in %.2fs", self.bucket, obj.key, e, attempt + 1,
+                            self.retries, delay)
+                time.sleep(delay)
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        conns = self._local.__dict__.setdefault("conns", {})
+        conn = conns.get((scheme, netloc))
+        if conn is None:
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
+            conns[(scheme, netloc)] = conn
+            with self._lock:
+                self._open.append(conn)
+        return conn
+
+    def fetch_with_botocore(self, obj: S3Object, part: Path) -> None:
+        """`obj` into `obj.target` through get_object only (botocore retries)."""
+        self._get_object(obj, part)
+        os.replace(part, obj.target)
+
+    def url_of(self, obj: S3Object) -> str:
+        """A presigned GET URL of `obj` (a secret: never logged)."""
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": obj.key}, ExpiresIn=URL_EXPIRES
+        )
+
+    def _get(self, obj: S3Object, part: Path) -> None:
+        parts = urlsplit(self.url_of(obj))
+        conn = self._connection(parts.scheme, parts.netloc)
+        try:
+            conn.request("GET", f"{parts.path}?{parts.query}")
+            resp = conn.getresponse()
+            if resp.status != 200:
+                head = resp.read(4096)
+                code = _ERROR_CODE.search(head)
+                why = f"HTTP {resp.status}" + (f" {code.group(1).decode(errors='replace')}" if code else "")
+                resp.read()  # leave the connection reusable
+                raise (_Transient if resp.status in _TRANSIENT_STATUS else _AskBotocore)(why)
+            announced = resp.getheader("Content-Length")
+            if announced is not None and int(announced) != obj.size:
+                conn.close()
+                raise DownloadError(self._size_error(obj, int(announced)))
+            received = self._write(lambda: resp.read(CHUNK), part)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            conn.close()  # a fresh connection for the next attempt
+            raise _Transient(f"{type(e).__name__}: {redact_text(str(e)) or 'connection lost'}") from None
+        if received != obj.size:
+            raise DownloadError(self._size_error(obj, received))
+
+    def _get_object(self, obj: S3Object, part: Path) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=obj.key)["Body"]
+            chunks = body.iter_chunks(CHUNK)
+            received = self._write(lambda: next(chunks, b""), part)
+        except (ClientError, BotoCoreError) as e:
+            raise DownloadError(f"s3://{self.bucket}/{obj.key}: {redact_text(str(e))}") from None
+        if received != obj.size:
+            raise DownloadError(self._size_error(obj, received))
+
+    @staticmethod
+    def _write(read: Any, part: Path) -> int:
+        """Blocks from `read()` into `part`; errors of `read` propagate, local ones are final."""
+        received = 0
+        try:
+            f = open(part, "wb")
+        except OSError as e:
+            raise DownloadError(f"{part}: cannot write: {e}") from None
+        with f:
+            while block := read():
+                try:
+                    f.write(block)
+                except OSError as e:
+                    raise DownloadError(f"{part}: cannot write: {e}") from None
+                received += len(block)
+        return received
+
+    def _size_error(self, obj: S3Object, received: int) -> str:
+        return (f"s3://{self.bucket}/{obj.key}: {received} bytes received, the listing says {obj.size} "
+                "(changed since it was listed?)")
+
+
+def _plain_get_refused(client: Any, url: str) -> str | None:
+    """Why the objects must go through get_object (a proxy, a client certificate), or None."""
+    from botocore.utils import get_environ_proxies
+
+    cfg = client.meta.config
+    scheme = urlsplit(url).scheme
+    if (cfg.proxies or {}).get(scheme) or get_environ_proxies(url).get(scheme):
+        return "a proxy is configured"
+    if cfg.client_cert:
+        return "a client certificate is configured"
+    return None
+
+
+def _run(work: Iterator[S3Object], fetch: Any, workers: int, parts: Path, total: int) -> None:
+    """`fetch(obj, part)` for every object of `work` in `workers` threads; the first error stops all."""
+    lock = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    bar = tqdm(total=total, desc="download s3", unit="file", disable=None)
+
+    def loop(n: int) -> None:
+        part = parts / str(n)
+        while not stop.is_set():
+            with lock:
+                obj = next(work, None)
+            if obj is None:
+                return
+            try:
+                fetch(obj, part)
+            except Exception as e:
+                errors.append(e)
+                stop.set()
+                return
+            bar.update()
+
+    threads = [threading.Thread(target=loop, args=(n,), name=f"s3-fetch-{n}") for n in range(workers)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+        bar.close()
+    if errors:
+        raise errors[0]
+
+
+@dataclass(frozen=True)
+class S3Folder:
+    """A listed `s3://bucket/prefix/`: its objects {key: size}, files per class folder, the client."""
+
+    url: str
+    bucket: str
+    prefix: str
+    objects: dict[str, int]
+    classes: dict[str, int]
+    client: Any
+    ca_bundle: str | None
+
+
+@functools.cache
+def _data_loader() -> Any:
+    """botocore's loader of its JSON service models, shared by the sessions of one process (it only
+    reads botocore's data files; credentials stay per session)."""
+    import botocore.session
+
+    return botocore.session.get_session().get_component("data_loader")
+
+
+def list_folder(url: str, endpoint_url: str | None, workers: int = 16) -> S3Folder:
+    """List s3://bucket/prefix/ (every key checked) with a client good for `workers` threads."""
+    import botocore.session
+    from botocore.config import Config as BotoConfig
+
+    parsed = urlparse(url)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket:
+        raise ValueError(f"download.path: received {url!r}; expected s3://bucket/prefix")
+    prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    session = botocore.session.get_session()
+    session.register_component("data_loader", _data_loader())
+    client = session.create_client(
+        "s3", endpoint_url=endpoint_url or None,
+        config=BotoConfig(max_pool_connections=max(10, workers), signature_version="s3v4"),
+    )
+    objects, classes = s3_keys(client, bucket, prefix, url)
+    return S3Folder(url, bucket, prefix, objects, classes, client, session.get_config_variable("ca_bundle"))
+
+
+def fetch_folder(folder: S3Folder, dest: Path, workers: int = 16, *, retries: int = 5, backoff: float = 0.5) -> int:
+    """Every object of `folder` into dest (keeping the key below the prefix), `workers` requests at
+    a time; return the file count. Every target is planned (and checked) before the first request."""
+    todo = plan(folder.objects, folder.prefix, dest, folder.url)
+    for parent in sorted({o.target.parent for o in todo}):
+        parent.mkdir(parents=True, exist_ok=True)
+    fetcher = _Fetcher(folder.client, folder.bucket, folder.ca_bundle, retries, backoff)
+    fetch = fetcher.fetch
+    if todo and (refused := _plain_get_refused(folder.client, fetcher.url_of(todo[0]))):
+        log.info("download: %s; fetching %s through get_object", refused, folder.url)
+        fetch = fetcher.fetch_with_botocore
+    parts = dest / f".s3-parts-{secrets.token_hex(4)}"
+    parts.mkdir()
+    try:
+        _run(iter(todo), fetch, max(1, min(workers, len(todo))), parts, len(todo))
+    finally:
+        fetcher.close()
+        shutil.rmtree(parts, ignore_errors=True)
+    return len(todo)
