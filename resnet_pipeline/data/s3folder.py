@@ -185,6 +185,9 @@ class _Fetcher:
                 conn.close()
                 raise DownloadError(self._size_error(obj, int(announced)))
             received = self._write(lambda: resp.read(CHUNK), part)
+            if announced is not None and received < int(announced):  # read(n) ends quietly at a cut
+                conn.close()
+                raise _Transient(f"body cut after {received} of {announced} bytes")
         except (OSError, http.client.HTTPException, ValueError) as e:
             conn.close()  # a fresh connection for the next attempt
             raise _Transient(f"{type(e).__name__}: {redact_text(str(e)) or 'connection lost'}") from None

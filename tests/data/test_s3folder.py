@@ -1,0 +1,169 @@
+"""The S3 image-folder download's fetch path (resnet_pipeline/data/s3folder.py): presigned GETs over
+keep-alive connections, checked against the listing, against the session's SeaweedFS; faults
+SeaweedFS cannot produce (a body cut at every attempt, a 503 that never ends) come from the loopback
+HTTP server of tests/httpserver.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import stat
+from pathlib import Path
+
+import pytest
+
+from resnet_pipeline.config import DownloadConfig
+from resnet_pipeline.data import s3folder
+from resnet_pipeline.data.download import download
+from resnet_pipeline.data.fetch import DownloadError
+from tests.httpserver import LoopbackHTTPServer
+
+SECRET = "test-secret-that-must-not-leak"
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return s3_server
+
+
+def _put(client, bucket: str, files: dict[str, bytes]) -> None:
+    for key, data in files.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def _assert_no_secret(text: str) -> None:
+    for secret in ("X-Amz-Signature", "X-Amz-Credential", "Signature=", SECRET):
+        assert secret not in text
+
+
+def test_many_objects_come_down_byte_identical(s3_env, tmp_path, caplog):
+    rng = random.Random(3)
+    files = {f"many/c{i % 4}/img_{i:03d}.jpg": rng.randbytes(rng.randint(0, 3000)) for i in range(240)}
+    files["many/c0/big.jpg"] = rng.randbytes((1 << 20) + 12345)  # more than one read block
+    bucket = s3_env.make_bucket("fetch-many")
+    _put(s3_env.client(), bucket, files)
+    old = os.umask(0o022)
+    try:
+        with caplog.at_level(logging.INFO, logger="resnet_pipeline"):
+            folder = download(DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/many", s3_workers=8,
+                                             s3_endpoint_url=s3_env.endpoint_url), tmp_path / "raw")
+    finally:
+        os.umask(old)
+    got = {f"many/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in folder.rglob("*") if p.is_file()
+           and p.name != ".complete"}
+    assert got == files
+    assert not list(folder.glob(".s3-parts-*"))  # the temporary names are gone
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in folder.rglob("*.jpg"))
+    assert "through get_object" not in caplog.text  # the presigned path did the work
+
+
+def test_an_object_of_another_size_than_listed_is_refused(s3_env, tmp_path):
+    bucket = s3_env.make_bucket("fetch-size")
+    client = s3_env.client()
+    _put(client, bucket, {f"set/c0/{i}.jpg": b"x" * 100 for i in range(5)})
+    folder = s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url, 4)
+    client.put_object(Bucket=bucket, Key="set/c0/3.jpg", Body=b"y" * 150)  # replaced after the listing
+    with pytest.raises(DownloadError, match=rf"s3://{bucket}/set/c0/3.jpg: 150 bytes received, the listing says 100"):
+        s3folder.fetch_folder(folder, tmp_path, 4)
+    assert not (tmp_path / "c0" / "3.jpg").exists()
+
+
+def test_an_object_gone_after_the_listing_names_its_key(s3_env, tmp_path, caplog):
+    """A 404 goes to botocore's get_object (the plain GET hands over what it does not handle)."""
+    bucket = s3_env.make_bucket("fetch-gone")
+    client = s3_env.client()
+    _put(client, bucket, {f"set/c0/{i}.jpg": b"x" * 10 for i in range(3)})
+    folder = s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url, 2)
+    client.delete_object(Bucket=bucket, Key="set/c0/1.jpg")
+    with caplog.at_level(logging.DEBUG, logger="resnet_pipeline"), pytest.raises(DownloadError) as err:
+        s3folder.fetch_folder(folder, tmp_path, 2)
+    assert str(err.value).startswith(f"s3://{bucket}/set/c0/1.jpg: ") and "NoSuchKey" in str(err.value)
+    _assert_no_secret(str(err.value) + caplog.text)
+
+
+def test_two_keys_naming_one_file_are_refused_before_any_fetch(tmp_path):
+    with pytest.raises(ValueError, match=r"object keys 'set/c0/a.jpg' and 'set/c0//a.jpg' under s3://b/set name"):
+        s3folder.plan({"set/c0/a.jpg": 1, "set/c0//a.jpg": 1}, "set/", tmp_path, "s3://b/set")
+
+
+def test_a_dot_dot_key_is_refused_by_the_listing(s3_env):
+    """SeaweedFS refuses `..` keys at PUT, so the refusal is shown on a listing that holds one
+    (tests/data/test_sources.py); here: a key that merely contains dots is accepted."""
+    bucket = s3_env.make_bucket("fetch-dots")
+    _put(s3_env.client(), bucket, {"set/c0/a..b.jpg": b"1", "set/c0/..hidden.jpg": b"2"})
+    folder = s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url)
+    assert folder.objects == {"set/c0/a..b.jpg": 1, "set/c0/..hidden.jpg": 1}
+
+
+def _double_folder(server: LoopbackHTTPServer, objects: dict[str, int]) -> s3folder.S3Folder:
+    """An S3Folder whose client signs for the loopback HTTP server (no listing: it is not S3)."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=server.url(""), aws_access_key_id="AKIDTEST", aws_secret_access_key=SECRET,
+        region_name="us-east-1", config=Config(signature_version="s3v4"),
+    )
+    return s3folder.S3Folder("s3://b/set", "b", "set/", objects, {"c0": len(objects)}, client, None)
+
+
+def test_a_body_cut_once_is_fetched_again(tmp_path):
+    data = os.urandom(5000)
+    with LoopbackHTTPServer({"/b/set/c0/a.jpg": data}) as server:
+        server.drop_after["/b/set/c0/a.jpg"] = 1000
+        assert s3folder.fetch_folder(_double_folder(server, {"set/c0/a.jpg": 5000}), tmp_path, 2, backoff=0.01) == 1
+        assert len(server.requests) == 2
+    assert (tmp_path / "c0" / "a.jpg").read_bytes() == data
+
+
+@pytest.mark.parametrize("fault", ["cut", "503"])
+def test_a_fault_that_lasts_is_retried_then_names_the_key(tmp_path, caplog, fault):
+    """The loopback HTTP server cuts the body (or answers 503) at every attempt: SeaweedFS cannot be
+    made to do either on demand."""
+    with LoopbackHTTPServer({"/b/set/c0/a.jpg": b"z" * 5000, "/b/set/c0/b.jpg": b"ok"}) as server:
+        if fault == "cut":
+            server.drop_always["/b/set/c0/a.jpg"] = 100
+        else:
+            server.status["/b/set/c0/a.jpg"] = 503
+        folder = _double_folder(server, {"set/c0/a.jpg": 5000, "set/c0/b.jpg": 2})
+        with caplog.at_level(logging.DEBUG, logger="resnet_pipeline"), pytest.raises(DownloadError) as err:
+            s3folder.fetch_folder(folder, tmp_path, 1, retries=2, backoff=0.01)
+        attempts = [p for p, _ in server.requests if p == "/b/set/c0/a.jpg"]
+    message = str(err.value)
+    assert message.startswith("s3://b/set/c0/a.jpg: giving up after 3 attempts: ")
+    assert ("body cut after 100 of 5000 bytes" if fault == "cut" else "HTTP 503") in message
+    assert len(attempts) == 3 and caplog.text.count("s3://b/set/c0/a.jpg: ") == 2  # two retries logged
+    _assert_no_secret(message + caplog.text)
+    assert not (tmp_path / "c0" / "a.jpg").exists()
+
+
+def test_a_proxy_or_client_certificate_sends_everything_through_get_object(monkeypatch):
+    import boto3
+    from botocore.config import Config
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "storage.internal")
+    client = boto3.session.Session().client("s3", region_name="us-east-1", aws_access_key_id="a",
+                                            aws_secret_access_key="b")
+    assert s3folder._plain_get_refused(client, "http://127.0.0.1:9000/b/k") == "a proxy is configured"
+    assert s3folder._plain_get_refused(client, "http://storage.internal/b/k") is None
+    assert s3folder._plain_get_refused(client, "https://127.0.0.1:9000/b/k") is None  # no HTTPS proxy
+    with_cert = boto3.session.Session().client("s3", region_name="us-east-1", aws_access_key_id="a",
+                                               aws_secret_access_key="b", config=Config(client_cert="/c.pem"))
+    assert s3folder._plain_get_refused(with_cert, "https://s3.example/b/k") == "a client certificate is configured"
+
+
+def test_the_ca_bundle_is_the_one_botocore_uses(s3_env, monkeypatch, tmp_path):
+    import certifi
+
+    bundle = Path(certifi.where())
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+    bucket = s3_env.make_bucket("fetch-ca")
+    _put(s3_env.client(), bucket, {"set/c0/a.jpg": b"1"})
+    assert s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url).ca_bundle == str(bundle)
