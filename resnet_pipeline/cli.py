@@ -700,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="10000,40000,160000", help="image counts (default: 10000,40000,160000)")
     p.add_argument("--classes", type=int, default=100, help="class folders (default: 100)")
     p.add_argument("--s3-objects", type=int, default=2000, help="objects of the S3 folder download (default: 2000)")
-    p.add_argument("--s3-workers", type=int, default=16, help="parallel requests compared with 1 (default: 16)")
+    p.add_argument("--s3-workers", type=int, default=config_mod.DownloadConfig.s3_workers,
+                   help=f"parallel requests (default: the stage's, {config_mod.DownloadConfig.s3_workers})")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 part (no SeaweedFS started)")
     p.add_argument("--output", help="also write the figures as JSON to this file")
 

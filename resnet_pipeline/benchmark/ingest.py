@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from resnet_pipeline.config import DownloadConfig
+
 log = logging.getLogger(__name__)
 
 SIZE = (64, 48)
@@ -147,7 +149,8 @@ S3_KINDS = ("parallel", "get_object loop", "download_file loop", "stage one at a
 
 
 def run_s3(n_objects: int, workers: int, work: Path, server=None, rounds: int = 2) -> dict:
-    """Seconds of the S3 folder download with `workers` requests, with 1, and the old loop (medians)."""
+    """Seconds (medians of `rounds`) of the stage's S3 folder download with `workers` requests and
+    with 1, and of the two sequential references: a get_object loop and the old download_file loop."""
     from resnet_pipeline.data.download import _download_s3_folder
 
     own = server is None
@@ -214,7 +217,7 @@ def run(
     *,
     classes: int = 100,
     s3_objects: int = 2000,
-    s3_workers: int = 16,
+    s3_workers: int = DownloadConfig.s3_workers,
     work_dir: Path | None = None,
     s3_server=None,
 ) -> dict:
