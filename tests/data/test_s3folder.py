@@ -46,6 +46,7 @@ def test_many_objects_come_down_byte_identical(s3_env, tmp_path, caplog):
     rng = random.Random(3)
     files = {f"many/c{i % 4}/img_{i:03d}.jpg": rng.randbytes(rng.randint(0, 3000)) for i in range(240)}
     files["many/c0/big.jpg"] = rng.randbytes((1 << 20) + 12345)  # more than one read block
+    files["many/c1/a b+c%20d&é~.jpg"] = b"odd characters, percent-encoded by the presigner"
     bucket = s3_env.make_bucket("fetch-many")
     _put(s3_env.client(), bucket, files)
     old = os.umask(0o022)
