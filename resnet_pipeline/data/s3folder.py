@@ -2,10 +2,11 @@
 
 boto3 lists the folder (pagination, credentials, endpoint and addressing rules) and every key is
 checked before the first object is fetched: none may leave the prefix (`..`, absolute), no two may
-land on the same file, no class folder may be empty. The objects then come through presigned GET
-URLs signed by that same client and fetched by `workers` threads, each with one keep-alive
-`http.client` connection: botocore's full request pipeline costs ~0.86 ms of CPU per object, a
-presign and a plain GET ~0.4 ms, and with small objects on a small machine the CPU is the limit.
+land on the same file, no class folder may be empty (checked by the download stage). The objects
+then come down in `workers` threads, each with one keep-alive `http.client` connection, as plain
+GETs signed by botocore's SigV4 signer at the URL and scope of botocore's own presigned URL of one
+key (else as one presigned URL per object): botocore's full request pipeline costs ~0.86 ms of CPU
+per object, and with small objects on a small machine the CPU is the limit.
 
 The plain GET keeps what botocore would do: TLS verified against the CA bundle botocore uses
 (`AWS_CA_BUNDLE`, `ca_bundle` in the AWS config, else its default), its timeouts, retries of
@@ -35,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlsplit
+from urllib.parse import parse_qs, urlparse, urlsplit
 
 from tqdm import tqdm
 
@@ -104,12 +105,51 @@ class _AskBotocore(Exception):
     """An answer the plain GET does not handle (a redirect, 403, 404): ask through get_object."""
 
 
-class _Fetcher:
-    """Fetches objects of one bucket through presigned URLs, one keep-alive connection per thread."""
+class _Signer:
+    """Signed GETs of the objects of one bucket: botocore's SigV4 signer (`S3SigV4Auth`) applied to
+    each request, at the URL and signing scope of botocore's own presigned URL of one key (its
+    endpoint, addressing style and region rules); a presigned URL per object where that URL is not
+    of the expected form or there are no credentials to sign with."""
 
-    def __init__(self, client: Any, bucket: str, ca_bundle: str | None, retries: int, backoff: float) -> None:
+    def __init__(self, client: Any, credentials: Any, bucket: str, sample_key: str) -> None:
+        from botocore.utils import percent_encode
+
+        self.client, self.bucket, self._encode = client, bucket, percent_encode
+        self.base: str | None = None
+        parts = urlsplit(self.presigned(sample_key))
+        query = parse_qs(parts.query)
+        scope = query.get("X-Amz-Credential", [""])[0].split("/")
+        encoded = percent_encode(sample_key, safe="/~")
+        if (credentials is not None and query.get("X-Amz-Algorithm") == ["AWS4-HMAC-SHA256"] and len(scope) == 5
+                and parts.path.endswith(encoded)):
+            self.base = f"{parts.scheme}://{parts.netloc}{parts.path[: len(parts.path) - len(encoded)]}"
+            self._credentials, self._region, self._service = credentials, scope[2], scope[3]
+
+    def presigned(self, key: str) -> str:
+        """A presigned GET URL of `key` (a secret: never logged)."""
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=URL_EXPIRES
+        )
+
+    def request(self, key: str) -> tuple[str, dict[str, str]]:
+        """URL and headers of a signed GET of `key` (secrets both: never logged)."""
+        if self.base is None:
+            return self.presigned(key), {}
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        request = AWSRequest(method="GET", url=self.base + self._encode(key, safe="/~"))
+        S3SigV4Auth(self._credentials.get_frozen_credentials(), self._service, self._region).add_auth(request)
+        return request.url, dict(request.headers.items())
+
+
+class _Fetcher:
+    """Fetches objects of one bucket with signed plain GETs, one keep-alive connection per thread."""
+
+    def __init__(self, client: Any, signer: _Signer, ca_bundle: str | None, retries: int, backoff: float) -> None:
         self.client = client
-        self.bucket = bucket
+        self.signer = signer
+        self.bucket = signer.bucket
         self.retries = retries
         self.backoff = backoff
         self.timeout = client.meta.config.read_timeout
@@ -162,17 +202,12 @@ class _Fetcher:
         self._get_object(obj, part)
         os.replace(part, obj.target)
 
-    def url_of(self, obj: S3Object) -> str:
-        """A presigned GET URL of `obj` (a secret: never logged)."""
-        return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": obj.key}, ExpiresIn=URL_EXPIRES
-        )
-
     def _get(self, obj: S3Object, part: Path) -> None:
-        parts = urlsplit(self.url_of(obj))
+        url, headers = self.signer.request(obj.key)
+        parts = urlsplit(url)
         conn = self._connection(parts.scheme, parts.netloc)
         try:
-            conn.request("GET", f"{parts.path}?{parts.query}")
+            conn.request("GET", f"{parts.path}?{parts.query}" if parts.query else parts.path, headers=headers)
             resp = conn.getresponse()
             if resp.status != 200:
                 head = resp.read(4096)
@@ -287,6 +322,7 @@ class S3Folder:
     classes: dict[str, int]
     client: Any
     ca_bundle: str | None
+    credentials: Any = None  # the client's (botocore Credentials); None: presigned URLs only
 
 
 @functools.cache
@@ -315,7 +351,8 @@ def list_folder(url: str, endpoint_url: str | None, workers: int = 16) -> S3Fold
         config=BotoConfig(max_pool_connections=max(10, workers), signature_version="s3v4"),
     )
     objects, classes = s3_keys(client, bucket, prefix, url)
-    return S3Folder(url, bucket, prefix, objects, classes, client, session.get_config_variable("ca_bundle"))
+    return S3Folder(url, bucket, prefix, objects, classes, client, session.get_config_variable("ca_bundle"),
+                    session.get_credentials())
 
 
 def fetch_folder(folder: S3Folder, dest: Path, workers: int = 16, *, retries: int = 5, backoff: float = 0.5) -> int:
@@ -324,15 +361,19 @@ def fetch_folder(folder: S3Folder, dest: Path, workers: int = 16, *, retries: in
     todo = plan(folder.objects, folder.prefix, dest, folder.url)
     for parent in sorted({o.target.parent for o in todo}):
         parent.mkdir(parents=True, exist_ok=True)
-    fetcher = _Fetcher(folder.client, folder.bucket, folder.ca_bundle, retries, backoff)
+    if not todo:
+        return 0
+    signer = _Signer(folder.client, folder.credentials, folder.bucket, todo[0].key)
+    fetcher = _Fetcher(folder.client, signer, folder.ca_bundle, retries, backoff)
     fetch = fetcher.fetch
-    if todo and (refused := _plain_get_refused(folder.client, fetcher.url_of(todo[0]))):
+    log.debug("download: %s signed %s", folder.url, "per request" if signer.base else "as presigned URLs")
+    if refused := _plain_get_refused(folder.client, signer.presigned(todo[0].key)):
         log.info("download: %s; fetching %s through get_object", refused, folder.url)
         fetch = fetcher.fetch_with_botocore
     parts = dest / f".s3-parts-{secrets.token_hex(4)}"
     parts.mkdir()
     try:
-        _run(iter(todo), fetch, max(1, min(workers, len(todo))), parts, len(todo))
+        _run(iter(todo), fetch, min(workers, len(todo)), parts, len(todo))
     finally:
         fetcher.close()
         shutil.rmtree(parts, ignore_errors=True)

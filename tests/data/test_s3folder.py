@@ -5,6 +5,7 @@ HTTP server of tests/httpserver.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -62,6 +63,18 @@ def test_many_objects_come_down_byte_identical(s3_env, tmp_path, caplog):
     assert not list(folder.glob(".s3-parts-*"))  # the temporary names are gone
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in folder.rglob("*.jpg"))
     assert "through get_object" not in caplog.text  # the presigned path did the work
+
+
+def test_presigned_urls_where_requests_cannot_be_signed_directly(s3_env, tmp_path):
+    bucket = s3_env.make_bucket("fetch-presigned")
+    files = {f"set/c{i % 2}/{i} +é.jpg": os.urandom(i * 7) for i in range(30)}
+    _put(s3_env.client(), bucket, files)
+    folder = s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url, 4)
+    assert s3folder._Signer(folder.client, folder.credentials, bucket, "set/c0/0 +é.jpg").base is not None
+    no_credentials = dataclasses.replace(folder, credentials=None)  # e.g. the URL form is not the expected one
+    assert s3folder._Signer(folder.client, None, bucket, "set/c0/0 +é.jpg").base is None
+    assert s3folder.fetch_folder(no_credentials, tmp_path, 4) == 30
+    assert {f"set/{p.relative_to(tmp_path).as_posix()}": p.read_bytes() for p in tmp_path.rglob("*.jpg")} == files
 
 
 def test_an_object_of_another_size_than_listed_is_refused(s3_env, tmp_path):
@@ -168,3 +181,20 @@ def test_the_ca_bundle_is_the_one_botocore_uses(s3_env, monkeypatch, tmp_path):
     bucket = s3_env.make_bucket("fetch-ca")
     _put(s3_env.client(), bucket, {"set/c0/a.jpg": b"1"})
     assert s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url).ca_bundle == str(bundle)
+
+
+def test_a_refused_signature_is_asked_again_through_get_object(s3_env, tmp_path):
+    """A 403 on the plain GET (here: signed with a wrong secret) goes to botocore's get_object."""
+    from botocore.credentials import Credentials
+
+    bucket = s3_env.make_bucket("fetch-403")
+    _put(s3_env.client(), bucket, {"set/c0/a.jpg": b"payload"})
+    folder = s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url)
+    signer = s3folder._Signer(folder.client, Credentials(s3_env.access_key, SECRET), bucket, "set/c0/a.jpg")
+    fetcher = s3folder._Fetcher(folder.client, signer, None, 0, 0.01)
+    obj = s3folder.S3Object("set/c0/a.jpg", 7, tmp_path / "a.jpg")
+    with pytest.raises(s3folder._AskBotocore, match="HTTP 403"):
+        fetcher._get(obj, tmp_path / "part")
+    fetcher.fetch(obj, tmp_path / "part")
+    fetcher.close()
+    assert (tmp_path / "a.jpg").read_bytes() == b"payload"
