@@ -153,7 +153,8 @@ class _Fetcher:
         self.retries = retries
         self.backoff = backoff
         self.timeout = client.meta.config.read_timeout
-        self._ssl = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+        self._ca_bundle = ca_bundle
+        self._ssl: ssl.SSLContext | None = None
         self._local = threading.local()
         self._open: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -189,6 +190,8 @@ class _Fetcher:
         conn = conns.get((scheme, netloc))
         if conn is None:
             if scheme == "https":
+                with self._lock:
+                    self._ssl = self._ssl or ssl.create_default_context(cafile=self._ca_bundle)
                 conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl)
             else:
                 conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
@@ -223,6 +226,10 @@ class _Fetcher:
             if announced is not None and received < int(announced):  # read(n) ends quietly at a cut
                 conn.close()
                 raise _Transient(f"body cut after {received} of {announced} bytes")
+        except ssl.SSLCertVerificationError as e:
+            conn.close()
+            why = f"TLS certificate not trusted: {e.verify_message}"
+            raise DownloadError(f"s3://{self.bucket}/{obj.key}: {why}") from None
         except (OSError, http.client.HTTPException, ValueError) as e:
             conn.close()  # a fresh connection for the next attempt
             raise _Transient(f"{type(e).__name__}: {redact_text(str(e)) or 'connection lost'}") from None
@@ -338,6 +345,7 @@ def list_folder(url: str, endpoint_url: str | None, workers: int = 16) -> S3Fold
     """List s3://bucket/prefix/ (every key checked) with a client good for `workers` threads."""
     import botocore.session
     from botocore.config import Config as BotoConfig
+    from botocore.httpsession import get_cert_path
 
     parsed = urlparse(url)
     bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
@@ -351,8 +359,8 @@ def list_folder(url: str, endpoint_url: str | None, workers: int = 16) -> S3Fold
         config=BotoConfig(max_pool_connections=max(10, workers), signature_version="s3v4"),
     )
     objects, classes = s3_keys(client, bucket, prefix, url)
-    return S3Folder(url, bucket, prefix, objects, classes, client, session.get_config_variable("ca_bundle"),
-                    session.get_credentials())
+    ca_bundle = session.get_config_variable("ca_bundle") or get_cert_path(True)  # as botocore resolves it
+    return S3Folder(url, bucket, prefix, objects, classes, client, ca_bundle, session.get_credentials())
 
 
 def fetch_folder(folder: S3Folder, dest: Path, workers: int = 16, *, retries: int = 5, backoff: float = 0.5) -> int:

@@ -174,13 +174,16 @@ def test_a_proxy_or_client_certificate_sends_everything_through_get_object(monke
 
 
 def test_the_ca_bundle_is_the_one_botocore_uses(s3_env, monkeypatch, tmp_path):
-    import certifi
+    from botocore.httpsession import get_cert_path
 
-    bundle = Path(certifi.where())
-    monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
     bucket = s3_env.make_bucket("fetch-ca")
     _put(s3_env.client(), bucket, {"set/c0/a.jpg": b"1"})
-    assert s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url).ca_bundle == str(bundle)
+    (tmp_path / "ca.pem").write_text("")
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    assert s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url).ca_bundle == str(tmp_path / "ca.pem")
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))  # no ca_bundle there either
+    assert s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url).ca_bundle == get_cert_path(True)
 
 
 def test_a_refused_signature_is_asked_again_through_get_object(s3_env, tmp_path):
@@ -198,3 +201,71 @@ def test_a_refused_signature_is_asked_again_through_get_object(s3_env, tmp_path)
     fetcher.fetch(obj, tmp_path / "part")
     fetcher.close()
     assert (tmp_path / "a.jpg").read_bytes() == b"payload"
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_tls_is_verified_with_the_ca_bundle(tmp_path):
+    """An HTTPS loopback server with a self-signed certificate (SeaweedFS here serves plain HTTP):
+    refused by the default trust store, accepted with that certificate as the CA bundle."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import boto3
+    from botocore.config import Config
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's spelling
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=f"https://127.0.0.1:{httpd.server_address[1]}", aws_access_key_id="AKIDTEST",
+            aws_secret_access_key=SECRET, region_name="us-east-1", config=Config(signature_version="s3v4"))
+        folder = s3folder.S3Folder("s3://b/set", "b", "set/", {"set/c0/a.jpg": 5}, {"c0": 1}, client, None)
+        with pytest.raises(DownloadError, match=r"^s3://b/set/c0/a.jpg: TLS certificate not trusted"):
+            s3folder.fetch_folder(folder, tmp_path / "untrusted", 1, retries=3, backoff=0.01)
+        trusted = dataclasses.replace(folder, ca_bundle=str(cert))
+        assert s3folder.fetch_folder(trusted, tmp_path / "trusted", 1) == 1
+        assert (tmp_path / "trusted" / "c0" / "a.jpg").read_bytes() == b"hello"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
