@@ -21,7 +21,9 @@ never a signed URL.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import http.client
 import logging
 import os
@@ -32,6 +34,7 @@ import shutil
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,38 @@ MAX_BACKOFF = 8.0  # seconds: the longest wait between two attempts of one objec
 URL_EXPIRES = 3600  # seconds a presigned URL is valid; each attempt signs a fresh one
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+_CHECKSUM_MODE = {"x-amz-checksum-mode": "ENABLED"}  # as get_object asks: the stored checksum comes back
+
+
+class _Checksum:
+    """The object's stored checksum from the response (`x-amz-checksum-crc32|sha256|sha1`), checked
+    over the body as botocore's get_object does; composite (multipart) ones and algorithms botocore
+    needs awscrt for (crc32c, crc64nvme) are not checked, as botocore without awscrt does not."""
+
+    def __init__(self, headers: Any) -> None:
+        self.name, self.want, self._state = "", "", None
+        if (headers.get("x-amz-checksum-type") or "").upper() == "COMPOSITE":
+            return
+        for name in ("crc32", "sha256", "sha1"):
+            value = headers.get(f"x-amz-checksum-{name}")
+            if value and "-" not in value:
+                self.name, self.want = name, value
+                self._state = 0 if name == "crc32" else hashlib.new(name)
+                return
+
+    def update(self, block: bytes) -> None:
+        if isinstance(self._state, int):
+            self._state = zlib.crc32(block, self._state)
+        elif self._state is not None:
+            self._state.update(block)
+
+    def problem(self) -> str | None:
+        """What does not match, or None (also when there is nothing to check)."""
+        if self._state is None:
+            return None
+        digest = self._state.to_bytes(4, "big") if isinstance(self._state, int) else self._state.digest()
+        got = base64.b64encode(digest).decode()
+        return None if got == self.want else f"{self.name} checksum {got} received, the object's is {self.want}"
 
 
 @dataclass(frozen=True)
@@ -138,7 +173,7 @@ class _Signer:
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
 
-        request = AWSRequest(method="GET", url=self.base + self._encode(key, safe="/~"))
+        request = AWSRequest(method="GET", url=self.base + self._encode(key, safe="/~"), headers=_CHECKSUM_MODE)
         S3SigV4Auth(self._credentials.get_frozen_credentials(), self._service, self._region).add_auth(request)
         return request.url, dict(request.headers.items())
 
@@ -222,10 +257,13 @@ class _Fetcher:
             if announced is not None and int(announced) != obj.size:
                 conn.close()
                 raise DownloadError(self._size_error(obj, int(announced)))
-            received = self._write(lambda: resp.read(CHUNK), part)
+            checksum = _Checksum(resp.headers)
+            received = self._write(lambda: resp.read(CHUNK), part, checksum)
             if announced is not None and received < int(announced):  # read(n) ends quietly at a cut
                 conn.close()
                 raise _Transient(f"body cut after {received} of {announced} bytes")
+            if bad := checksum.problem():
+                raise _Transient(bad)
         except ssl.SSLCertVerificationError as e:
             conn.close()
             why = f"TLS certificate not trusted: {e.verify_message}"
@@ -249,7 +287,7 @@ class _Fetcher:
             raise DownloadError(self._size_error(obj, received))
 
     @staticmethod
-    def _write(read: Any, part: Path) -> int:
+    def _write(read: Any, part: Path, checksum: _Checksum | None = None) -> int:
         """Blocks from `read()` into `part`; errors of `read` propagate, local ones are final."""
         received = 0
         try:
@@ -263,6 +301,8 @@ class _Fetcher:
                 except OSError as e:
                     raise DownloadError(f"{part}: cannot write: {e}") from None
                 received += len(block)
+                if checksum is not None:
+                    checksum.update(block)
         return received
 
     def _size_error(self, obj: S3Object, received: int) -> str:

@@ -5,11 +5,19 @@ HTTP server of tests/httpserver.py."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import random
+import re
+import ssl
 import stat
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -228,13 +236,10 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     return folder / "cert.pem", folder / "key.pem"
 
 
-def test_tls_is_verified_with_the_ca_bundle(tmp_path):
-    """An HTTPS loopback server with a self-signed certificate (SeaweedFS here serves plain HTTP):
-    refused by the default trust store, accepted with that certificate as the CA bundle."""
-    import ssl
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
+@contextlib.contextmanager
+def _one_object_server(body: bytes, headers: dict[str, str] | None = None, tls: ssl.SSLContext | None = None):
+    """A loopback server answering every GET with `body` and `headers` (HTTPS with `tls`); yields
+    an S3Folder of one object `set/c0/a.jpg` whose client signs for it."""
     import boto3
     from botocore.config import Config
 
@@ -243,29 +248,56 @@ def test_tls_is_verified_with_the_ca_bundle(tmp_path):
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's spelling
             self.send_response(200)
-            self.send_header("Content-Length", "5")
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(b"hello")
+            self.wfile.write(body)
 
         def log_message(self, *args) -> None:
             pass
 
-    cert, key = _self_signed(tmp_path)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         client = boto3.session.Session().client(
-            "s3", endpoint_url=f"https://127.0.0.1:{httpd.server_address[1]}", aws_access_key_id="AKIDTEST",
-            aws_secret_access_key=SECRET, region_name="us-east-1", config=Config(signature_version="s3v4"))
-        folder = s3folder.S3Folder("s3://b/set", "b", "set/", {"set/c0/a.jpg": 5}, {"c0": 1}, client, None)
+            "s3", endpoint_url=f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}",
+            aws_access_key_id="AKIDTEST", aws_secret_access_key=SECRET, region_name="us-east-1",
+            config=Config(signature_version="s3v4"))
+        yield s3folder.S3Folder("s3://b/set", "b", "set/", {"set/c0/a.jpg": len(body)}, {"c0": 1}, client, None)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_tls_is_verified_with_the_ca_bundle(tmp_path):
+    """An HTTPS loopback server with a self-signed certificate (SeaweedFS here serves plain HTTP):
+    refused by the default trust store, accepted with that certificate as the CA bundle."""
+    cert, key = _self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with _one_object_server(b"hello", tls=context) as folder:
         with pytest.raises(DownloadError, match=r"^s3://b/set/c0/a.jpg: TLS certificate not trusted"):
             s3folder.fetch_folder(folder, tmp_path / "untrusted", 1, retries=3, backoff=0.01)
         trusted = dataclasses.replace(folder, ca_bundle=str(cert))
         assert s3folder.fetch_folder(trusted, tmp_path / "trusted", 1) == 1
-        assert (tmp_path / "trusted" / "c0" / "a.jpg").read_bytes() == b"hello"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    assert (tmp_path / "trusted" / "c0" / "a.jpg").read_bytes() == b"hello"
+
+
+def test_the_stored_checksum_is_checked_like_get_object_does(tmp_path, caplog):
+    """A loopback server sends the body with a checksum header (SeaweedFS sends the right one, as
+    in the tests above; a wrong one has to come from a double)."""
+    body = b"image bytes"
+    right = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+    with _one_object_server(body, {"x-amz-checksum-crc32": right}) as folder:
+        assert s3folder.fetch_folder(folder, tmp_path / "ok", 1) == 1
+    with _one_object_server(body, {"x-amz-checksum-crc32": "AAAAAA=="}) as folder:
+        with pytest.raises(DownloadError, match=rf"^s3://b/set/c0/a.jpg: giving up after 2 attempts: crc32 checksum "
+                                                rf"{re.escape(right)} received, the object's is AAAAAA=="):
+            s3folder.fetch_folder(folder, tmp_path / "bad", 1, retries=1, backoff=0.01)
+    assert not (tmp_path / "bad" / "c0" / "a.jpg").exists()
+    sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
+    with _one_object_server(body, {"x-amz-checksum-sha256": sha, "x-amz-checksum-crc32c": "ignored=="}) as folder:
+        assert s3folder.fetch_folder(folder, tmp_path / "sha", 1) == 1
