@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from resnet_pipeline.config import DownloadConfig
-from resnet_pipeline.data import s3folder
+from resnet_pipeline.data import s3folder, s3get
 from resnet_pipeline.data.download import download
 from resnet_pipeline.data.fetch import DownloadError
 from tests.httpserver import LoopbackHTTPServer
@@ -78,9 +78,9 @@ def test_presigned_urls_where_requests_cannot_be_signed_directly(s3_env, tmp_pat
     files = {f"set/c{i % 2}/{i} +é.jpg": os.urandom(i * 7) for i in range(30)}
     _put(s3_env.client(), bucket, files)
     folder = s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url, 4)
-    assert s3folder._Signer(folder.client, folder.credentials, bucket, "set/c0/0 +é.jpg").base is not None
+    assert s3get.Signer(folder.client, folder.credentials, bucket, "set/c0/0 +é.jpg").base is not None
     no_credentials = dataclasses.replace(folder, credentials=None)  # e.g. the URL form is not the expected one
-    assert s3folder._Signer(folder.client, None, bucket, "set/c0/0 +é.jpg").base is None
+    assert s3get.Signer(folder.client, None, bucket, "set/c0/0 +é.jpg").base is None
     assert s3folder.fetch_folder(no_credentials, tmp_path, 4) == 30
     assert {f"set/{p.relative_to(tmp_path).as_posix()}": p.read_bytes() for p in tmp_path.rglob("*.jpg")} == files
 
@@ -173,12 +173,12 @@ def test_a_proxy_or_client_certificate_sends_everything_through_get_object(monke
     monkeypatch.setenv("NO_PROXY", "storage.internal")
     client = boto3.session.Session().client("s3", region_name="us-east-1", aws_access_key_id="a",
                                             aws_secret_access_key="b")
-    assert s3folder._plain_get_refused(client, "http://127.0.0.1:9000/b/k") == "a proxy is configured"
-    assert s3folder._plain_get_refused(client, "http://storage.internal/b/k") is None
-    assert s3folder._plain_get_refused(client, "https://127.0.0.1:9000/b/k") is None  # no HTTPS proxy
+    assert s3get.plain_get_refused(client, "http://127.0.0.1:9000/b/k") == "a proxy is configured"
+    assert s3get.plain_get_refused(client, "http://storage.internal/b/k") is None
+    assert s3get.plain_get_refused(client, "https://127.0.0.1:9000/b/k") is None  # no HTTPS proxy
     with_cert = boto3.session.Session().client("s3", region_name="us-east-1", aws_access_key_id="a",
                                                aws_secret_access_key="b", config=Config(client_cert="/c.pem"))
-    assert s3folder._plain_get_refused(with_cert, "https://s3.example/b/k") == "a client certificate is configured"
+    assert s3get.plain_get_refused(with_cert, "https://s3.example/b/k") == "a client certificate is configured"
 
 
 def test_the_ca_bundle_is_the_one_botocore_uses(s3_env, monkeypatch, tmp_path):
@@ -201,10 +201,10 @@ def test_a_refused_signature_is_asked_again_through_get_object(s3_env, tmp_path)
     bucket = s3_env.make_bucket("fetch-403")
     _put(s3_env.client(), bucket, {"set/c0/a.jpg": b"payload"})
     folder = s3folder.list_folder(f"s3://{bucket}/set", s3_env.endpoint_url)
-    signer = s3folder._Signer(folder.client, Credentials(s3_env.access_key, SECRET), bucket, "set/c0/a.jpg")
-    fetcher = s3folder._Fetcher(folder.client, signer, None, 0, 0.01)
-    obj = s3folder.S3Object("set/c0/a.jpg", 7, tmp_path / "a.jpg")
-    with pytest.raises(s3folder._AskBotocore, match="HTTP 403"):
+    signer = s3get.Signer(folder.client, Credentials(s3_env.access_key, SECRET), bucket, "set/c0/a.jpg")
+    fetcher = s3get.Fetcher(folder.client, signer, None, 0, 0.01)
+    obj = s3get.S3Object("set/c0/a.jpg", 7, tmp_path / "a.jpg")
+    with pytest.raises(s3get.AskBotocore, match="HTTP 403"):
         fetcher._get(obj, tmp_path / "part")
     fetcher.fetch(obj, tmp_path / "part")
     fetcher.close()
