@@ -24,7 +24,7 @@ from resnet_pipeline.cli_args import (
     write_output,
 )
 from resnet_pipeline.cli_model import MODEL_VARIANTS
-from resnet_pipeline.config import ConfigError
+from resnet_pipeline.config import ConfigError, DownloadConfig
 
 
 def _model(args) -> tuple[Any, str]:
@@ -272,7 +272,10 @@ def _ingest_parser(bench_sub) -> None:
         "--s3-objects", type=at_least(0), default=2000, help="objects of the S3 folder download (default: 2000)"
     )
     p.add_argument(
-        "--s3-workers", type=positive_int, default=16, help="parallel requests compared with 1 (default: 16)"
+        "--s3-workers",
+        type=positive_int,
+        default=DownloadConfig.s3_workers,
+        help=f"parallel requests (default: the stage's, {DownloadConfig.s3_workers})",
     )
     p.add_argument("--no-s3", action="store_true", help="skip the S3 part (no SeaweedFS started)")
     add_output(p)

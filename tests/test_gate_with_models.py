@@ -4,8 +4,8 @@ compared image by image (no mocked predictions).
 - intervals and per-image predictions of the evaluate stage;
 - a first model below `min_value` is registered, not promoted, and the decision says why;
 - the paired bootstrap refuses a 2-epoch model against a 30-epoch champion in each of 5 seeded
-  trials (16-pixel inputs keep the 30 epochs short); a retrain of the champion's recipe on another seed is promoted only if its interval
-  clears the bar; a model worse on one class only is refused naming that class.
+  trials (16-pixel inputs keep the 30 epochs short); a retrain of the champion's recipe on another
+  seed is promoted only if its interval clears the bar; a model worse on one class only is refused naming that class.
 """
 
 from __future__ import annotations
