@@ -94,7 +94,7 @@ def _input(args) -> tuple[Any, str]:
 def _train(args) -> tuple[Any, str]:
     from resnet_pipeline.benchmark.train import format_result, run
 
-    result = run(load_params(args), epochs=args.epochs)
+    result = run(load_params(args), epochs=args.epochs, rounds=args.rounds)
     return result, format_result(result)
 
 
@@ -249,6 +249,9 @@ def _run_parsers(bench_sub) -> None:
     """`train` and `accuracy`: runs of the pipeline with the params."""
     p = bench_sub.add_parser("train", help=ABOUT["train"])
     p.add_argument("--epochs", type=positive_int, default=5, help="epochs of the run (default: 5)")
+    p.add_argument(
+        "--rounds", type=positive_int, default=3, help="rounds of the three arms; medians are printed (default: 3)"
+    )
     add_params(p)
     add_output(p)
 

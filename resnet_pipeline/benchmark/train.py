@@ -1,6 +1,6 @@
 """The train stage's throughput over a whole short run, against its own bare step and Keras `model.fit`.
 
-    resnet-pipeline benchmark train [--epochs 5] [--set train.global_batch_size=128 ...]
+    resnet-pipeline benchmark train [--epochs 5] [--rounds 3] [--set train.global_batch_size=128 ...]
 
 In one run, on the data of the params (the digits are made in a temporary folder if the project
 has none):
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -171,24 +172,17 @@ def _figures(images: int, seconds: float, cpu_seconds: float) -> dict:
     }
 
 
-def run(cfg: Config, epochs: int) -> dict:
-    """Stage, bare step and model.fit, in that order, on the same data and settings."""
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
-    with tempfile.TemporaryDirectory(prefix="resnet-bench-train-") as tmp:
-        work = Path(tmp)
-        paths = ensure_data(cfg, work / "project")
-        stage = _stage(cfg, paths, work)
-        bare = _bare(
-            cfg,
-            paths,
-            steps=max(stage["images"] // cfg.train.global_batch_size // 2, 20),
-            skip_images=stage["first_chunk_images"],
-        )
-        fit = _fit(cfg, paths, skip_images=stage["first_chunk_images"])
+def _round(cfg: Config, paths: Paths, work: Path) -> dict:
+    """Stage, bare step and model.fit, in that order, and their ratios."""
+    stage = _stage(cfg, paths, work)
+    bare = _bare(
+        cfg,
+        paths,
+        steps=max(stage["images"] // cfg.train.global_batch_size // 2, 20),
+        skip_images=stage["first_chunk_images"],
+    )
+    fit = _fit(cfg, paths, skip_images=stage["first_chunk_images"])
     return {
-        "model": f"ResNet-{cfg.train.depth} ({cfg.train.variant})",
-        "epochs": epochs,
-        "global_batch_size": cfg.train.global_batch_size,
         "stage": stage,
         "bare_step": bare,
         "model_fit": fit,
@@ -198,6 +192,45 @@ def run(cfg: Config, epochs: int) -> dict:
         "cpu_stage_vs_bare_step": round(bare["cpu_ms_per_image"] / stage["cpu_ms_per_image"], 3),
         "cpu_stage_vs_model_fit": round(fit["cpu_ms_per_image"] / stage["cpu_ms_per_image"], 3),
     }
+
+
+def run(cfg: Config, epochs: int, rounds: int = 1) -> dict:
+    """`rounds` rounds of stage, bare step and model.fit on the same data and settings; each
+    figure is the median over the rounds, each ratio the median of the rounds' own ratios (the
+    three arms of a round run back to back, so they saw about the same load)."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+    with tempfile.TemporaryDirectory(prefix="resnet-bench-train-") as tmp:
+        work = Path(tmp)
+        paths = ensure_data(cfg, work / "project")
+        results = []
+        for index in range(rounds):
+            results.append(_round(cfg, paths, work / f"round-{index}"))
+            log.info("benchmark train: round %d of %d: %s", index + 1, rounds, format_ratios(results[-1]))
+    median = {
+        key: {
+            name: round(statistics.median(r[key][name] for r in results), 4)
+            for name in results[0][key]
+            if isinstance(results[0][key][name], (int, float))
+        }
+        for key in ("stage", "bare_step", "model_fit")
+    }
+    ratios = {key: round(statistics.median(r[key] for r in results), 3) for key in results[0] if key not in median}
+    return {
+        "model": f"ResNet-{cfg.train.depth} ({cfg.train.variant})",
+        "epochs": epochs,
+        "global_batch_size": cfg.train.global_batch_size,
+        "rounds": results,
+        **median,
+        **ratios,
+    }
+
+
+def format_ratios(result: dict) -> str:
+    return (
+        f"stage / bare step: {result['stage_vs_bare_step']:.3f}x   "
+        f"stage / model.fit: {result['stage_vs_model_fit']:.3f}x   (in CPU time per image: "
+        f"{result['cpu_stage_vs_bare_step']:.3f}x and {result['cpu_stage_vs_model_fit']:.3f}x)"
+    )
 
 
 def format_result(result: dict) -> str:
@@ -217,12 +250,9 @@ def format_result(result: dict) -> str:
         f"stage's validation: {val:.2f} s ({val / stage['seconds']:.1%}), "
         f"checkpoints: {ckpt:.2f} s ({ckpt / stage['seconds']:.1%})"
     )
-    lines.append(
-        f"stage / bare step: {result['stage_vs_bare_step']:.3f}x   "
-        f"stage / model.fit: {result['stage_vs_model_fit']:.3f}x"
-    )
-    lines.append(
-        f"in CPU time per image: stage / bare step {result['cpu_stage_vs_bare_step']:.3f}x   "
-        f"stage / model.fit {result['cpu_stage_vs_model_fit']:.3f}x"
-    )
+    rounds = result["rounds"]
+    if len(rounds) > 1:
+        lines += [f"round {i + 1}: {format_ratios(r)}" for i, r in enumerate(rounds)]
+        lines.append(f"medians over {len(rounds)} rounds:")
+    lines.append(format_ratios(result))
     return "\n".join(lines)

@@ -251,9 +251,9 @@ def make_dataset(
     prep: Preprocess,
     *,
     training: bool,
-    seed: int | tf.Tensor = 0,
+    seed: int = 0,
     input_context: tf.distribute.InputContext | None = None,
-    skip_batches: int | tf.Tensor = 0,
+    skip_batches: int = 0,
     split_global_batch: bool = False,
     in_memory: InMemory | None = None,
 ) -> tf.data.Dataset:
@@ -270,7 +270,7 @@ def make_dataset(
     in the same order instead and keeps its replicas' slice of each global batch, so that the
     replicas together see exactly the global batches, and the augmentations, of one device.
 
-    `seed` and `skip_batches` may be tensors (see `train_epochs`). With `in_memory` (training), the
+    With `in_memory` (training), the
     same order is drawn over record indices into its decoded images, and each image is only
     augmented: the batches are those of the shards, number for number.
     """
@@ -314,9 +314,9 @@ def make_dataset(
         start = pipeline_id * local
         ds = ds.batch(batch_size * ctx.num_replicas_in_sync, drop_remainder=True)
         ds = ds.map(lambda i, r: (i[start : start + local], r[start : start + local])).unbatch()
-    if not isinstance(skip_batches, int) or skip_batches:
-        ds = ds.skip(tf.cast(skip_batches, tf.int64) * local)
-    base = tf.stack([tf.cast(seed, tf.int64), tf.constant(pipeline_id if by_worker else 0, tf.int64)])
+    if skip_batches:
+        ds = ds.skip(skip_batches * local)
+    base = tf.constant([seed, pipeline_id if by_worker else 0], tf.int64)
 
     def train_fn(i, record):
         seed_i = _seed(base, tf.cast(i, tf.int32))
@@ -354,14 +354,14 @@ def train_epochs(
     ctx = input_context
     local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines if ctx else 1
 
-    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
-        skip = tf.where(epoch == first_epoch, tf.constant(skip_batches, tf.int64), tf.constant(0, tf.int64))
+    def epoch_batches(epoch: int) -> tf.data.Dataset:
+        skip = skip_batches if epoch == first_epoch else 0
         ds = make_dataset(
             files,
             batch_size,
             prep,
             training=True,
-            seed=tf.constant(seed, tf.int64) + epoch,
+            seed=seed + epoch,
             input_context=ctx,
             skip_batches=skip,
             split_global_batch=split_global_batch,
@@ -369,5 +369,13 @@ def train_epochs(
         )
         return ds.take((steps_per_epoch - skip) * local_replicas)
 
-    epochs_ds = tf.data.Dataset.range(first_epoch, epochs)
-    return epochs_ds.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE)
+    # Python-int seeds, as a per-epoch pipeline has them (tf.data's shuffle cannot take a tensor seed
+    # when the global seed is 0), in a balanced tree of concatenations: an element passes through
+    # log2(epochs) of them, and each epoch's pipeline starts only when the one before it ends.
+    def joined(first: int, end: int) -> tf.data.Dataset:
+        if end - first == 1:
+            return epoch_batches(first)
+        middle = (first + end) // 2
+        return joined(first, middle).concatenate(joined(middle, end))
+
+    return joined(first_epoch, epochs).prefetch(tf.data.AUTOTUNE)

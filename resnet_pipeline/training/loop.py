@@ -195,7 +195,7 @@ def train(
             "train: the %d train images are decoded once and kept in memory (%.1f MB)", n_train, in_memory.nbytes / 1e6
         )
     if n_val and _val_in_memory(n_val, cfg):
-        trainer.trace_validation()
+        trainer.hold_validation(val_ds)
     verbose = (1 if _interactive() else 2) if cluster.is_chief else 0
     start, cpu_start = time.perf_counter(), time.process_time()
     # the first chunk traces the step; the seconds of the loop spent validating and checkpointing
@@ -330,7 +330,7 @@ def train(
 
 
 def _val_in_memory(n_val: int, cfg: TrainConfig) -> bool:
-    """Whether the val split's float32 images fit in VAL_IN_MEMORY_BYTES (then decoded only once)."""
+    """Whether the val split's float32 images fit in VAL_IN_MEMORY_BYTES (then decoded once, at start-up)."""
     return n_val * cfg.image_size**2 * 3 * 4 <= VAL_IN_MEMORY_BYTES
 
 
@@ -393,7 +393,7 @@ def _epoch_record(
     }
     last = epoch + 1 == cfg.epochs
     if n_val and ((epoch + 1) % cfg.validate_every_epochs == 0 or last):
-        val_loss, val_correct = trainer.validate(val_ds, in_memory=_val_in_memory(n_val, cfg))
+        val_loss, val_correct = trainer.validate(val_ds)
         record.update(val_loss=val_loss / n_val, val_accuracy=val_correct / n_val)
         for name in ("loss", "accuracy"):
             tf.summary.scalar(f"val/{name}", record[f"val_{name}"], step=step)

@@ -187,23 +187,20 @@ class Trainer:
             loss, correct = loss + batch_loss, correct + batch_correct
         return loss, correct
 
-    def trace_validation(self) -> None:
-        """Trace the in-memory validation now (start-up) rather than at the first epoch's end."""
+    def hold_validation(self, dataset: tf.data.Dataset) -> None:
+        """Decode the val split into memory now (start-up, as the train split) and trace its loop:
+        every later `validate` is the model's forward pass alone, with no input pipeline to start."""
+        batches = list(dataset)
+        self._val_tensors = tuple(tf.concat([b[i] for b in batches], 0) for i in (0, 1))
         self._validate_tensors.get_concrete_function()
 
-    def validate(self, dataset: tf.data.Dataset, in_memory: bool = False) -> tuple[float, float]:
-        """(summed loss, correct predictions) of the weights that are exported (the EMA's if on).
-
-        With `in_memory` the split is decoded once, on the first call, and kept as two tensors:
-        later passes are the model's forward steps alone, with no input pipeline to start.
-        """
+    def validate(self, dataset: tf.data.Dataset) -> tuple[float, float]:
+        """(summed loss, correct predictions) of the weights that are exported (the EMA's if on),
+        on the split held by `hold_validation` if it was called, else on `dataset`."""
         with self.exported_weights():
-            if not in_memory:
+            if self._val_tensors is None:
                 loss, correct = self._validate(dataset)
             else:
-                if self._val_tensors is None:
-                    batches = list(dataset)
-                    self._val_tensors = tuple(tf.concat([b[i] for b in batches], 0) for i in (0, 1))
                 loss, correct = self._validate_tensors(*self._val_tensors)
         return float(loss), float(correct)
 

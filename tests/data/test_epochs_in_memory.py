@@ -105,12 +105,13 @@ def test_validation_in_memory_equals_validation_over_the_dataset(digits_data):
     cfg = Config().train
     trainer = Trainer(cfg, tf.distribute.get_strategy(), 10, steps_per_epoch=10)
     trainer.build()
-    trainer.trace_validation()
     files, n_val = shard_files(digits_data.shards, "val")
     ds = make_dataset(files, cfg.global_batch_size, Preprocess.from_train(cfg), training=False)
     assert n_val % cfg.global_batch_size, "the last batch is a partial one"
     loss, correct = trainer.validate(ds)
-    for _ in range(2):  # decoded on the first call, reused on the second
-        held_loss, held_correct = trainer.validate(ds, in_memory=True)
+    trainer.hold_validation(ds)
+    assert trainer._val_tensors[0].shape[0] == n_val
+    for _ in range(2):
+        held_loss, held_correct = trainer.validate(ds)
         assert held_correct == correct
         assert held_loss == pytest.approx(loss, rel=1e-5)

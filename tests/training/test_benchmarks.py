@@ -17,16 +17,32 @@ def test_benchmark_train_times_stage_bare_step_and_model_fit(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # no data/ here: the digits are made in a temporary folder
     out = tmp_path / "train.json"
     assert (
-        cli.main(["benchmark", "train", "--epochs", "1", "--set", "train.global_batch_size=128", "--output", str(out)])
+        cli.main(
+            [
+                "benchmark",
+                "train",
+                "--epochs",
+                "1",
+                "--rounds",
+                "2",
+                "--set",
+                "train.global_batch_size=128",
+                "--output",
+                str(out),
+            ]
+        )
         == 0
     )
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     for key in ("stage", "bare_step", "model_fit"):
         assert result[key]["images"] > 0 and result[key]["images_per_sec"] > 0
-    assert result["stage_vs_bare_step"] == round(
-        result["stage"]["images_per_sec"] / result["bare_step"]["images_per_sec"], 3
-    )
+    assert len(result["rounds"]) == 2
+    for r in result["rounds"]:
+        assert r["stage_vs_bare_step"] == round(r["stage"]["images_per_sec"] / r["bare_step"]["images_per_sec"], 3)
+        assert r["stage"]["cpu_ms_per_image"] > 0 and r["stage"]["validation_seconds"] > 0
+    ratios = sorted(r["stage_vs_model_fit"] for r in result["rounds"])
+    assert result["stage_vs_model_fit"] == round((ratios[0] + ratios[1]) / 2, 3)  # the median of two
     assert "stage / bare step:" in printed and "stage / model.fit:" in printed
     assert not (tmp_path / "data").exists()
 
