@@ -7,7 +7,9 @@
     resnet-pipeline model summary [--depth 50] [--variant v1|v1.5|v2|cifar] [--image-size 224]
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
     resnet-pipeline benchmark ingest [--sizes 10000,40000,160000] [--classes 100] [--s3-objects 2000] [--no-s3]
-    resnet-pipeline benchmark pull --seaweed [--pin] | --registry s3://BUCKET/PREFIX [--size-mb 100] [--rounds 3]
+                                     [--s3-endpoint URL]
+    resnet-pipeline benchmark pull [--seaweed [--pin] | --s3-endpoint URL | --registry s3://BUCKET/PREFIX]
+                                   [--size-mb 100] [--rounds 3]
     resnet-pipeline benchmark warmstart [--epochs 3] [--source-epochs 10] [--seeds 1,2,3]
 
 Each stage subcommand reads params once, validates them, and calls the stage function with the
@@ -469,6 +471,7 @@ def run_benchmark_accuracy(args) -> int:
 
 def run_benchmark_ingest(args) -> int:
     from resnet_pipeline.benchmark.ingest import format_result, run
+    from resnet_pipeline.benchmark.s3 import check_available
 
     try:
         sizes = [int(n) for n in args.sizes.split(",")]
@@ -481,8 +484,11 @@ def run_benchmark_ingest(args) -> int:
         )
     if args.s3_objects < 0 or args.s3_workers < 1:
         raise ConfigError(f"--s3-objects {args.s3_objects} / --s3-workers {args.s3_workers}: allowed: >= 0 / >= 1")
+    s3_objects = 0 if args.no_s3 else args.s3_objects
+    if s3_objects:
+        check_available(args.s3_endpoint)  # before the stages' minutes, not after
     result = run(
-        sizes, classes=args.classes, s3_objects=0 if args.no_s3 else args.s3_objects, s3_workers=args.s3_workers
+        sizes, classes=args.classes, s3_objects=s3_objects, s3_workers=args.s3_workers, s3_endpoint=args.s3_endpoint
     )
     print(format_result(result))
     if args.output:
@@ -492,20 +498,26 @@ def run_benchmark_ingest(args) -> int:
 
 def run_benchmark_pull(args) -> int:
     from resnet_pipeline.benchmark.pull import format_result, run
+    from resnet_pipeline.benchmark.s3 import check_available
 
-    if bool(args.registry) == bool(args.seaweed):
-        raise ConfigError("benchmark pull: give either --registry s3://... or --seaweed")
+    elsewhere = args.registry or args.s3_endpoint
+    if args.seaweed and elsewhere:
+        raise ConfigError(
+            "benchmark pull: --seaweed (the development server) goes with neither --registry nor --s3-endpoint"
+        )
     if args.rounds < 1 or args.size_mb <= 0:
         raise ConfigError(f"--rounds {args.rounds} / --size-mb {args.size_mb}: allowed: 1 or more / more than 0")
-    if args.pin and not args.seaweed:
+    if args.pin and elsewhere:
         raise ConfigError("benchmark pull --pin: only with --seaweed (the server must run on this machine)")
+    if not args.registry:
+        check_available(args.s3_endpoint)
     if (args.part_mb is not None and args.part_mb <= 0) or (args.connections is not None and args.connections < 1):
         raise ConfigError(
             f"--part-mb {args.part_mb} / --connections {args.connections}: allowed: more than 0 / 1 or more"
         )
     result = run(
         args.registry,
-        seaweed=args.seaweed,
+        s3_endpoint=args.s3_endpoint,
         size_mb=args.size_mb,
         rounds=args.rounds,
         pin=args.pin,
@@ -702,11 +714,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-objects", type=int, default=2000, help="objects of the S3 folder download (default: 2000)")
     p.add_argument("--s3-workers", type=int, default=16, help="parallel requests compared with 1 (default: 16)")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 part (no SeaweedFS started)")
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="run the S3 part on this S3 (a new bucket, deleted after; credentials from the AWS env/profile) "
+        "instead of the checkout's development SeaweedFS",
+    )
     p.add_argument("--output", help="also write the figures as JSON to this file")
 
     p = bench_sub.add_parser("pull", help="registry pull MB/s vs a plain HTTP GET of the same objects")
     p.add_argument("--registry", help="s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment")
-    p.add_argument("--seaweed", action="store_true", help="start a SeaweedFS on loopback and use it instead")
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3 endpoint: of --registry, else a new bucket there (deleted after); credentials from the AWS "
+        "env/profile",
+    )
+    p.add_argument(
+        "--seaweed",
+        action="store_true",
+        help="start the checkout's development SeaweedFS on loopback (the default without --registry or --s3-endpoint)",
+    )
     p.add_argument("--size-mb", type=float, default=100.0, help="size of the model.keras registered (default: 100)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported (default: 3)")
     p.add_argument(
