@@ -8,9 +8,9 @@ A folder of small JPEGs (64x48, `--classes` classes) is generated for the larges
 smaller sizes take a subset of it. Each stage runs in a fresh process, so that its peak RSS is its
 own (`ru_maxrss`; the shard workers' peak is reported beside it). The per-image cost at the largest
 size is compared with the smallest. The S3 part uploads `--s3-objects` JPEGs to a new bucket on
-`--s3-endpoint` (else the checkout's development SeaweedFS on loopback: `benchmark/s3.py`) and times the download stage's S3 folder
-download with 1 and with `--s3-workers` requests at a time, and the sequential `download_file`
-loop it replaced, in alternating rounds.
+`--s3-endpoint` (else the checkout's development SeaweedFS on loopback: `benchmark/s3.py`) and
+times the download stage's S3 folder download with 1 and with `--s3-workers` requests at a time,
+and the sequential `download_file` loop it replaced, in alternating rounds.
 """
 
 from __future__ import annotations
