@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -29,7 +28,9 @@ from typing import Any
 import yaml
 
 from resnet_pipeline import config as config_mod
+from resnet_pipeline import logs
 from resnet_pipeline.config import Config, ConfigError
+from resnet_pipeline.models.specs import VARIANTS
 from resnet_pipeline.paths import Paths
 from resnet_pipeline.stagekeys import record_key, require_current
 from resnet_pipeline.training.preempt import PREEMPTED_EXIT, Preempted
@@ -264,13 +265,9 @@ def run_predict(args) -> int:
     return 0
 
 
-# --variant of `model summary` and `benchmark model`: the table's variant and its bottleneck stride
-MODEL_VARIANTS = {"v1": ("v1", True), "v1.5": ("v1", False), "v2": ("v2", False), "cifar": ("cifar", False)}
-
-
 def _summary_config(args) -> tuple[Config, int]:
     """The train config to summarize (params, then the flags) and the number of classes."""
-    from resnet_pipeline.models.resnet import SPECS
+    from resnet_pipeline.models.specs import SPECS
 
     if args.params is None and not Path("params.yaml").exists():
         cfg = Config()
@@ -279,20 +276,14 @@ def _summary_config(args) -> tuple[Config, int]:
     train = cfg.train
     depth = args.depth if args.depth is not None else train.depth
     name = args.variant
-    if name is None and depth not in SPECS[train.variant]:
+    if name is None and depth not in SPECS[VARIANTS[train.variant].family]:
         # a depth the configured variant lacks: the first named variant that has it (v1.5 for 50)
-        name = next((n for n in ("v1.5", "v2", "cifar") if depth in SPECS[MODEL_VARIANTS[n][0]]), None)
-    changes = {"depth": depth}
+        name = next((n for n in ("v1.5", "v2", "cifar") if depth in SPECS[VARIANTS[n].family]), None)
+    changes: dict[str, Any] = {"depth": depth}
     if name is not None:  # a variant named on the command line takes that variant's paper layout
-        variant, stride_in_1x1 = MODEL_VARIANTS[name]
-        spec = SPECS[variant].get(depth)
         defaults = config_mod.TrainConfig()
         changes.update(
-            variant=variant,
-            stride_in_1x1=stride_in_1x1 and spec is not None and spec.block == "bottleneck",
-            shortcut=defaults.shortcut,
-            v2_stride_last=defaults.v2_stride_last,
-            use_bias=defaults.use_bias,
+            variant=name, shortcut=defaults.shortcut, v2_stride_last=defaults.v2_stride_last, use_bias=defaults.use_bias
         )
     if args.image_size is not None:
         changes["image_size"] = args.image_size
@@ -318,12 +309,9 @@ def run_model(args) -> int:
     if args.channels < 1:
         raise ConfigError(f"--channels: received {args.channels}; allowed: 1 or more")
     model = build_resnet(**model_arguments(t, num_classes=classes, channels=args.channels))
-    name = "cifar" if t.variant == "cifar" else "v2" if t.variant == "v2" else ("v1" if t.stride_in_1x1 else "v1.5")
-    options = {
-        k: getattr(t, k) for k in ("shortcut", "stride_in_1x1", "v2_stride_last", "use_bias", "zero_init_residual")
-    }
+    options = {k: getattr(t, k) for k in ("shortcut", "v2_stride_last", "use_bias", "zero_init_residual")}
     title = (
-        f"ResNet-{t.depth} {name} at {t.image_size}x{t.image_size}x{args.channels}, {classes} classes  "
+        f"ResNet-{t.depth} {t.variant} at {t.image_size}x{t.image_size}x{args.channels}, {classes} classes  "
         + "  ".join(f"{k}={v}" for k, v in options.items())
     )
     print(format_summary(model, title))
@@ -362,9 +350,9 @@ def run_benchmark(args) -> int:
     )
     if args.replicas:
         from resnet_pipeline.benchmark.replicas import benchmark_replicas
-        from resnet_pipeline.models.resnet import SPECS
+        from resnet_pipeline.models.specs import SPECS
 
-        variant, stride_in_1x1 = MODEL_VARIANTS[args.variant]
+        variant, stride_in_1x1 = VARIANTS[args.variant]
         rows = []
         for depth in depths:
             if depth not in SPECS[variant]:
@@ -543,7 +531,9 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-pipeline", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and TensorFlow's and absl's INFO lines"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGES:
         p = sub.add_parser(name, help=f"run the {name} stage")
@@ -604,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="a model folder (model.keras, labels.json, config.yaml), or a registry spec NAME, "
+        help="a model folder (model.keras, labels.json, params.yaml), or a registry spec NAME, "
         "NAME:VERSION or NAME@ALIAS",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
@@ -621,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="depth (default: train.depth)")
     p.add_argument(
         "--variant",
-        choices=list(MODEL_VARIANTS),
+        choices=list(VARIANTS),
         help="v1 (stride on the 1x1), v1.5 (on the 3x3), v2 (pre-activation) or cifar; "
         "default: train.variant, or the first that has --depth",
     )
@@ -635,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", default="50", help="comma-separated depths (default: 50)")
     p.add_argument(
         "--variant",
-        choices=list(MODEL_VARIANTS),
+        choices=list(VARIANTS),
         default="v1",
         help="v1 and v2 are built in keras.applications' layout (default: v1)",
     )
@@ -750,11 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(verbose=args.verbose)  # before any TensorFlow import
     try:
         if args.command == "registry":
             return run_registry(args)

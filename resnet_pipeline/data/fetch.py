@@ -9,7 +9,6 @@ vetting every member.
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import logging
 import os
@@ -22,6 +21,7 @@ from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 from tqdm import tqdm
 
 from resnet_pipeline.data.archive import ArchiveLimits, UnsafeArchiveError, safe_extract  # noqa: F401
+from resnet_pipeline.fileio import file_digest  # noqa: F401 - also part of this module's API
 from resnet_pipeline.redact import redact_text, redact_url
 
 logger = logging.getLogger(__name__)
@@ -35,15 +35,6 @@ class DownloadError(RuntimeError):
 
 class _Retryable(Exception):
     """A transient failure worth another attempt (resuming from the bytes already written)."""
-
-
-def file_digest(path: str | Path, algorithm: str) -> str:
-    """Hex digest of a file, read in chunks; `algorithm` is "sha256" or "md5"."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _mismatch(path: Path, expected: dict[str, str]) -> tuple[str, str, str] | None:

@@ -8,6 +8,7 @@ import pytest
 
 from resnet_pipeline.cli import main
 from resnet_pipeline.registry import RegistryError, fetch_model, open_registry, parse_spec
+from resnet_pipeline.registry.spec import is_spec
 from tests.registry.conftest import NAME, make_files
 
 
@@ -20,6 +21,12 @@ def test_bad_specs_are_refused_naming_the_part(spec, words):
     with pytest.raises(RegistryError) as err:
         parse_spec(spec)
     assert words in str(err.value) and f"{spec!r}" in str(err.value)
+    assert not is_spec(spec), "predict's test of a spec is the same grammar"
+
+
+@pytest.mark.parametrize("spec", ["resnet", "resnet-digits:3", "resnet.v2@champion", "r_1@staging-2"])
+def test_good_specs_are_specs_for_predict_too(spec):
+    assert is_spec(spec) and str(parse_spec(spec)) == spec
 
 
 def test_unknown_version_alias_and_model(location, tmp_path):
