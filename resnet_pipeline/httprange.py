@@ -70,8 +70,15 @@ def retry(
     raise AssertionError("unreachable")
 
 
-def open_range(request: urllib.request.Request, start: int = 0, end: int | None = None, etag: str | None = None, *,
-               timeout: float = 60.0, context: ssl.SSLContext | None = None) -> Opened:
+def open_range(
+    request: urllib.request.Request,
+    start: int = 0,
+    end: int | None = None,
+    etag: str | None = None,
+    *,
+    timeout: float = 60.0,
+    context: ssl.SSLContext | None = None,
+) -> Opened:
     """GET bytes start..end (inclusive; None: to the end) of `request`'s URL, `If-Match: etag` if given.
 
     A request from byte 0 to the end asks for the whole object (no Range). Raises Retryable for a lost
@@ -105,10 +112,21 @@ def open_range(request: urllib.request.Request, start: int = 0, end: int | None 
     return Opened(response, 0, int(length) if length is not None and length.isdigit() else None, etag)
 
 
-def read_range(fetch: Fetch, opened: Opened | None, lo: int, hi: int | None, etag: str | None, buf: memoryview,
-               take: Callable[[memoryview, int, int], memoryview], *, attempts: int, backoff: float,
-               stop: Callable[[], bool] = lambda: False, rewind: Callable[[int], None] | None = None,
-               on_retry: Callable[[Exception, float], None] | None = None) -> memoryview:
+def read_range(
+    fetch: Fetch,
+    opened: Opened | None,
+    lo: int,
+    hi: int | None,
+    etag: str | None,
+    buf: memoryview,
+    take: Callable[[memoryview, int, int], memoryview],
+    *,
+    attempts: int,
+    backoff: float,
+    stop: Callable[[], bool] = lambda: False,
+    rewind: Callable[[int], None] | None = None,
+    on_retry: Callable[[Exception, float], None] | None = None,
+) -> memoryview:
     """Read bytes lo..hi (exclusive; None: to the end of the stream) in order, asking `fetch` again from
     where a lost connection stopped. `take(buf, n, pos)` gets each piece (`buf[:n]`, at offset `pos`)
     and returns the buffer to read the next one into; the last buffer is returned. `stop()` ends it

@@ -76,8 +76,8 @@ def _download(url: str, part: Path, *, retries: int, backoff: float, timeout: fl
     shown = redact_url(url)  # for messages only
     have = part.stat().st_size if part.exists() else 0
 
-    def get(start: int, end: int | None, etag: str | None) -> Opened:
-        return open_range(_request(url), start, end, etag, timeout=timeout)
+    def get(start: int, end: int | None, etag: str | None) -> Opened:  # always to the end: `bytes=N-`
+        return open_range(_request(url), start, None, etag, timeout=timeout)
 
     def on_retry(err: Exception, delay: float) -> None:
         logger.warning("%s: %s; retrying in %.1fs", shown, redact_text(str(err)), delay)
