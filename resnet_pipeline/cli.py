@@ -13,7 +13,7 @@
     resnet-pipeline benchmark warmstart [--epochs 3] [--source-epochs 10] [--seeds 1,2,3]
 
 Each stage subcommand reads params once, validates them, and calls the stage function with the
-typed config and the paths of design.md (relative to the current folder).
+typed config and the paths of `resnet_pipeline.paths.Paths` (relative to the current folder).
 """
 
 from __future__ import annotations
