@@ -151,7 +151,7 @@ class TrainConfig:
     checkpoint_every_steps: int = field(default=100, metadata=_range(1, 10**9))
     keep_checkpoints: int = field(default=2, metadata=_range(1, 1000))
     summary_every_steps: int = field(default=10, metadata=_range(1, 10**9))  # host reads, steps.csv rows, TensorBoard
-    validate_every_epochs: int = field(default=1, metadata=_range(1, 10**6))  # and always after the last epoch
+    validate_every_epochs: int = field(default=5, metadata=_range(1, 10**6))  # and always after the last epoch
     ema_decay: float = field(default=0.0, metadata=_range(0.0, 1.0, high_open=True))  # 0: off; e.g. 0.999
     export: str = field(default="last", metadata=_choice("last", "best"))  # best: the best on val
     # starting weights and fine-tuning (README, "Fine-tuning")

@@ -9,10 +9,13 @@ has none):
   included, model export excluded;
 - **bare step**: the same trainer's compiled steps on one batch held in memory (no input pipeline,
   no validation, no checkpoints): the most the stage could do;
-- **model.fit**: the same model, optimizer, schedule and `tf.data` input (validation each epoch)
-  through Keras' own loop.
+- **model.fit**: the same model, optimizer, schedule and `tf.data` input (the stage's: all epochs
+  in one dataset, decoded once when it fits in memory), validated on the stage's cadence, through
+  Keras' own loop.
 
-Each figure leaves out its first chunk of steps (tracing), the same number of images for all.
+Each figure leaves out its first chunk of steps (tracing), the same number of images for all, and
+the tracing of validation (the stage does it at start-up; Keras' test step is traced by an
+`evaluate` before `fit`).
 Printed as images/s and as ratios stage / bare step and stage / model.fit.
 """
 
@@ -58,6 +61,8 @@ def _stage(cfg: Config, paths: Paths, work: Path) -> dict:
         "seconds": round(seconds, 3),
         "images_per_sec": round(images / seconds, 2),
         "first_chunk_images": summary["first_chunk_images"],
+        "validation_seconds": summary["validation_seconds"],
+        "checkpoint_seconds": summary["checkpoint_seconds"],
     }
 
 
@@ -96,7 +101,7 @@ def _bare(cfg: Config, paths: Paths, steps: int, skip_images: int) -> dict:
 def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
     import keras
 
-    from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
+    from resnet_pipeline.data.pipeline import Preprocess, decode_in_memory, make_dataset, shard_files, train_epochs
     from resnet_pipeline.fileio import read_json
     from resnet_pipeline.models.resnet import build_resnet, model_arguments
     from resnet_pipeline.training import optim
@@ -116,7 +121,17 @@ def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
         jit_compile=t.jit_compile,
     )
     prep = Preprocess.from_train(t)
-    train_ds = make_dataset(files, gbs, prep, training=True, seed=cfg.base.seed).repeat()
+    # the stage's own input: every epoch in one dataset, decoded once when the split fits in memory
+    train_ds = train_epochs(
+        files,
+        gbs,
+        prep,
+        seed=cfg.base.seed,
+        first_epoch=0,
+        epochs=t.epochs,
+        steps_per_epoch=steps_per_epoch,
+        in_memory=decode_in_memory(files, n_train, prep),
+    )
     val_ds = make_dataset(val_files, gbs, prep, training=False)
     skip_batches = max(1, skip_images // gbs)
 
@@ -130,8 +145,17 @@ def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
             self.end = time.perf_counter()
 
     clock = Clock()
+    model.evaluate(val_ds, verbose=0)  # traces Keras' test step first, as the stage traces its validation at start-up
+    # the stage's cadence: every validate_every_epochs epochs, and after the last
+    validated = sorted({e for e in range(1, t.epochs + 1) if e % t.validate_every_epochs == 0} | {t.epochs})
     model.fit(
-        train_ds, epochs=t.epochs, steps_per_epoch=steps_per_epoch, validation_data=val_ds, verbose=0, callbacks=[clock]
+        train_ds,
+        epochs=t.epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=val_ds,
+        validation_freq=validated,
+        verbose=0,
+        callbacks=[clock],
     )
     images = (t.epochs * steps_per_epoch - skip_batches) * gbs
     seconds = clock.end - clock.start
@@ -172,6 +196,11 @@ def format_result(result: dict) -> str:
     for key, label in (("stage", "stage"), ("bare_step", "bare step"), ("model_fit", "model.fit")):
         r = result[key]
         lines.append(f"{label:<12} {r['images']:>8} {r['seconds']:>9.2f} {r['images_per_sec']:>10.1f}")
+    stage = result["stage"]
+    lines.append(
+        f"stage's validation: {stage['validation_seconds']:.2f} s ({stage['validation_seconds'] / stage['seconds']:.1%}), "
+        f"checkpoints: {stage['checkpoint_seconds']:.2f} s ({stage['checkpoint_seconds'] / stage['seconds']:.1%})"
+    )
     lines.append(
         f"stage / bare step: {result['stage_vs_bare_step']:.3f}x   "
         f"stage / model.fit: {result['stage_vs_model_fit']:.3f}x"

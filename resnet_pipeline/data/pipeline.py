@@ -38,6 +38,7 @@ FEATURES = {
 }
 MODES = ("scale", "caffe", "tf")
 CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)  # keras.applications.imagenet_utils, mode="caffe"
+IN_MEMORY_BYTES = 512 * 2**20  # a train split whose decoded float32 images fit is decoded only once
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,16 @@ class Preprocess:
         """From a TrainConfig (params.yaml `train:`), `train.preprocess: auto` resolved."""
         from resnet_pipeline.config import input_mode
 
-        return cls(image_size or cfg.image_size, cfg.augment, cfg.pad_crop, cfg.random_flip,
-                   tuple(cfg.mean), tuple(cfg.std), cfg.eval_crop, input_mode(cfg))
+        return cls(
+            image_size or cfg.image_size,
+            cfg.augment,
+            cfg.pad_crop,
+            cfg.random_flip,
+            tuple(cfg.mean),
+            tuple(cfg.std),
+            cfg.eval_crop,
+            input_mode(cfg),
+        )
 
 
 def shard_files(shards_dir: str | Path, split: str) -> tuple[list[str], int]:
@@ -128,8 +137,13 @@ def _random_resized_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.T
     is_jpeg = tf.io.is_jpeg(encoded)
     shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(encoded), lambda: tf.shape(_decode(encoded)))
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.1,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+        shape,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.1,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
     window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
@@ -155,29 +169,82 @@ def _shift_shear_zoom(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     b0, b1 = 0.0 * zx, tf.cos(shear) * zy
     transform = tf.stack([a0, a1, c - a0 * c - a1 * c + tx, b0, b1, c - b0 * c - b1 * c + ty, 0.0, 0.0])
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
-        interpolation="BILINEAR", fill_mode="NEAREST", fill_value=0.0,
+        images=image[None],
+        transforms=transform[None],
+        output_shape=tf.shape(image)[:2],
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
+        fill_value=0.0,
     )
     return out[0]
 
 
-def train_image(encoded: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Tensor:
-    """One augmented training image; `seed` is a shape-[2] int tensor (stateless ops)."""
+def _base_image(encoded: tf.Tensor, prep: Preprocess) -> tf.Tensor:
+    """A training image before its random part (all but `imagenet`): decoded, resized, centre-cropped."""
+    return _resize_and_centre_crop(_decode(encoded), prep.image_size, prep.eval_crop)
+
+
+def _augment(image: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Tensor:
+    """The random part of a training image (after `_base_image`, or after imagenet's crop), normalised."""
     size = prep.image_size
-    if prep.augment == "imagenet":
-        image = _random_resized_crop(encoded, size, _seed(seed, 0))
-    else:
-        image = _resize_and_centre_crop(_decode(encoded), size, prep.eval_crop)
-        if prep.augment == "cifar" and prep.pad_crop > 0:
-            padded = size + 2 * prep.pad_crop
-            image = tf.image.pad_to_bounding_box(image, prep.pad_crop, prep.pad_crop, padded, padded)
-            image = tf.image.stateless_random_crop(image, [size, size, 3], _seed(seed, 1))
-        elif prep.augment == "shift_shear_zoom":
-            image = _shift_shear_zoom(image, _seed(seed, 2))
+    if prep.augment == "cifar" and prep.pad_crop > 0:
+        padded = size + 2 * prep.pad_crop
+        image = tf.image.pad_to_bounding_box(image, prep.pad_crop, prep.pad_crop, padded, padded)
+        image = tf.image.stateless_random_crop(image, [size, size, 3], _seed(seed, 1))
+    elif prep.augment == "shift_shear_zoom":
+        image = _shift_shear_zoom(image, _seed(seed, 2))
     if prep.random_flip and prep.augment != "none":
         image = tf.image.stateless_random_flip_left_right(image, _seed(seed, 3))
     image.set_shape([size, size, 3])
     return _normalize(tf.clip_by_value(image, 0.0, 255.0), prep)
+
+
+def train_image(encoded: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Tensor:
+    """One augmented training image; `seed` is a shape-[2] int tensor (stateless ops)."""
+    if prep.augment == "imagenet":
+        return _augment(_random_resized_crop(encoded, prep.image_size, _seed(seed, 0)), prep, seed)
+    return _augment(_base_image(encoded, prep), prep, seed)
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """A split's images before augmentation, decoded once: `images[starts[f]:ends[f]]` are file f's."""
+
+    images: tf.Tensor
+    labels: tf.Tensor
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.images.shape.num_elements()) * self.images.dtype.size
+
+
+def decode_in_memory(files: list[str], records: int, prep: Preprocess) -> InMemory | None:
+    """The split's images before augmentation, when their float32 pixels fit in IN_MEMORY_BYTES and
+    the augmentation starts from the whole image (not `imagenet`, which decodes only its crop);
+    else None. Training then decodes and resizes each image once instead of once per epoch."""
+    if prep.augment == "imagenet" or records * prep.image_size**2 * 3 * 4 > IN_MEMORY_BYTES:
+        return None
+
+    def base(record):
+        encoded, label = parse_example(record)
+        return _base_image(encoded, prep), label
+
+    images: list[tf.Tensor] = []
+    labels: list[tf.Tensor] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    for name in files:
+        count = 0
+        records_ds = tf.data.TFRecordDataset(name).map(base, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        for batch_images, batch_labels in records_ds.batch(4096):
+            images.append(batch_images)
+            labels.append(batch_labels)
+            count += int(batch_labels.shape[0])
+        starts.append(ends[-1] if ends else 0)
+        ends.append(starts[-1] + count)
+    return InMemory(tf.concat(images, 0), tf.concat(labels, 0), tuple(starts), tuple(ends))
 
 
 def make_dataset(
@@ -186,10 +253,11 @@ def make_dataset(
     prep: Preprocess,
     *,
     training: bool,
-    seed: int = 0,
+    seed: int | tf.Tensor = 0,
     input_context: tf.distribute.InputContext | None = None,
-    skip_batches: int = 0,
+    skip_batches: int | tf.Tensor = 0,
     split_global_batch: bool = False,
+    in_memory: InMemory | None = None,
 ) -> tf.data.Dataset:
     """Batches of (image, label) from TFRecord `files`; `batch_size` is the per-replica batch.
 
@@ -203,6 +271,10 @@ def make_dataset(
     shards rarely hold equal counts. With `split_global_batch`, every pipeline reads all records
     in the same order instead and keeps its replicas' slice of each global batch, so that the
     replicas together see exactly the global batches, and the augmentations, of one device.
+
+    `seed` and `skip_batches` may be tensors (see `train_epochs`). With `in_memory` (training), the
+    same order is drawn over record indices into its decoded images, and each image is only
+    augmented: the batches are those of the shards, number for number.
     """
     ctx = input_context
     pipelines = ctx.num_input_pipelines if ctx else 1
@@ -210,16 +282,24 @@ def make_dataset(
     local_replicas = ctx.num_replicas_in_sync // pipelines if ctx else 1
     split = split_global_batch and pipelines > 1
     by_worker = pipelines > 1 and not split
-    ds = tf.data.Dataset.from_tensor_slices(files)
+    memory = in_memory if training else None
+    if memory is None:
+        ds, per_file = tf.data.Dataset.from_tensor_slices(files), tf.data.TFRecordDataset
+    else:  # each file's record indices in place of its records: shuffles and interleave draw the same order
+        bounds = (tf.constant(memory.starts, tf.int64), tf.constant(memory.ends, tf.int64))
+        ds = tf.data.Dataset.from_tensor_slices(bounds)
+        per_file = lambda start, end: tf.data.Dataset.range(start, end)  # noqa: E731
     if by_worker and len(files) >= pipelines:
         ds = ds.shard(pipelines, pipeline_id)
     if training:
         ds = ds.shuffle(len(files), seed=seed)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), deterministic=True,
-                       num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.interleave(
+        per_file, cycle_length=min(4, len(files)), deterministic=True, num_parallel_calls=tf.data.AUTOTUNE
+    )
     if by_worker and pipelines > len(files):
         ds = ds.shard(pipelines, pipeline_id)
     if not training:
+
         def eval_fn(record):
             encoded, label = parse_example(record)
             return eval_image(encoded, prep), label
@@ -236,13 +316,60 @@ def make_dataset(
         start = pipeline_id * local
         ds = ds.batch(batch_size * ctx.num_replicas_in_sync, drop_remainder=True)
         ds = ds.map(lambda i, r: (i[start : start + local], r[start : start + local])).unbatch()
-    if skip_batches:
-        ds = ds.skip(skip_batches * local)
-    base = tf.constant([seed, pipeline_id if by_worker else 0], tf.int64)
+    if not isinstance(skip_batches, int) or skip_batches:
+        ds = ds.skip(tf.cast(skip_batches, tf.int64) * local)
+    base = tf.stack([tf.cast(seed, tf.int64), tf.constant(pipeline_id if by_worker else 0, tf.int64)])
 
     def train_fn(i, record):
+        seed_i = _seed(base, tf.cast(i, tf.int32))
+        if memory is not None:
+            return _augment(tf.gather(memory.images, record), prep, seed_i), tf.gather(memory.labels, record)
         encoded, label = parse_example(record)
-        return train_image(encoded, prep, _seed(base, tf.cast(i, tf.int32))), label
+        return train_image(encoded, prep, seed_i), label
 
     ds = ds.map(train_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def train_epochs(
+    files: list[str],
+    batch_size: int,
+    prep: Preprocess,
+    *,
+    seed: int,
+    first_epoch: int,
+    epochs: int,
+    steps_per_epoch: int,
+    skip_batches: int = 0,
+    input_context: tf.distribute.InputContext | None = None,
+    split_global_batch: bool = False,
+    in_memory: InMemory | None = None,
+) -> tf.data.Dataset:
+    """Epochs `first_epoch` .. `epochs - 1` of `make_dataset(training=True, seed=seed + epoch)`, one
+    after the other in one dataset, each cut to the `steps_per_epoch` global steps the loop trains
+    of it (the first from `skip_batches` on, when resuming).
+
+    One iterator serves the whole run: the next epoch's images are being prepared while this one's
+    last steps, its validation and its checkpoint run, instead of a new pipeline starting empty at
+    every epoch. Each epoch holds exactly the batches a per-epoch pipeline would give.
+    """
+    ctx = input_context
+    local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines if ctx else 1
+
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        skip = tf.where(epoch == first_epoch, tf.constant(skip_batches, tf.int64), tf.constant(0, tf.int64))
+        ds = make_dataset(
+            files,
+            batch_size,
+            prep,
+            training=True,
+            seed=tf.constant(seed, tf.int64) + epoch,
+            input_context=ctx,
+            skip_batches=skip,
+            split_global_batch=split_global_batch,
+            in_memory=in_memory,
+        )
+        return ds.take((steps_per_epoch - skip) * local_replicas)
+
+    epochs_ds = tf.data.Dataset.range(first_epoch, epochs)
+    return epochs_ds.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE)

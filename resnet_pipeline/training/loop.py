@@ -10,7 +10,8 @@ averaged over the global batch and weight decay is scaled by the number of repli
 is not used (it fails under MultiWorkerMirroredStrategy with Keras 3, keras-team/keras#20585).
 
 State (model, optimizer, step, the epoch's running sums) is saved with
-`tf.train.CheckpointManager` every `checkpoint_every_steps` steps and at each epoch end, in a
+`tf.train.CheckpointManager` every `checkpoint_every_steps` steps, at the end of fine-tuning's
+head phase and after the last step, in a
 folder keyed by the run's fingerprint (the params that change the result, the seed and the data).
 A rerun resumes from the last checkpoint: the lr schedule follows the restored step, the epoch's
 data order is replayed and the batches already trained are skipped, so no step is trained twice
@@ -36,7 +37,7 @@ import keras
 import tensorflow as tf
 
 from resnet_pipeline.config import MODEL_PARAMS, Config, TrainConfig
-from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
+from resnet_pipeline.data.pipeline import Preprocess, decode_in_memory, make_dataset, shard_files, train_epochs
 from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
 from resnet_pipeline.models.resnet import recursion_limit
@@ -46,6 +47,7 @@ from resnet_pipeline.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
+VAL_IN_MEMORY_BYTES = 256 * 2**20  # float32 images of the val split kept in memory when they fit
 HISTORY_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_sec")
 STEP_FIELDS = ("step", "loss", "accuracy", "lr")
 # params that do not change what is trained: a run resumes across changes of these
@@ -177,36 +179,33 @@ def train(
     )
 
     def save(at: int) -> str:
+        began = time.perf_counter()
         path = trainer.save(at, sums)
         if cluster.is_chief:
             atomic_write_json(history_path, history)
             _write_steps(steps_path, step_rows)
+        timing["checkpoints"] += time.perf_counter() - began
         return path
 
     prep = Preprocess.from_train(cfg)
     val_ds = make_dataset(val_files, gbs, prep, training=False)
+    in_memory = decode_in_memory(train_files, n_train, prep)
+    if in_memory is not None:
+        log.info(
+            "train: the %d train images are decoded once and kept in memory (%.1f MB)", n_train, in_memory.nbytes / 1e6
+        )
+    if n_val and _val_in_memory(n_val, cfg):
+        trainer.trace_validation()
     verbose = (1 if _interactive() else 2) if cluster.is_chief else 0
     start = time.perf_counter()
-    timing: dict[str, float] = {"first": -1.0, "first_images": 0, "loop": 0.0}  # the first chunk traces the step
+    # the first chunk traces the step; the seconds of the loop spent validating and checkpointing
+    timing: dict[str, float] = {"first": -1.0, "first_images": 0, "loop": 0.0, "validation": 0.0, "checkpoints": 0.0}
     try:
         with _SigtermWatcher() as sigterm, writer.as_default():
+            iterator = _train_iterator(strategy, train_files, in_memory, prep, cfg, seed, step, steps_per_epoch)
             while step < total_steps:
-                epoch, done_in_epoch = divmod(step, steps_per_epoch)
+                epoch = step // steps_per_epoch
                 trainer.enter_epoch(epoch)  # the head phase of fine-tuning ends at an epoch boundary
-
-                def dataset_fn(ctx: tf.distribute.InputContext, epoch=epoch, skip=done_in_epoch):
-                    return make_dataset(
-                        train_files,
-                        ctx.get_per_replica_batch_size(gbs),
-                        prep,
-                        training=True,
-                        seed=seed + epoch,
-                        input_context=ctx,
-                        skip_batches=skip,
-                        split_global_batch=cfg.deterministic,
-                    )
-
-                iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
                 if cluster.is_chief:
                     print(f"Epoch {epoch + 1}/{cfg.epochs}", flush=True)
                 bar = keras.utils.Progbar(
@@ -256,11 +255,16 @@ def train(
                         raise Preempted(step, path if cluster.is_chief else str(run_dir))
                     if step % cfg.checkpoint_every_steps == 0 and step % steps_per_epoch:
                         save(step)
+                began = time.perf_counter()
                 history.append(_epoch_record(trainer, epoch, step, sums, val_ds, n_val, cfg, run_dir, cluster))
+                timing["validation"] += time.perf_counter() - began
                 log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in history[-1].items() if v is not None})
                 for name in ("epoch_loss", "epoch_correct", "epoch_seen", "epoch_seconds"):
                     sums[name] = 0.0
-                save(step)
+                # and at the last step of fine-tuning's head phase, where what is trained changes
+                phase_ends = trainer.tuner.phase_of(epoch) != trainer.tuner.phase_of(epoch + 1)
+                if step % cfg.checkpoint_every_steps == 0 or step == total_steps or phase_ends:
+                    save(step)
         timing["loop"] = time.perf_counter() - start
     except (
         tf.errors.UnavailableError,
@@ -300,6 +304,8 @@ def train(
         "loop_seconds": round(timing["loop"], 3),
         "first_chunk_seconds": round(max(timing["first"], 0.0), 3),
         "first_chunk_images": int(timing["first_images"]),
+        "validation_seconds": round(timing["validation"], 3),
+        "checkpoint_seconds": round(timing["checkpoints"], 3),
         "best_val_accuracy": float(trainer.best_val.numpy()) if float(trainer.best_val.numpy()) >= 0 else None,
         "final": history[-1] if history else None,
         "data": trained_on(shards_dir),
@@ -317,6 +323,35 @@ def train(
             {"init": trainer.init_record, "finetune": trainer.tuner.describe()},
         )
     return summary
+
+
+def _val_in_memory(n_val: int, cfg: TrainConfig) -> bool:
+    """Whether the val split's float32 images fit in VAL_IN_MEMORY_BYTES (then decoded only once)."""
+    return n_val * cfg.image_size**2 * 3 * 4 <= VAL_IN_MEMORY_BYTES
+
+
+def _train_iterator(
+    strategy, train_files, in_memory, prep, cfg: TrainConfig, seed: int, step: int, steps_per_epoch: int
+):
+    """One iterator over the rest of the run's epochs (`pipeline.train_epochs`), from `step` on."""
+    first_epoch, done_in_epoch = divmod(step, steps_per_epoch)
+
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        return train_epochs(
+            train_files,
+            ctx.get_per_replica_batch_size(cfg.global_batch_size),
+            prep,
+            seed=seed,
+            first_epoch=first_epoch,
+            epochs=cfg.epochs,
+            steps_per_epoch=steps_per_epoch,
+            skip_batches=done_in_epoch,
+            input_context=ctx,
+            split_global_batch=cfg.deterministic,
+            in_memory=in_memory,
+        )
+
+    return iter(strategy.distribute_datasets_from_function(dataset_fn))
 
 
 def _steps_to_next_stop(step: int, steps_per_epoch: int, cfg: TrainConfig) -> int:
@@ -354,7 +389,7 @@ def _epoch_record(
     }
     last = epoch + 1 == cfg.epochs
     if n_val and ((epoch + 1) % cfg.validate_every_epochs == 0 or last):
-        val_loss, val_correct = trainer.validate(val_ds)
+        val_loss, val_correct = trainer.validate(val_ds, in_memory=_val_in_memory(n_val, cfg))
         record.update(val_loss=val_loss / n_val, val_accuracy=val_correct / n_val)
         for name in ("loss", "accuracy"):
             tf.summary.scalar(f"val/{name}", record[f"val_{name}"], step=step)
@@ -365,6 +400,8 @@ def _epoch_record(
 def _strategy_name(strategy: tf.distribute.Strategy) -> str:
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):  # its class is CollectiveAllReduceStrategy
         return "MultiWorkerMirroredStrategy"
+    if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy():
+        return "DefaultStrategy"
     return type(strategy).__name__
 
 

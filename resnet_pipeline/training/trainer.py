@@ -81,6 +81,12 @@ class Trainer:
         )
         self._trace()
         self._validate = tf.function(self._validate_fn)
+        size = cfg.image_size
+        self._validate_tensors = tf.function(
+            self._validate_tensors_fn,
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([None], tf.int32)],
+        )
+        self._val_tensors: tuple[tf.Tensor, ...] | None = None
 
     def _trace(self) -> None:
         """(Re)make the compiled step: the variables it trains are fixed when it is traced."""
@@ -159,18 +165,46 @@ class Trainer:
         )
         return float(loss), float(correct), float(stopped) > 0
 
+    def _eval_batch(self, images, labels):
+        logits = self.model(images, training=False)
+        loss = tf.reduce_sum(optim.per_example_loss(labels, logits, self.num_classes, 0.0))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+        return loss, correct
+
     def _validate_fn(self, dataset):
         loss, correct = tf.constant(0.0), tf.constant(0.0)
         for images, labels in dataset:
-            logits = self.model(images, training=False)
-            loss += tf.reduce_sum(optim.per_example_loss(labels, logits, self.num_classes, 0.0))
-            correct += tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+            batch_loss, batch_correct = self._eval_batch(images, labels)
+            loss, correct = loss + batch_loss, correct + batch_correct
         return loss, correct
 
-    def validate(self, dataset: tf.data.Dataset) -> tuple[float, float]:
-        """(summed loss, correct predictions) of the weights that are exported (the EMA's if on)."""
+    def _validate_tensors_fn(self, images, labels):
+        n, size = tf.shape(images)[0], self.global_batch_size
+        loss, correct = tf.constant(0.0), tf.constant(0.0)
+        for start in tf.range(0, n, size):
+            end = tf.minimum(start + size, n)
+            batch_loss, batch_correct = self._eval_batch(images[start:end], labels[start:end])
+            loss, correct = loss + batch_loss, correct + batch_correct
+        return loss, correct
+
+    def trace_validation(self) -> None:
+        """Trace the in-memory validation now (start-up) rather than at the first epoch's end."""
+        self._validate_tensors.get_concrete_function()
+
+    def validate(self, dataset: tf.data.Dataset, in_memory: bool = False) -> tuple[float, float]:
+        """(summed loss, correct predictions) of the weights that are exported (the EMA's if on).
+
+        With `in_memory` the split is decoded once, on the first call, and kept as two tensors:
+        later passes are the model's forward steps alone, with no input pipeline to start.
+        """
         with self.exported_weights():
-            loss, correct = self._validate(dataset)
+            if not in_memory:
+                loss, correct = self._validate(dataset)
+            else:
+                if self._val_tensors is None:
+                    batches = list(dataset)
+                    self._val_tensors = tuple(tf.concat([b[i] for b in batches], 0) for i in (0, 1))
+                loss, correct = self._validate_tensors(*self._val_tensors)
         return float(loss), float(correct)
 
     # ------------------------------------------------------------------------------ what is exported
@@ -191,11 +225,12 @@ class Trainer:
                 weight.assign(value)
 
     def keep_if_best(self, val_accuracy: float, run_dir: Path, is_chief: bool) -> bool:
-        """Remember these weights (EMA's if on) in `run_dir` when they are the best on val so far."""
+        """Note the best accuracy on val so far; with `train.export: best`, also keep these weights
+        (EMA's if on) in `run_dir`."""
         if val_accuracy <= float(self.best_val.numpy()):
             return False
         self.best_val.assign(val_accuracy)
-        if is_chief:
+        if is_chief and self.cfg.export == "best":
             with self.exported_weights():
                 tmp = run_dir / f".tmp-{BEST_WEIGHTS}"
                 self.model.save_weights(str(tmp))

@@ -149,7 +149,7 @@ def test_sigkill_at_a_random_step_resumes_to_the_same_weights(work):
 
 
 def test_sigterm_saves_at_the_step_and_resumes_with_no_lost_step(work):
-    common = ["train.epochs=2", "train.checkpoint_every_steps=1000", *DETERMINISTIC]
+    common = ["train.epochs=2", f"train.checkpoint_every_steps={STEPS_PER_EPOCH}", *DETERMINISTIC]
     _train(work, [*common, "base.artifacts_dir=reference"])
     reference_steps = _steps(work / "reference/model")
 

@@ -70,6 +70,7 @@ def test_export_best_exports_the_best_validated_epoch(digits_data, tmp_path):
         digits_data,
         tmp_path / "best",
         epochs=3,
+        validate_every_epochs=1,
         export="best",
         lr=0.2,
         warmup_epochs=0,
