@@ -198,7 +198,8 @@ def format_result(result: dict) -> str:
         lines.append(f"{label:<12} {r['images']:>8} {r['seconds']:>9.2f} {r['images_per_sec']:>10.1f}")
     stage = result["stage"]
     lines.append(
-        f"stage's validation: {stage['validation_seconds']:.2f} s ({stage['validation_seconds'] / stage['seconds']:.1%}), "
+        f"stage's validation: {stage['validation_seconds']:.2f} s "
+        f"({stage['validation_seconds'] / stage['seconds']:.1%}), "
         f"checkpoints: {stage['checkpoint_seconds']:.2f} s ({stage['checkpoint_seconds'] / stage['seconds']:.1%})"
     )
     lines.append(
