@@ -39,8 +39,8 @@ from prefect import flow, runtime, task, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from resnet_pipeline import cli  # noqa: E402
 from resnet_pipeline import config as config_mod  # noqa: E402
+from resnet_pipeline import stages  # noqa: E402
 from resnet_pipeline.config import Config  # noqa: E402
 from resnet_pipeline.data import shard as shard_mod  # noqa: E402
 from resnet_pipeline.fileio import new_staging_dir, read_json, replace_dir  # noqa: E402
@@ -79,7 +79,7 @@ def _preempted(task, task_run, state) -> bool:
 
 def _stage_task(name: str, **options):
     def run(cfg: Config, paths: Paths) -> Any:
-        return cli.STAGES[name](cfg, paths)
+        return stages.run_stage(name, cfg, paths)
 
     run.__name__ = name
     return task(run, name=name, **options)
@@ -132,11 +132,16 @@ def _registry_link(registry: str, name: str, version: int) -> str:
     return Path(registry, "models", name, "versions", str(version)).resolve().as_uri() + "/"
 
 
+def _beside(figure: dict | None) -> str:
+    """The champion's value of a test figure and the candidate's delta, from the gate's `figures`."""
+    return "" if figure is None else f"{figure['champion']} ({figure['delta']:+g})"
+
+
 def report_markdown(cfg: Config, record: dict) -> str:
-    """Metrics, the gate's decision with both figures, and the registered version."""
+    """Metrics beside the champion's, the gate's decision with both figures, and the registered version."""
     name, version, gate = record["name"], record["version"], record["gate"]
-    test = record["metrics"]["test"]
-    rows = "\n".join(f"| {k} | {v} |" for k, v in test.items())
+    test, figures = record["metrics"]["test"], gate.get("figures") or {}
+    rows = "\n".join(f"| {k} | {v} | {_beside(figures.get(k))} |" for k, v in test.items())
     champion = "none yet" if gate["champion"] is None else f"{gate['champion']} (version {gate['champion_version']})"
     promoted = record["promotion"]
     verdict = (
@@ -150,7 +155,7 @@ def report_markdown(cfg: Config, record: dict) -> str:
     return (
         f"# {name}:{version} — ResNet-{cfg.train.depth} ({cfg.train.variant}) on {cfg.download.dataset}\n\n"
         f"Registered as **[{name}:{version}]({link})** in `{record['registry']}`.\n\n"
-        f"| test metric | value |\n|---|---|\n{rows}\n\n"
+        f"| test metric | value | {gate['alias']} (delta) |\n|---|---|---|\n{rows}\n\n"
         f"## Gate: {verdict} to `{gate['alias']}`\n\n"
         f"| | {gate['metric']} |\n|---|---|\n| this version | {gate['candidate']} |\n"
         f"| {gate['alias']} | {champion} |\n\n"
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".")
     parser.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE")
     args = parser.parse_args(argv)
-    resnet_pipeline_flow(params=args.params, root=args.root, overrides=cli._parse_set(args.set))
+    resnet_pipeline_flow(params=args.params, root=args.root, overrides=config_mod.parse_overrides(args.set))
     return 0
 
 

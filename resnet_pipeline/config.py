@@ -42,6 +42,7 @@ __all__ = [
     "stage_names",
     "from_dict",
     "apply_overrides",
+    "parse_overrides",
     "load",
     "load_saved",
     "upgrade_saved",
@@ -250,6 +251,20 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
             raise ConfigError(f"override {dotted!r}: {group} is not a group")
         out[group][key] = value
     return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set` items (`GROUP.KEY=VALUE`, the value read as YAML) as `{"group.key": value}`."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected GROUP.KEY=VALUE, such as train.epochs=3")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({getattr(err, 'problem', err)})") from None
+    return overrides
 
 
 def _read(path: Path) -> Any:

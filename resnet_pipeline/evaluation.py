@@ -3,8 +3,7 @@
 Writes to the output folder:
 
 - `metrics.json`: `test` (examples, loss, top1, topK, macro-averaged precision, recall and F1),
-  `data` (the sha256 of the manifest evaluated on, when given) and `champion` (the comparison
-  with the registry's champion, or null);
+  `test_ci95` (their intervals) and `data` (the sha256 of the manifest evaluated on, when given);
 - `per_class.csv`: class, precision, recall, f1, support;
 - `confusion.csv`: one row per test image, `actual` and `predicted` class names (the input of
   `dvc plots`' confusion template);
@@ -96,25 +95,6 @@ def tta_views(images: tf.Tensor, mode: str) -> list[tf.Tensor]:
     return [images]
 
 
-def compare_with_champion(candidate: dict, champion: dict | None, manifest_sha256: str | None) -> dict | None:
-    """`metrics["champion"]`: the champion's version, whether both were tested on the same split
-    (same manifest sha256), and champion, candidate and delta for every test figure both have."""
-    if champion is None:
-        return None
-    theirs = champion.get("test") or {}
-    champion_sha = (champion.get("data") or {}).get("manifest_sha256")
-    figures = {}
-    for name, mine in candidate.items():
-        other = theirs.get(name)
-        if isinstance(mine, (int, float)) and isinstance(other, (int, float)) and name != "examples":
-            figures[name] = {"champion": other, "candidate": mine, "delta": round(mine - other, 6)}
-    return {
-        "version": champion.get("version"),
-        "same_test_split": manifest_sha256 is not None and champion_sha == manifest_sha256,
-        "metrics": figures,
-    }
-
-
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: str | Path) -> Path:
     """The confusion matrix as a PNG: actual classes down, predicted across, counts in the cells."""
     from matplotlib.figure import Figure  # drawn with Agg, without pyplot's global state
@@ -148,14 +128,12 @@ def evaluate(
     shards_dir: str | Path,
     out_dir: str | Path,
     *,
-    champion: dict | None = None,
     manifest_sha256: str | None = None,
 ) -> dict:
     """Evaluate `model_dir/model.keras` on the test shards; write and return the metrics.
 
-    `champion`, the registry's current best as `{"version": N, "test": {...}, "data":
-    {"manifest_sha256": ...}}`, is compared figure by figure with this model; `manifest_sha256`
-    identifies the data evaluated on (recorded, and compared with the champion's).
+    `manifest_sha256` identifies the data evaluated on: it is recorded, and the register stage's
+    gate compares it with the champion's.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = load_model(model_dir)
@@ -218,7 +196,6 @@ def evaluate(
         "test": test,
         "test_ci95": intervals(labels, predicted, top_k, logits, n, cfg),
         "data": {"manifest_sha256": manifest_sha256},
-        "champion": compare_with_champion(test, champion, manifest_sha256),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "per_class.csv", "w", newline="") as f:

@@ -122,42 +122,23 @@ def test_confusion_matrix_csv_and_png(evaluated):
         assert image.format == "PNG" and min(image.size) >= 300
 
 
-def test_no_champion_is_null(evaluated):
+def test_metrics_hold_only_the_models_figures(evaluated):
+    """Evaluation knows nothing of the registry: the champion comparison is the gate's (tests/registry/test_gate.py)."""
     metrics = json.loads((evaluated["out"] / "metrics.json").read_text())
-    assert metrics["champion"] is None
+    assert set(metrics) == {"test", "test_ci95", "data"}
     assert metrics["data"] == {"manifest_sha256": None}
 
 
-@pytest.mark.parametrize("same_split", [True, False])
-def test_champion_comparison(evaluated, digits_data, tmp_path, same_split):
+def test_the_manifest_evaluated_on_is_recorded(evaluated, digits_data, tmp_path):
     from resnet_pipeline.fileio import sha256_file
 
     sha = sha256_file(digits_data.manifest)
-    champion = {
-        "version": 4,
-        "test": {"examples": 150, "loss": 0.5, "top1": 0.75, "top3": 0.9, "macro_f1": 0.7, "top5": 0.99},
-        "data": {"manifest_sha256": sha if same_split else "0" * 64},
-    }
     metrics = evaluate(
-        EvaluateConfig(top_k=3),
-        evaluated["out"].parent / "model",
-        digits_data.shards,
-        tmp_path,
-        champion=champion,
-        manifest_sha256=sha,
+        EvaluateConfig(top_k=3), evaluated["out"].parent / "model", digits_data.shards, tmp_path, manifest_sha256=sha
     )
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert metrics["data"] == {"manifest_sha256": sha}
-    compared = metrics["champion"]
-    assert compared["version"] == 4
-    assert compared["same_test_split"] is same_split
-    test = metrics["test"]
-    # the figures both have; not the example count, not the champion's top5
-    assert set(compared["metrics"]) == {"loss", "top1", "top3", "macro_f1"}
-    for name, figures in compared["metrics"].items():
-        assert figures["champion"] == champion["test"][name]
-        assert figures["candidate"] == test[name]
-        assert figures["delta"] == pytest.approx(test[name] - champion["test"][name], abs=1e-6)
+    assert metrics["test"] == evaluated["metrics"]["test"]  # the same model on the same data
 
 
 def test_top_k_larger_than_the_class_count_is_capped(evaluated, digits_data, tmp_path):

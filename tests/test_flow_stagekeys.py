@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resnet_pipeline import cli
+from resnet_pipeline import cli, stages
 from resnet_pipeline import config as config_mod
 from resnet_pipeline.paths import Paths
 from resnet_pipeline.runlock import LOCK_FILE, FolderLocked, folder_lock
@@ -39,7 +39,7 @@ def made(tmp_path):
     cfg = _cfg(folder)
     paths = Paths.from_config(cfg, tmp_path / "run")
     for stage in DATA_STAGES:
-        cli.STAGES[stage](cfg, paths)
+        stages.run_stage(stage, cfg, paths)
     return cfg, paths, folder
 
 
@@ -71,9 +71,9 @@ def test_other_inputs_make_other_keys_and_only_the_changed_stages_are_stale(made
     with pytest.raises(StaleDataError, match=r"manifest\.parquet: made by split with key split-"):
         require_current(("split", "shard"), other, paths)
     with pytest.raises(StaleDataError, match=r"manifest\.parquet"):
-        cli.STAGES["shard"](other, paths)  # shard refuses a manifest of other params
-    cli.STAGES["split"](other, paths)
-    cli.STAGES["shard"](other, paths)
+        stages.run_stage("shard", other, paths)  # shard refuses a manifest of other params
+    stages.run_stage("split", other, paths)
+    stages.run_stage("shard", other, paths)
     assert all(is_current(s, other, paths) for s in DATA_STAGES)
     assert not is_current("shard", cfg, paths)
 
@@ -198,6 +198,6 @@ def test_provenance_takes_each_stages_params_from_its_own_record(made):
     written.write_text(params_yaml(record["params"]))
     assert config_mod.load(written).train.lr == 0.05  # loadable like params.yaml (predict reads it)
 
-    cli.STAGES["shard"](_cfg(folder, **{"shard.jpeg_quality": 80}), paths)  # other shards after training
+    stages.run_stage("shard", _cfg(folder, **{"shard.jpeg_quality": 80}), paths)  # other shards after training
     with pytest.raises(StaleDataError, match=r"train\.json: the model was trained on shards shard-"):
         assemble(now, paths)

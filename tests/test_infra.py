@@ -288,7 +288,7 @@ def test_manifest_command_is_a_multi_worker_train_the_cli_accepts(manifest):
     assert argv[0] == "resnet-pipeline"
     args = cli.build_parser().parse_args(argv[1:])
     assert args.command == "train" and not args.workers
-    cfg = config.load(ROOT / args.params, cli._parse_set(args.set))
+    cfg = config.load(ROOT / args.params, config.parse_overrides(args.set))
     assert cfg.train.strategy == "multi_worker"
 
 

@@ -23,9 +23,10 @@ import os
 import resource
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
+
+from resnet_pipeline.benchmark.harness import work_folder
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +196,10 @@ def run(
     s3_endpoint: str | None = None,
 ) -> dict:
     """Every figure of the benchmark (see the module doc); `s3_objects=0` skips the S3 part."""
-    own = work_dir is None
-    work = Path(work_dir or tempfile.mkdtemp(prefix="bench-ingest-"))
-    try:
+    with work_folder(work_dir, "bench-ingest-") as work:
         rows = run_stages(sorted(sizes), classes, work)
         s3 = run_s3(s3_objects, s3_workers, work, s3_server, endpoint_url=s3_endpoint) if s3_objects else None
         return {"sizes": sorted(sizes), "classes": classes, "stages": rows, "growth": growth(rows), "s3": s3}
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def format_result(r: dict) -> str:

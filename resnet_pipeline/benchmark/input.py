@@ -97,11 +97,26 @@ def _synthetic_photo(rng: np.random.Generator, width: int, height: int, label: i
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
-def _write_folder(folder: Path, n_images: int, classes: int, seed: int, quality: int, stem: str, draw) -> Path:
-    """Write `n_images` JPEGs into class sub-folders `c00`, `c01`, ...: image i is `draw(rng, i)` with a
-    generator seeded by (seed, i), in class i % classes, so the folder is the same on every call."""
+def make_jpeg_folder(
+    folder: Path,
+    n_images: int = 1000,
+    size: tuple[int, int] = (500, 375),
+    classes: int = 10,
+    seed: int = 0,
+    quality: int = 90,
+    photos: bool = False,
+) -> Path:
+    """Write `n_images` JPEGs of `size` (width, height) into class sub-folders `c00`, `c01`, ...; return
+    `folder`. Image i is generated (or, with `photos`, a random crop or mirror image of a bundled
+    photo) from a generator seeded by (seed, i), in class i % classes, so the folder is the same on
+    every call; existing files of the same names are overwritten."""
     if n_images < 1 or classes < 1:
         raise ValueError(f"n_images and classes must be positive; received {n_images}, {classes}")
+    width, height = size
+    if photos:
+        draw, stem = _photo_crops(width, height), "photo"
+    else:
+        draw, stem = (lambda rng, i: _synthetic_photo(rng, width, height, i % classes, classes)), "img"
     folder = Path(folder)
     digits = max(2, len(str(classes - 1)))
     for c in range(classes):
@@ -110,27 +125,6 @@ def _write_folder(folder: Path, n_images: int, classes: int, seed: int, quality:
         img = draw(np.random.default_rng([seed, i]), i)
         img.save(folder / f"c{i % classes:0{digits}d}" / f"{stem}_{i:05d}.jpg", format="JPEG", quality=quality)
     return folder
-
-
-def make_jpeg_folder(
-    folder: Path,
-    n_images: int = 1000,
-    size: tuple[int, int] = (500, 375),
-    classes: int = 10,
-    seed: int = 0,
-    quality: int = 90,
-) -> Path:
-    """Write `n_images` generated JPEGs of `size` (width, height) into class sub-folders; return `folder`.
-    Existing files of the same names are overwritten."""
-    return _write_folder(
-        folder,
-        n_images,
-        classes,
-        seed,
-        quality,
-        "img",
-        lambda rng, i: _synthetic_photo(rng, size[0], size[1], i % classes, classes),
-    )
 
 
 def bundled_photos() -> list:
@@ -146,19 +140,11 @@ def bundled_photos() -> list:
     return photos
 
 
-def make_photo_folder(
-    folder: Path,
-    n_images: int = 1000,
-    size: tuple[int, int] = (500, 375),
-    classes: int = 10,
-    seed: int = 0,
-    quality: int = 90,
-) -> Path:
-    """Write `n_images` JPEGs of `size` (width, height), random crops (and mirror images) of the
-    bundled photos, into class sub-folders; return `folder`."""
+def _photo_crops(width: int, height: int) -> Callable:
+    """`draw(rng, i)`: a random crop of `width` x `height` of bundled photo i (mirrored half the time)."""
     from PIL import Image
 
-    photos, width, height = bundled_photos(), size[0], size[1]
+    photos = bundled_photos()
 
     def draw(rng: np.random.Generator, i: int):
         photo = photos[i % len(photos)]
@@ -170,7 +156,7 @@ def make_photo_folder(
         crop = photo.crop((x0, y0, x0 + width, y0 + height))
         return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
 
-    return _write_folder(folder, n_images, classes, seed, quality, "photo", draw)
+    return draw
 
 
 def jpeg_files(folder: Path) -> list[str]:
@@ -399,20 +385,15 @@ def compare(
 ) -> list[dict]:
     """Shard `images` (or `count` generated JPEGs) with our stages and time our training pipeline
     (random-resized-crop + flip, the ImageNet recipe) against the references, in one run."""
-    import shutil
-    import tempfile
-
+    from resnet_pipeline.benchmark.harness import work_folder
     from resnet_pipeline.config import ShardConfig, SplitConfig
     from resnet_pipeline.data.pipeline import Preprocess, make_dataset
     from resnet_pipeline.data.shard import shard
     from resnet_pipeline.data.split import split
 
-    own = work_dir is None
-    work = Path(work_dir or tempfile.mkdtemp(prefix="bench-input-"))
-    try:
+    with work_folder(work_dir, "bench-input-") as work:
         if images is None:
-            make = make_photo_folder if photos else make_jpeg_folder
-            images = make(work / "raw" / "images", count)
+            images = make_jpeg_folder(work / "raw" / "images", count, photos=photos)
         images = Path(images)
         split(SplitConfig(), 42, images, work / "manifest.parquet", work / "labels.json")
         index = shard(
@@ -433,6 +414,3 @@ def compare(
             n_images=counts,
             repeats=repeats,
         )
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from resnet_pipeline.benchmark.harness import Timing, step_row, timed_rounds
 from resnet_pipeline.models.flops import multiply_adds
 from resnet_pipeline.models.resnet import KERAS_APPLICATIONS_LAYOUT, SPECS, build_resnet
 from resnet_pipeline.models.specs import VARIANTS
@@ -83,69 +82,23 @@ def step_functions(model: keras.Model, images: tf.Tensor, labels: tf.Tensor) -> 
     return {"forward": lambda: float(forward().numpy()), "train_step": lambda: float(train_step().numpy())}
 
 
-def _time(fn: Callable[[], float], steps: int) -> list[float]:
-    durations = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        durations.append(time.perf_counter() - start)
-    return durations
-
-
-def benchmark_depth(
-    variant: str,
-    depth: int,
-    *,
-    batch_size: int,
-    image_size: int,
-    steps: int,
-    warmup: int,
-    rounds: int,
-    num_classes: int = 1000,
-    seed: int = 0,
-) -> list[dict]:
+def benchmark_depth(variant: str, depth: int, timing: Timing, *, num_classes: int = 1000, seed: int = 0) -> list[dict]:
     """Rows of figures (one per model and phase) for one depth; keras' rows carry no ratio."""
-    shape = (image_size, image_size, 3)
+    shape = (timing.image_size, timing.image_size, 3)
     ours, reference = build_pair(variant, depth, shape, num_classes)
     rng = np.random.default_rng(seed)
-    images = tf.constant(rng.uniform(-1, 1, (batch_size, *shape)).astype(np.float32))
-    labels = tf.constant(rng.integers(0, num_classes, batch_size).astype(np.int32))
+    images = tf.constant(rng.uniform(-1, 1, (timing.batch_size, *shape)).astype(np.float32))
+    labels = tf.constant(rng.integers(0, num_classes, timing.batch_size).astype(np.int32))
     models = {f"ResNet-{depth} {variant} (ours)": ours}
     if reference is not None:
         models[f"keras.applications.{keras_application_name(variant, depth)}"] = reference
     fns = {label: step_functions(model, images, labels) for label, model in models.items()}
-    durations: dict[tuple[str, str], list[float]] = {(label, phase): [] for label in models for phase in PHASES}
-    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
-    for phase in PHASES:
-        for label in models:
-            log.info("benchmark: %s %s, warm-up (%d steps)", label, phase, warmup)
-            _time(fns[label][phase], warmup)
-        for r, n in enumerate(per_round, start=1):
-            for label in models:
-                durations[(label, phase)] += _time(fns[label][phase], n)
-            log.info("benchmark: ResNet-%d %s %s round %d/%d done", depth, variant, phase, r, rounds)
-
     rows = []
     for phase in PHASES:
+        durations = timed_rounds({label: fns[label][phase] for label in models}, timing, f"ResNet-{depth} {phase}")
         for label, model in models.items():
-            d = durations[(label, phase)]
-            mean = statistics.fmean(d)
-            rows.append(
-                {
-                    "model": label,
-                    "depth": depth,
-                    "variant": variant,
-                    "phase": phase,
-                    "batch_size": batch_size,
-                    "image_size": image_size,
-                    "steps": len(d),
-                    "mean_sec": mean,
-                    "std_sec": statistics.stdev(d) if len(d) > 1 else 0.0,
-                    "images_per_sec": batch_size / mean,
-                    "params": model.count_params(),
-                    "multiply_adds": multiply_adds(model),
-                }
-            )
+            row = step_row(durations[label], label, phase, depth, variant, timing)
+            rows.append({**row, "params": model.count_params(), "multiply_adds": multiply_adds(model)})
         if reference is not None:
             ours_row, keras_row = rows[-2], rows[-1]
             ours_row["ratio_vs_keras"] = ours_row["images_per_sec"] / keras_row["images_per_sec"]
@@ -155,12 +108,13 @@ def benchmark_depth(
     return rows
 
 
-def benchmark_models(variant: str, depths: list[int], **kwargs) -> list[dict]:
+def benchmark_models(variant: str, depths: list[int], **timing: int) -> list[dict]:
+    """Rows for each depth; `timing` holds the fields of `Timing` (batch_size, image_size, steps, ...)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: received {variant!r}; allowed: {', '.join(VARIANTS)}")
     rows = []
     for depth in depths:
-        rows += benchmark_depth(variant, depth, **kwargs)
+        rows += benchmark_depth(variant, depth, Timing(**timing))
     return rows
 
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
-import time
-from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from resnet_pipeline.benchmark.harness import Timing, step_row, timed_rounds
 from resnet_pipeline.models.resnet import build_resnet
 from resnet_pipeline.training.strategy import split_cpu
 
@@ -74,64 +72,29 @@ def _train_step(strategy: tf.distribute.Strategy, build, images: np.ndarray, lab
 
 
 def benchmark_replicas(
-    variant: str,
-    depth: int,
-    *,
-    replicas: int,
-    batch_size: int,
-    image_size: int,
-    steps: int,
-    warmup: int,
-    rounds: int,
-    num_classes: int = 1000,
-    seed: int = 0,
-    **layout,
+    variant: str, depth: int, timing: Timing, *, replicas: int, num_classes: int = 1000, seed: int = 0, **layout
 ) -> list[dict]:
-    """Rows for one device and for `replicas` mirrored replicas, training with global batch `batch_size`."""
+    """Rows for one device and for `replicas` mirrored replicas, training with global batch `timing.batch_size`."""
+    batch_size, side = timing.batch_size, timing.image_size
     if batch_size % replicas:
         raise ValueError(f"--batch-size: received {batch_size}; must be a multiple of --replicas {replicas}")
     rng = np.random.default_rng(seed)
-    images = rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32)
+    images = rng.uniform(-1, 1, (batch_size, side, side, 3)).astype(np.float32)
     labels = rng.integers(0, num_classes, batch_size).astype(np.int32)
 
     def build():
-        return build_resnet(depth, variant, input_shape=(image_size, image_size, 3), num_classes=num_classes, **layout)
+        return build_resnet(depth, variant, input_shape=(side, side, 3), num_classes=num_classes, **layout)
 
     device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
     sides = {
         "one device": _train_step(tf.distribute.OneDeviceStrategy(device), build, images, labels),
         f"MirroredStrategy, {replicas} replicas": _train_step(mirrored(replicas), build, images, labels),
     }
-    durations: dict[str, list[float]] = {label: [] for label in sides}
-    for label, fn in sides.items():
-        log.info("benchmark: %s, warm-up (%d steps)", label, warmup)
-        for _ in range(warmup):
-            fn()
-    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
-    for r, n in enumerate(per_round, start=1):
-        for label, fn in sides.items():
-            for _ in range(n):
-                start = time.perf_counter()
-                fn()
-                durations[label].append(time.perf_counter() - start)
-        log.info("benchmark: replicas round %d/%d done", r, rounds)
-    rows: list[dict[str, Any]] = []
-    for label, d in durations.items():
-        mean = statistics.fmean(d)
-        rows.append(
-            {
-                "model": f"ResNet-{depth} {variant}, {label}",
-                "depth": depth,
-                "variant": variant,
-                "phase": "train_step",
-                "batch_size": batch_size,
-                "image_size": image_size,
-                "steps": len(d),
-                "mean_sec": mean,
-                "std_sec": statistics.stdev(d) if len(d) > 1 else 0.0,
-                "images_per_sec": batch_size / mean,
-            }
-        )
+    durations = timed_rounds(sides, timing, "replicas")
+    rows = [
+        step_row(d, f"ResNet-{depth} {variant}, {label}", "train_step", depth, variant, timing)
+        for label, d in durations.items()
+    ]
     rows[1]["ratio_vs_one_device"] = rows[1]["images_per_sec"] / rows[0]["images_per_sec"]
     del sides
     keras.backend.clear_session()

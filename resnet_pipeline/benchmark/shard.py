@@ -10,12 +10,11 @@ the figures are the wall times, the speed-up and whether every shard file is byt
 from __future__ import annotations
 
 import logging
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from resnet_pipeline.benchmark.harness import work_folder
 from resnet_pipeline.config import ShardConfig, SplitConfig
 from resnet_pipeline.data.shard import shard
 from resnet_pipeline.data.split import split
@@ -25,20 +24,18 @@ log = logging.getLogger(__name__)
 
 def run(
     images: Path | None,
+    work_dir: Path | None = None,
     *,
     count: int = 2000,
     workers: int = 2,
     max_shorter_side: int = 256,
     repeats: int = 3,
-    work_dir: Path | None = None,
 ) -> dict:
     """Time the shard stage with 1 and `workers` processes, in `repeats` alternating rounds (so that a
     slow spell of a shared machine falls on both); the figures are the medians."""
     from resnet_pipeline.benchmark.input import make_jpeg_folder
 
-    own = work_dir is None
-    work = Path(work_dir or tempfile.mkdtemp(prefix="bench-shard-"))
-    try:
+    with work_folder(work_dir, "bench-shard-") as work:
         if images is None:
             images = make_jpeg_folder(work / "raw" / "images", n_images=count)
         raw = Path(images).parent
@@ -69,9 +66,6 @@ def run(
             "files": len(names),
             "rounds": {str(n): [round(t, 3) for t in ts] for n, ts in runs.items()},
         }
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def format_result(r: dict) -> str:

@@ -197,10 +197,10 @@ def format_result(result: dict) -> str:
         r = result[key]
         lines.append(f"{label:<12} {r['images']:>8} {r['seconds']:>9.2f} {r['images_per_sec']:>10.1f}")
     stage = result["stage"]
+    val, ckpt = stage["validation_seconds"], stage["checkpoint_seconds"]
     lines.append(
-        f"stage's validation: {stage['validation_seconds']:.2f} s "
-        f"({stage['validation_seconds'] / stage['seconds']:.1%}), "
-        f"checkpoints: {stage['checkpoint_seconds']:.2f} s ({stage['checkpoint_seconds'] / stage['seconds']:.1%})"
+        f"stage's validation: {val:.2f} s ({val / stage['seconds']:.1%}), "
+        f"checkpoints: {ckpt:.2f} s ({ckpt / stage['seconds']:.1%})"
     )
     lines.append(
         f"stage / bare step: {result['stage_vs_bare_step']:.3f}x   "

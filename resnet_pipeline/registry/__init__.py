@@ -12,15 +12,16 @@ import os
 from pathlib import Path
 
 from resnet_pipeline.redact import redact_url
-from resnet_pipeline.registry.core import GC_AGE, AliasState, Registry
+from resnet_pipeline.registry.aliases import AliasState
+from resnet_pipeline.registry.core import GC_AGE, Registry
 from resnet_pipeline.registry.manifest import CLAIM, HEARTBEAT, MANIFEST
 from resnet_pipeline.registry.gate import decide
 from resnet_pipeline.registry.spec import Spec, parse_spec
-from resnet_pipeline.registry.stage import champion_summary, fetch_model, register_model
+from resnet_pipeline.registry.stage import fetch_model, register_model
 from resnet_pipeline.registry.storage import Conflict, LocalStorage, RegistryError
 
 __all__ = ["CLAIM", "GC_AGE", "HEARTBEAT", "MANIFEST", "AliasState", "Conflict", "LocalRegistry", "Registry", "RegistryError", "Spec",
-           "champion_summary", "decide", "fetch_model", "open_registry", "parse_spec", "register_model"]
+           "decide", "fetch_model", "open_registry", "parse_spec", "register_model"]
 
 
 class LocalRegistry(Registry):

@@ -19,10 +19,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
 import threading
 import uuid
 
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 _PROBED: dict[tuple[str, str], list[str]] = {}  # (backend, location) -> what it lacks; per process
 _PROBE_LOCK = threading.Lock()
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+MAX_RECORD_BYTES = 1024 * 1024  # claims, aliases, history records, tokens
 
 
 def dumps(obj) -> bytes:
@@ -44,6 +49,29 @@ def loads(data: bytes, what: str):
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:
         raise RegistryError(f"{what}: not valid JSON ({err})") from None
+
+
+def read_record(storage: Storage, key: str, what: str) -> tuple[dict, str] | None:
+    """A small JSON object of the registry's own (claim, token, alias), with its etag; None if absent."""
+    got = storage.get(key, max_bytes=MAX_RECORD_BYTES)
+    if got is None:
+        return None
+    record = loads(got[0], f"{what} {storage.url(key)}")
+    if not isinstance(record, dict):
+        raise RegistryError(f"{what} {storage.url(key)}: not a JSON object")
+    return record, got[1]
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def whoami() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
 def content_token(name: str, files: dict[str, dict], context: dict) -> str:

@@ -11,64 +11,36 @@ a writer that loses takes the next number. The files go up next, with a heartbea
 `manifest.json` (sha256 and size of every file, the metadata and the registration's token) last:
 it is the commit point, and a version without it is invisible. `claims.py` says what keeps that
 safe against crashes, retries, gc and stores without conditional writes; `pull.py` what keeps a
-pull inside its destination. An alias is replaced by compare-and-swap on its ETag; every attempt,
-won or lost, is recorded as its own history object before any error is raised.
+pull inside its destination; `aliases.py` how an alias is swapped and its history kept.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from resnet_pipeline.fileio import sha256_file
+from resnet_pipeline.registry import aliases as alias_records
 from resnet_pipeline.registry import claims, pull
+from resnet_pipeline.registry.aliases import AliasState
 from resnet_pipeline.registry.claims import dumps as _dumps
 from resnet_pipeline.registry.claims import loads as _loads
+from resnet_pipeline.registry.claims import now_iso, whoami
 from resnet_pipeline.registry.manifest import (CLAIM, HEARTBEAT, MANIFEST, MAX_MANIFEST_BYTES, RESERVED,
                                                check_file_name, check_manifest)
-from resnet_pipeline.registry.spec import NAME_RE, Spec, check_alias, check_name, parse_spec
+from resnet_pipeline.registry.spec import NAME_RE, Spec, check_name, parse_spec
 from resnet_pipeline.registry.storage import Conflict, RegistryError, Storage
 
 log = logging.getLogger(__name__)
 
 GC_AGE = 86400.0  # seconds: an uncommitted version whose newest object is younger is never collected
 HEARTBEAT_SECONDS = 60.0
-MAX_RECORD_BYTES = 1024 * 1024  # claims, aliases, history records, tokens
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def whoami() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}:{os.getpid()}"
-
-
-@dataclass(frozen=True)
-class AliasState:
-    """An alias as read: its record (None if it does not exist yet) and the ETag to swap against."""
-
-    name: str
-    alias: str
-    record: dict | None
-    etag: str | None
-
-    @property
-    def version(self) -> int | None:
-        return None if self.record is None else int(self.record["version"])
 
 
 class Registry:
@@ -95,10 +67,6 @@ class Registry:
 
     def _version_key(self, name: str, version: int, file: str) -> str:
         return f"{self._versions_prefix(name)}{version}/{file}"
-
-    @staticmethod
-    def _alias_key(name: str, alias: str) -> str:
-        return f"models/{check_name(name)}/aliases/{check_alias(alias)}.json"
 
     def _version_objects(self, name: str) -> dict[int, list]:
         """Every object under each version number, committed or not."""
@@ -157,13 +125,7 @@ class Registry:
 
     def _record(self, key: str, what: str) -> tuple[dict, str] | None:
         """A small JSON object of the registry's own (claim, token, alias), with its etag."""
-        got = self.storage.get(key, max_bytes=MAX_RECORD_BYTES)
-        if got is None:
-            return None
-        record = _loads(got[0], f"{what} {self.storage.url(key)}")
-        if not isinstance(record, dict):
-            raise RegistryError(f"{what} {self.storage.url(key)}: not a JSON object")
-        return record, got[1]
+        return claims.read_record(self.storage, key, what)
 
     # ------------------------------------------------------------------------------ registering
 
@@ -301,25 +263,10 @@ class Registry:
     # ------------------------------------------------------------------------------ aliases
 
     def alias(self, name: str, alias: str) -> AliasState:
-        got = self._record(self._alias_key(name, alias), f"alias {name}@{alias}:")
-        if got is None:
-            return AliasState(name, alias, None, None)
-        version = got[0].get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise RegistryError(f"alias {name}@{alias}: {self.storage.url(self._alias_key(name, alias))} names "
-                                f"version {version!r}, not a positive integer")
-        return AliasState(name, alias, got[0], got[1])
+        return alias_records.read(self.storage, name, alias)
 
     def aliases(self, name: str) -> dict[str, int]:
-        prefix = f"models/{check_name(name)}/aliases/"
-        out: dict[str, int] = {}
-        for obj in self.storage.list(prefix):
-            rest = obj.key[len(prefix):]
-            if "/" not in rest and rest.endswith(".json"):
-                state = self.alias(name, rest[:-len(".json")])
-                if state.version is not None:
-                    out[state.alias] = state.version
-        return out
+        return alias_records.read_all(self.storage, name)
 
     def promote(self, name: str, version: int, alias: str, *, expected: AliasState | None = None,
                 reason: str | None = None) -> dict:
@@ -328,46 +275,11 @@ class Registry:
         self._ensure_safe()
         name, version = self.resolve(Spec(name, version=int(version)))
         state = expected if expected is not None else self.alias(name, alias)
-        attempt = uuid.uuid4().hex
-        record = {"version": version, "updated_at": now_iso(), "by": whoami(), "attempt": attempt}
-        if reason:
-            record["reason"] = reason
-        key = self._alias_key(name, alias)
-        try:
-            if state.etag is None:
-                self.storage.put(key, _dumps(record), if_none_match=True)
-            else:
-                self.storage.put(key, _dumps(record), if_match=state.etag)
-            won, actual = True, version
-        except Conflict:
-            now = self.alias(name, alias)
-            won = now.record is not None and now.record.get("attempt") == attempt  # a retried request won
-            actual = now.version if now.version is not None else version
-        self._record_history(name, alias, {"outcome": "won" if won else "lost", "version": version,
-                                           "expected_previous": state.version, "actual_previous":
-                                           state.version if won else actual, "at": record["updated_at"],
-                                           "by": record["by"], "reason": reason})
-        if not won:
-            raise RegistryError(f"alias {name}@{alias}: promoting version {version} lost the race: "
-                                f"{name}@{alias} now points to version {actual} "
-                                f"(expected {state.version}); not retried")
-        log.info("registry: %s@%s -> %d (was %s)", name, alias, version, state.version)
-        return record
-
-    def _record_history(self, name: str, alias: str, entry: dict) -> None:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        key = f"models/{name}/aliases/{alias}.history/{stamp}-{uuid.uuid4().hex}.json"
-        self.storage.put(key, _dumps(entry), if_none_match=True)
+        return alias_records.swap(self.storage, name, version, alias, state, reason)
 
     def history(self, name: str, alias: str) -> list[dict]:
         """Every promotion attempt of `name@alias`, oldest first."""
-        prefix = f"models/{check_name(name)}/aliases/{check_alias(alias)}.history/"
-        out = []
-        for obj in self.storage.list(prefix):
-            got = self._record(obj.key, "alias history record")
-            if got is not None:
-                out.append(got[0])
-        return out
+        return alias_records.history(self.storage, name, alias)
 
     # ------------------------------------------------------------------------------ pulling
 
@@ -426,8 +338,8 @@ class Registry:
         """Delete the objects of uncommitted versions (no manifest) whose newest object (claim, heartbeat
         or file) is older than `older_than` seconds; return what was removed, one entry per version.
         A registration that is alive keeps its heartbeat younger than that; the default is a day."""
-        if older_than < 0:
-            raise RegistryError(f"gc: older_than {older_than} is negative")
+        if not older_than >= 0:  # NaN too: every age would pass it
+            raise RegistryError(f"gc: older_than {older_than} is negative or not a number")
         names = [check_name(name)] if name else sorted({o.key.split("/")[1] for o in self.storage.list("models/")
                                                          if o.key.count("/") >= 3 and NAME_RE.match(o.key.split("/")[1])})
         now = now or dt.datetime.now(dt.timezone.utc)

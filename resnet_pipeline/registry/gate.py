@@ -96,13 +96,25 @@ def class_drops(cand: np.ndarray, champ: np.ndarray, labels: np.ndarray, classes
     return out
 
 
+def compare_figures(candidate: dict, champion: dict) -> dict:
+    """`{name: {"champion", "candidate", "delta"}}` (delta = candidate - champion) for every test figure
+    both have as a number, the example count aside."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return {name: {"champion": champion[name], "candidate": mine, "delta": round(mine - champion[name], 6)}
+            for name, mine in candidate.items()
+            if name != "examples" and number(mine) and number(champion.get(name))}
+
+
 def decide(metrics: dict, manifest_sha256: str | None, champion: dict | None, *, alias: str = "champion",
            metric: str = "top1", min_improvement: float = 0.0, min_value: float | None = None,
            rule: str = "better", predictions: tuple[dict, dict] | None = None, max_class_drop: float | None = None,
            classes: list[str] | None = None, bootstrap_samples: int = 2000, bootstrap_seed: int = 0) -> dict:
     """The gate's decision for a candidate with `metrics` (its metrics.json) tested on the split of
     `manifest_sha256`, against `champion` (the champion version's manifest, or None). With
-    `rule="paired_bootstrap"`, `predictions` is (candidate's, champion's) per-image predictions."""
+    `rule="paired_bootstrap"`, `predictions` is (candidate's, champion's) per-image predictions.
+    Beside the verdict, `figures` compares every test figure both have (None without a champion)."""
     if rule not in RULES:
         raise RegistryError(f"register.gate: received {rule!r}; allowed: {', '.join(RULES)}")
     candidate = test_metric(metrics, metric, "metrics.json of the new version")
@@ -113,7 +125,8 @@ def decide(metrics: dict, manifest_sha256: str | None, champion: dict | None, *,
     decision = {"alias": alias, "rule": rule, "metric": metric, "higher_is_better": better_high,
                 "min_improvement": min_improvement, "min_value": min_value,
                 "candidate": candidate, "candidate_manifest_sha256": manifest_sha256,
-                "champion": None, "champion_version": None, "champion_manifest_sha256": None, "improvement": None}
+                "champion": None, "champion_version": None, "champion_manifest_sha256": None, "improvement": None,
+                "figures": None}
     if min_value is not None and (candidate < min_value if better_high else candidate > min_value):
         return {**decision, "promote": False,
                 "reason": f"test {metric} {candidate:.6g} is {'below' if better_high else 'above'} register.min_value "
@@ -122,7 +135,8 @@ def decide(metrics: dict, manifest_sha256: str | None, champion: dict | None, *,
         return {**decision, "promote": True, "reason": f"no {alias} yet: the first model is promoted"}
     theirs_sha = (champion.get("data") or {}).get("manifest_sha256")
     theirs = test_metric(champion.get("metrics") or {}, metric, f"version {champion.get('version')}")
-    decision.update(champion=theirs, champion_version=champion.get("version"), champion_manifest_sha256=theirs_sha)
+    decision.update(champion=theirs, champion_version=champion.get("version"), champion_manifest_sha256=theirs_sha,
+                    figures=compare_figures(metrics.get("test") or {}, (champion.get("metrics") or {}).get("test") or {}))
     if manifest_sha256 is None or theirs_sha != manifest_sha256:
         why = ("the test split is unknown (no data/manifest.parquet hash)" if manifest_sha256 is None or theirs_sha is None
                else f"tested on another split (manifest sha256 {manifest_sha256[:12]} vs {theirs_sha[:12]})")

@@ -1,5 +1,5 @@
-"""The registry's uses by the pipeline: the register stage (with the gate), the champion's figures
-for evaluation, and fetching a version for prediction."""
+"""The registry's uses by the pipeline: the register stage (with the gate) and fetching a version
+for prediction."""
 
 from __future__ import annotations
 
@@ -150,18 +150,6 @@ def _paired_predictions(reg: Registry, name: str, version: int | None, champion_
 def _init_record(model_dir: Path) -> dict | None:
     """The model's starting weights (`init.json` of the train stage: source, sha256, layers loaded)."""
     return read_json(model_dir / "init.json", "init record") if (model_dir / "init.json").is_file() else None
-
-
-def champion_summary(registry: Registry | str | Path, name: str, alias: str = "champion") -> dict | None:
-    """`{"version", "test", "data": {"manifest_sha256"}}` of `name@alias`; None if there is none (or no
-    registry yet)."""
-    reg = _open(registry)  # a local folder that does not exist yet has no alias either
-    state = reg.alias(name, alias)
-    if state.record is None:
-        return None
-    manifest = reg.manifest(Spec(name, version=state.version))
-    return {"version": state.version, "test": (manifest.get("metrics") or {}).get("test") or {},
-            "data": {"manifest_sha256": (manifest.get("data") or {}).get("manifest_sha256")}}
 
 
 def _cache_folder(cache_dir: Path, name: str) -> Path:

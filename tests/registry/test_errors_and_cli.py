@@ -92,10 +92,14 @@ def test_registry_commands(location, tmp_path, capsys):
     for argv, words in ((["registry", "show", "Bad:spec"], "'Bad:spec'"),
                         (["registry", "show", f"{NAME}:1", "--history"], "names no alias"),
                         (["registry", "pull", f"{NAME}@staging", str(tmp_path / "x")], f"{NAME}@staging"),
-                        (["registry", "gc", "--older-than", "-1"], "--older-than")):
+                        (["registry", "gc", "--older-than", "-1"], "--older-than"),
+                        (["registry", "gc", "--older-than", "nan"], "--older-than: received nan")):
         assert main([*argv, *run]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
+    with pytest.raises(RegistryError, match="not a number"):  # NaN would make every leftover old enough
+        reg.gc(NAME, older_than=float("nan"))
+    assert reg.versions(NAME) == [1, 2]
 
 
 def test_fetch_model_pulls_once_and_repairs_the_cache(location, tmp_path):
