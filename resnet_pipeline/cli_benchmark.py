@@ -23,7 +23,7 @@ from resnet_pipeline.cli_args import (
     positive_int,
     write_output,
 )
-from resnet_pipeline.config import ConfigError
+from resnet_pipeline.config import ConfigError, DownloadConfig
 from resnet_pipeline.models.specs import VARIANTS
 
 
@@ -289,7 +289,10 @@ def _ingest_parser(bench_sub) -> None:
         "--s3-objects", type=at_least(0), default=2000, help="objects of the S3 folder download (default: 2000)"
     )
     p.add_argument(
-        "--s3-workers", type=positive_int, default=16, help="parallel requests compared with 1 (default: 16)"
+        "--s3-workers",
+        type=positive_int,
+        default=DownloadConfig.s3_workers,
+        help=f"parallel requests (default: the stage's, {DownloadConfig.s3_workers})",
     )
     p.add_argument("--no-s3", action="store_true", help="skip the S3 part (no SeaweedFS started)")
     p.add_argument(

@@ -36,7 +36,7 @@ class _Handler(BaseHTTPRequestHandler):
         with owner.lock:
             owner.requests.append((path, range_header))
             forced = owner.status.get(path)
-            drop = owner.drop_after.pop(path, None)
+            drop = owner.drop_after.pop(path, owner.drop_always.get(path))
         if forced is not None:
             return self._error(forced)
         data = owner.files.get(path)
@@ -92,6 +92,7 @@ class LoopbackHTTPServer:
     Knobs, changeable while running:
       - `drop_after[path] = n`: the next GET of `path` announces the full Content-Length, writes only
         n bytes and closes the connection (once; later requests are served normally).
+      - `drop_always[path] = n`: the same at every GET of `path`, until removed.
       - `ignore_range = True`: answer every request with 200 and the whole body.
       - `status[path] = code`: answer `path` with that HTTP status (e.g. 404, 503) until removed.
     `requests` logs every GET as (path, Range header or None).
@@ -100,6 +101,7 @@ class LoopbackHTTPServer:
     def __init__(self, files: dict[str, bytes] | None = None) -> None:
         self.files: dict[str, bytes] = dict(files or {})
         self.drop_after: dict[str, int] = {}
+        self.drop_always: dict[str, int] = {}
         self.status: dict[str, int] = {}
         self.ignore_range = False
         self.requests: list[tuple[str, str | None]] = []

@@ -200,7 +200,7 @@ def test_training_killed_midway_resumes_and_ends_with_the_same_steps(dvc_project
 
 # --- DVC remote on S3 (SeaweedFS on loopback, tests/conftest.py `s3_server`) --------------------
 # No AWS_REQUEST_CHECKSUM_CALCULATION / AWS_RESPONSE_CHECKSUM_VALIDATION override is needed:
-# SeaweedFS 4.48 accepts botocore's default CRC32 request checksums (see resnet_pipeline/devs3.py),
+# SeaweedFS 4.48 accepts botocore's default CRC32 request checksums (see infra/devs3.py),
 # for single-part and multipart (70 MB checked by hand) uploads alike, and the default
 # virtual-host/path addressing of s3fs works against an `http://127.0.0.1:<port>` endpoint.
 

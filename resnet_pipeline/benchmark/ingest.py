@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from resnet_pipeline.benchmark.harness import work_folder
+from resnet_pipeline.config import DownloadConfig
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,33 @@ def _sequential_download_file(client, bucket: str, prefix: str, dest: Path) -> N
         client.download_file(bucket, key, str(target))
 
 
+def _sequential_get_object(client, bucket: str, prefix: str, dest: Path) -> None:
+    """One boto3 get_object at a time, written to its file: the stage's download with 1 worker
+    before it fetched through presigned URLs."""
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
+    for key in keys:
+        target = dest / key[len(prefix) :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        with open(target, "xb") as f:
+            for block in body.iter_chunks(1 << 20):
+                f.write(block)
+
+
+# The S3 folder download (`parallel`: the stage with --s3-workers requests; `stage one at a time`:
+# the stage with 1) and the two sequential references it is compared with.
+S3_KINDS = ("parallel", "get_object loop", "download_file loop", "stage one at a time")
+
+
 def run_s3(
     n_objects: int, workers: int, work: Path, server=None, rounds: int = 2, endpoint_url: str | None = None
 ) -> dict:
-    """Seconds of the S3 folder download with `workers` requests, with 1, and the old loop (medians)."""
+    """Seconds (medians of `rounds`) of the stage's S3 folder download with `workers` requests and
+    with 1, and of the two sequential references: a get_object loop and the old download_file loop."""
     from resnet_pipeline.data.download import _download_s3_folder
 
     own = server is None
@@ -154,13 +178,17 @@ def run_s3(
                 )
             )
         url = f"s3://{bucket}/set"
-        runs: dict[str, list[float]] = {"parallel": [], "sequential": [], "download_file loop": []}
+        runs: dict[str, list[float]] = {kind: [] for kind in S3_KINDS}
+        load_start = os.getloadavg()
         for r in range(rounds):
-            for kind in runs if r % 2 == 0 else reversed(list(runs)):
-                dest = work / f"s3-{r}-{kind.replace(' ', '_')}"
+            for kind in S3_KINDS if r % 2 == 0 else reversed(S3_KINDS):
+                dest = work / f"s3-{r}-{S3_KINDS.index(kind)}"
+                dest.mkdir(parents=True)
                 start = time.perf_counter()
                 if kind == "download_file loop":
                     _sequential_download_file(client, bucket, "set/", dest)
+                elif kind == "get_object loop":
+                    _sequential_get_object(client, bucket, "set/", dest)
                 else:
                     count = _download_s3_folder(url, dest, server.endpoint_url, workers if kind == "parallel" else 1)
                     assert count == n_objects, (count, n_objects)
@@ -171,9 +199,10 @@ def run_s3(
             "objects": n_objects,
             "workers": workers,
             "seconds": med,
-            "speedup_vs_sequential": med["sequential"] / med["parallel"],
+            "speedup_vs_get_object_loop": med["get_object loop"] / med["parallel"],
             "speedup_vs_download_file_loop": med["download_file loop"] / med["parallel"],
             "rounds": {k: [round(t, 3) for t in v] for k, v in runs.items()},
+            "load_average": {"start": load_start, "end": os.getloadavg()},  # 1, 5, 15 min
         }
     finally:
         for k, v in saved.items():
@@ -190,7 +219,7 @@ def run(
     *,
     classes: int = 100,
     s3_objects: int = 2000,
-    s3_workers: int = 16,
+    s3_workers: int = DownloadConfig.s3_workers,
     work_dir: Path | None = None,
     s3_server=None,
     s3_endpoint: str | None = None,
@@ -219,10 +248,13 @@ def format_result(r: dict) -> str:
     if r["s3"]:
         s = r["s3"]
         sec = s["seconds"]
+        load = " ".join(f"{x:.2f}" for x in s["load_average"]["start"])
         out.write(
-            f"S3 folder of {s['objects']} objects: {s['workers']} requests at a time {sec['parallel']:.2f} s, "
-            f"one at a time {sec['sequential']:.2f} s ({s['speedup_vs_sequential']:.2f}x), "
-            f"old download_file loop {sec['download_file loop']:.2f} s "
-            f"({s['speedup_vs_download_file_loop']:.2f}x)  rounds: {s['rounds']}\n"
+            f"S3 folder of {s['objects']} objects (load average at start {load}): "
+            f"{s['workers']} requests at a time {sec['parallel']:.2f} s; "
+            f"get_object one at a time {sec['get_object loop']:.2f} s ({s['speedup_vs_get_object_loop']:.2f}x); "
+            f"old download_file loop {sec['download_file loop']:.2f} s ({s['speedup_vs_download_file_loop']:.2f}x); "
+            f"the stage with 1 request at a time {sec['stage one at a time']:.2f} s\n"
+            f"  rounds: {s['rounds']}\n"
         )
     return out.getvalue().rstrip("\n")

@@ -16,7 +16,8 @@ has none):
 Each figure leaves out its first chunk of steps (tracing), the same number of images for all, and
 the tracing of validation (the stage does it at start-up; Keras' test step is traced by an
 `evaluate` before `fit`).
-Printed as images/s and as ratios stage / bare step and stage / model.fit.
+Printed as images/s and as ratios stage / bare step and stage / model.fit; beside them the same
+ratios in the process's CPU time per image, which other load on the machine moves less.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def _stage(cfg: Config, paths: Paths, work: Path) -> dict:
     summary = train(cfg.train, cfg, paths.shards, paths.labels, work / "model", work / "checkpoints")
     images = summary["steps"] * summary["global_batch_size"] - summary["first_chunk_images"]
     seconds = summary["loop_seconds"] - summary["first_chunk_seconds"]
+    cpu = summary["loop_cpu_seconds"] - summary["first_chunk_cpu_seconds"]
     return {
         "images": images,
         "seconds": round(seconds, 3),
         "images_per_sec": round(images / seconds, 2),
+        "cpu_ms_per_image": round(cpu / images * 1e3, 4),
         "first_chunk_images": summary["first_chunk_images"],
         "validation_seconds": summary["validation_seconds"],
         "checkpoint_seconds": summary["checkpoint_seconds"],
@@ -90,12 +93,11 @@ def _bare(cfg: Config, paths: Paths, steps: int, skip_images: int) -> dict:
     warm = max(1, -(-skip_images // (gbs * chunk)))
     for _ in range(warm):
         trainer.train_steps(iterator, chunk, False)
-    start, done = time.perf_counter(), 0
+    start, cpu, done = time.perf_counter(), time.process_time(), 0
     while done < steps:
         trainer.train_steps(iterator, chunk, False)
         done += chunk
-    seconds = time.perf_counter() - start
-    return {"images": done * gbs, "seconds": round(seconds, 3), "images_per_sec": round(done * gbs / seconds, 2)}
+    return _figures(done * gbs, time.perf_counter() - start, time.process_time() - cpu)
 
 
 def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
@@ -139,10 +141,10 @@ def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
         def on_train_batch_end(self, batch, logs=None):
             self.batches = getattr(self, "batches", 0) + 1
             if self.batches == skip_batches:
-                self.start = time.perf_counter()
+                self.start, self.cpu = time.perf_counter(), time.process_time()
 
         def on_train_end(self, logs=None):
-            self.end = time.perf_counter()
+            self.end, self.cpu = time.perf_counter(), time.process_time() - self.cpu
 
     clock = Clock()
     model.evaluate(val_ds, verbose=0)  # traces Keras' test step first, as the stage traces its validation at start-up
@@ -157,9 +159,16 @@ def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
         verbose=0,
         callbacks=[clock],
     )
-    images = (t.epochs * steps_per_epoch - skip_batches) * gbs
-    seconds = clock.end - clock.start
-    return {"images": images, "seconds": round(seconds, 3), "images_per_sec": round(images / seconds, 2)}
+    return _figures((t.epochs * steps_per_epoch - skip_batches) * gbs, clock.end - clock.start, clock.cpu)
+
+
+def _figures(images: int, seconds: float, cpu_seconds: float) -> dict:
+    return {
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_sec": round(images / seconds, 2),
+        "cpu_ms_per_image": round(cpu_seconds / images * 1e3, 4),
+    }
 
 
 def run(cfg: Config, epochs: int) -> dict:
@@ -185,17 +194,23 @@ def run(cfg: Config, epochs: int) -> dict:
         "model_fit": fit,
         "stage_vs_bare_step": round(stage["images_per_sec"] / bare["images_per_sec"], 3),
         "stage_vs_model_fit": round(stage["images_per_sec"] / fit["images_per_sec"], 3),
+        # the same ratios in CPU time per image (bare or fit over stage): less moved by other load
+        "cpu_stage_vs_bare_step": round(bare["cpu_ms_per_image"] / stage["cpu_ms_per_image"], 3),
+        "cpu_stage_vs_model_fit": round(fit["cpu_ms_per_image"] / stage["cpu_ms_per_image"], 3),
     }
 
 
 def format_result(result: dict) -> str:
     lines = [
         f"{result['model']}, {result['epochs']} epochs, global batch {result['global_batch_size']}",
-        f"{'':<12} {'images':>8} {'seconds':>9} {'images/s':>10}",
+        f"{'':<12} {'images':>8} {'seconds':>9} {'images/s':>10} {'CPU ms/image':>13}",
     ]
     for key, label in (("stage", "stage"), ("bare_step", "bare step"), ("model_fit", "model.fit")):
         r = result[key]
-        lines.append(f"{label:<12} {r['images']:>8} {r['seconds']:>9.2f} {r['images_per_sec']:>10.1f}")
+        lines.append(
+            f"{label:<12} {r['images']:>8} {r['seconds']:>9.2f} {r['images_per_sec']:>10.1f} "
+            f"{r['cpu_ms_per_image']:>13.3f}"
+        )
     stage = result["stage"]
     val, ckpt = stage["validation_seconds"], stage["checkpoint_seconds"]
     lines.append(
@@ -205,5 +220,9 @@ def format_result(result: dict) -> str:
     lines.append(
         f"stage / bare step: {result['stage_vs_bare_step']:.3f}x   "
         f"stage / model.fit: {result['stage_vs_model_fit']:.3f}x"
+    )
+    lines.append(
+        f"in CPU time per image: stage / bare step {result['cpu_stage_vs_bare_step']:.3f}x   "
+        f"stage / model.fit {result['cpu_stage_vs_model_fit']:.3f}x"
     )
     return "\n".join(lines)

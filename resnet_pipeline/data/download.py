@@ -19,7 +19,6 @@ the same download params is reused.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 import shutil
@@ -29,9 +28,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-from tqdm import tqdm
 
 from resnet_pipeline.config import DownloadConfig
+from resnet_pipeline.data import s3folder
 from resnet_pipeline.data.archive import ArchiveLimits, safe_extract
 from resnet_pipeline.data.fetch import fetch
 from resnet_pipeline.data.images import png_bytes
@@ -130,7 +129,7 @@ def _write_archive(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
 def _write_imagefolder(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
     assert cfg.path is not None  # config requires download.path for dataset 'imagefolder'
     if cfg.path.startswith("s3://"):
-        return _download_s3_folder(cfg.path, dest, cfg.s3_endpoint_url, cfg.s3_workers)
+        return _download_s3_folder(cfg.path, dest, cfg.s3_endpoint_url, cfg.s3_workers, cfg.retries)
     source = Path(cfg.path).expanduser()
     if not source.is_dir():
         raise FileNotFoundError(f"download.path: {source} is not a folder; expected one sub-folder per class")
@@ -145,61 +144,14 @@ def _write_imagefolder(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
     return _count(dest)
 
 
-def _s3_keys(client, bucket: str, prefix: str, url: str) -> tuple[list[str], dict[str, int]]:
-    """Object keys under the prefix (checked: none may escape it) and the file count per class folder."""
-    keys: list[str] = []
-    classes: dict[str, int] = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            relative = Path(key[len(prefix):])
-            if relative.is_absolute() or ".." in relative.parts:
-                raise ValueError(f"download.path: object key {key!r} under {url} escapes the folder")
-            if not relative.parts:
-                continue
-            is_marker = key.endswith("/")
-            if is_marker or len(relative.parts) > 1:
-                classes.setdefault(relative.parts[0], 0)
-            if not is_marker:
-                keys.append(key)
-                if len(relative.parts) > 1:
-                    classes[relative.parts[0]] += 1
-    return keys, classes
-
-
-def _download_s3_folder(url: str, dest: Path, endpoint_url: str | None, workers: int = 16) -> int:
-    """Every object under s3://bucket/prefix/ into dest, keeping the key below the prefix; `workers`
-    requests at a time. Every key is checked before the first object is fetched."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-
-    parsed = urlparse(url)
-    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
-    if not bucket:
-        raise ValueError(f"download.path: received {url!r}; expected s3://bucket/prefix")
-    prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    client = boto3.client("s3", endpoint_url=endpoint_url or None,
-                          config=BotoConfig(max_pool_connections=max(10, workers)))
-    keys, classes = _s3_keys(client, bucket, prefix, url)
-    if not keys:
+def _download_s3_folder(url: str, dest: Path, endpoint_url: str | None, workers: int = 16, retries: int = 5) -> int:
+    """Every object under s3://bucket/prefix/ into dest, `workers` requests at a time (data/s3folder.py);
+    every key is checked and no class folder may be empty before the first object is fetched."""
+    folder = s3folder.list_folder(url, endpoint_url, workers)
+    if not folder.objects:
         raise FileNotFoundError(f"download.path: no objects under {url}; expected one sub-folder per class")
-    _refuse_empty_classes(url, classes)
-    targets = [dest / key[len(prefix):] for key in keys]
-    for folder in sorted({t.parent for t in targets}):
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def get(item: tuple[str, Path]) -> None:
-        key, target = item
-        body = client.get_object(Bucket=bucket, Key=key)["Body"]
-        with open(target, "xb") as f:
-            for block in body.iter_chunks(1 << 20):
-                f.write(block)
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for _ in tqdm(pool.map(get, zip(keys, targets)), total=len(keys), desc="download s3", unit="file",
-                      disable=None):
-            pass
-    return len(keys)
+    _refuse_empty_classes(url, folder.classes)
+    return s3folder.fetch_folder(folder, dest, workers, retries=retries)
 
 
 _NOT_CONTENT = ("retries", "s3_workers", "max_members", "max_extract_gb", "max_ratio")

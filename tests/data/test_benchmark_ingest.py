@@ -25,7 +25,7 @@ def test_benchmark_ingest_smoke(tmp_path, s3_server):
     assert abs(g - rows[("split", 120)]["us_per_image"] / rows[("split", 60)]["us_per_image"]) < 1e-9
     s3 = result["s3"]
     assert s3["objects"] == 30 and all(len(v) == 2 for v in s3["rounds"].values())
-    assert s3["speedup_vs_sequential"] == s3["seconds"]["sequential"] / s3["seconds"]["parallel"]
+    assert s3["speedup_vs_get_object_loop"] == s3["seconds"]["get_object loop"] / s3["seconds"]["parallel"]
     text = format_result(result)
     assert "per-image cost shard at 120 / at 60" in text and "S3 folder of 30 objects" in text
 

@@ -216,12 +216,12 @@ class _ListingOf:
         return self
 
     def paginate(self, Bucket: str, Prefix: str):  # noqa: N803 - boto3's spelling
-        return [{"Contents": [{"Key": k} for k in self.keys if k.startswith(Prefix)]}]
+        return [{"Contents": [{"Key": k, "Size": 1} for k in self.keys if k.startswith(Prefix)]}]
 
 
 @pytest.mark.parametrize("key", ["set/c1/../../../evil.jpg", "set/../evil.jpg", "set//etc/passwd"])
 def test_s3_keys_escaping_the_prefix_are_refused_before_any_download(key):
-    from resnet_pipeline.data.download import _s3_keys
+    from resnet_pipeline.data.s3folder import s3_keys as _s3_keys
 
     with pytest.raises(ValueError, match="escapes the folder"):
         _s3_keys(_ListingOf(["set/c0/a.jpg", key]), "b", "set/", "s3://b/set")
