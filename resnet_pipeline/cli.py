@@ -7,11 +7,13 @@
     resnet-pipeline model summary [--depth 50] [--variant v1|v1.5|v2|cifar] [--image-size 224]
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
     resnet-pipeline benchmark ingest [--sizes 10000,40000,160000] [--classes 100] [--s3-objects 2000] [--no-s3]
-    resnet-pipeline benchmark pull --seaweed [--pin] | --registry s3://BUCKET/PREFIX [--size-mb 100] [--rounds 3]
+                                     [--s3-endpoint URL]
+    resnet-pipeline benchmark pull [--seaweed [--pin] | --s3-endpoint URL | --registry s3://BUCKET/PREFIX]
+                                   [--size-mb 100] [--rounds 3]
     resnet-pipeline benchmark warmstart [--epochs 3] [--source-epochs 10] [--seeds 1,2,3]
 
 Each stage subcommand reads params once, validates them, and runs the stage with `stages.run_stage`
-on the typed config and the paths of design.md (relative to the current folder). The registry,
+on the typed config and the paths of `resnet_pipeline.paths.Paths` (relative to the current folder). The registry,
 model and benchmark commands live in `cli_registry`, `cli_model` and `cli_benchmark`.
 """
 
@@ -19,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from resnet_pipeline import cli_benchmark, cli_model, cli_registry, stages
+from resnet_pipeline import cli_benchmark, cli_model, cli_registry, logs, stages
 from resnet_pipeline.cli_args import add_params, load_params
 from resnet_pipeline.config import ConfigError
 from resnet_pipeline.paths import Paths
@@ -75,7 +76,7 @@ def _add_predict_parser(sub) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="a model folder (model.keras, labels.json, config.yaml), or a registry spec NAME, "
+        help="a model folder (model.keras, labels.json, params.yaml), or a registry spec NAME, "
         "NAME:VERSION or NAME@ALIAS",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
@@ -87,7 +88,9 @@ def _add_predict_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-pipeline", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and TensorFlow's and absl's INFO lines"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_stage_parsers(sub)
     cli_registry.add_parsers(sub)
@@ -110,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse has printed the usage and the error (2), or the help (0)
         return int(stop.code or 0)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(verbose=args.verbose)  # before any TensorFlow import
     try:
         return COMMANDS.get(args.command, run_stage_command)(args)
     except Preempted as stop:

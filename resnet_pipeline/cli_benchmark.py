@@ -23,8 +23,8 @@ from resnet_pipeline.cli_args import (
     positive_int,
     write_output,
 )
-from resnet_pipeline.cli_model import MODEL_VARIANTS
 from resnet_pipeline.config import ConfigError, DownloadConfig
+from resnet_pipeline.models.specs import VARIANTS
 
 
 def _model(args) -> tuple[Any, str]:
@@ -44,7 +44,7 @@ def _replica_rows(args, timing: dict) -> list[dict]:
     from resnet_pipeline.benchmark.replicas import benchmark_replicas
     from resnet_pipeline.models.specs import SPECS
 
-    variant, stride_in_1x1 = MODEL_VARIANTS[args.variant]
+    variant, stride_in_1x1 = VARIANTS[args.variant]
     rows = []
     for depth in args.depths:
         if depth not in SPECS[variant]:
@@ -107,6 +107,7 @@ def _accuracy(args) -> tuple[Any, str]:
 
 def _ingest(args) -> tuple[Any, str]:
     from resnet_pipeline.benchmark.ingest import format_result, run
+    from resnet_pipeline.benchmark.s3 import check_available
 
     if len(args.sizes) < 2 or min(args.sizes) < args.classes:
         raise ConfigError(
@@ -114,16 +115,32 @@ def _ingest(args) -> tuple[Any, str]:
             "each at least the class count"
         )
     s3_objects = 0 if args.no_s3 else args.s3_objects
-    result = run(args.sizes, classes=args.classes, s3_objects=s3_objects, s3_workers=args.s3_workers)
+    if s3_objects:
+        check_available(args.s3_endpoint)  # before the stages' minutes, not after
+    result = run(
+        args.sizes,
+        classes=args.classes,
+        s3_objects=s3_objects,
+        s3_workers=args.s3_workers,
+        s3_endpoint=args.s3_endpoint,
+    )
     return result, format_result(result)
 
 
 def _pull(args) -> tuple[Any, str]:
     from resnet_pipeline.benchmark.pull import format_result, run
+    from resnet_pipeline.benchmark.s3 import check_available
 
-    if args.pin and not args.seaweed:
+    elsewhere = args.registry or args.s3_endpoint
+    if args.seaweed and elsewhere:
+        raise ConfigError(
+            "benchmark pull: --seaweed (the development server) goes with neither --registry nor --s3-endpoint"
+        )
+    if args.pin and elsewhere:
         raise ConfigError("benchmark pull --pin: only with --seaweed (the server must run on this machine)")
-    result = run(args.registry, **options(args, "seaweed", "size_mb", "rounds", "pin", "part_mb", "connections"))
+    if not args.registry:
+        check_available(args.s3_endpoint)
+    result = run(args.registry, **options(args, "s3_endpoint", "size_mb", "rounds", "pin", "part_mb", "connections"))
     return result, format_result(result)
 
 
@@ -181,7 +198,7 @@ def _model_parser(bench_sub) -> None:
     p.add_argument("--depths", type=int_list("50,101"), default=[50], help="comma-separated depths (default: 50)")
     p.add_argument(
         "--variant",
-        choices=list(MODEL_VARIANTS),
+        choices=list(VARIANTS),
         default="v1",
         help="v1 and v2 are built in keras.applications' layout (default: v1)",
     )
@@ -281,14 +298,29 @@ def _ingest_parser(bench_sub) -> None:
         help=f"parallel requests (default: the stage's, {DownloadConfig.s3_workers})",
     )
     p.add_argument("--no-s3", action="store_true", help="skip the S3 part (no SeaweedFS started)")
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="run the S3 part on this S3 (a new bucket, deleted after; credentials from the AWS env/profile) "
+        "instead of the checkout's development SeaweedFS",
+    )
     add_output(p)
 
 
 def _pull_parser(bench_sub) -> None:
     p = bench_sub.add_parser("pull", help=ABOUT["pull"])
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--registry", help="s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment")
-    where.add_argument("--seaweed", action="store_true", help="start a SeaweedFS on loopback and use it instead")
+    p.add_argument("--registry", help="s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment")
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3 endpoint: of --registry, else a new bucket there (deleted after); credentials from the AWS "
+        "env/profile",
+    )
+    p.add_argument(
+        "--seaweed",
+        action="store_true",
+        help="start the checkout's development SeaweedFS on loopback (the default without --registry or --s3-endpoint)",
+    )
     p.add_argument(
         "--size-mb", type=positive_float, default=100.0, help="size of the model.keras registered (default: 100)"
     )

@@ -13,10 +13,9 @@ from typing import Any
 from resnet_pipeline import config as config_mod
 from resnet_pipeline.cli_args import add_params, positive_int
 from resnet_pipeline.config import Config
+from resnet_pipeline.models.specs import VARIANTS
 from resnet_pipeline.paths import Paths
 
-# --variant of `model summary` and `benchmark model`: the table's variant and its bottleneck stride
-MODEL_VARIANTS = {"v1": ("v1", True), "v1.5": ("v1", False), "v2": ("v2", False), "cifar": ("cifar", False)}
 # without --variant, a depth the configured variant lacks takes the first of these that has it
 INFERRED = ("v1.5", "v2", "cifar")
 
@@ -29,16 +28,11 @@ def _params(args) -> Config:
     return config_mod.load(args.params or "params.yaml", overrides)
 
 
-def _layout(name: str, depth: int) -> dict[str, Any]:
-    """The train keys of a variant named on the command line: the paper's layout of that variant."""
-    from resnet_pipeline.models.specs import SPECS
-
-    variant, stride_in_1x1 = MODEL_VARIANTS[name]
-    spec = SPECS[variant].get(depth)
+def _layout(name: str) -> dict[str, Any]:
+    """The train keys of a variant named on the command line (train.variant's names): the paper's layout."""
     defaults = config_mod.TrainConfig()
     return {
-        "variant": variant,
-        "stride_in_1x1": stride_in_1x1 and spec is not None and spec.block == "bottleneck",
+        "variant": name,
         "shortcut": defaults.shortcut,
         "v2_stride_last": defaults.v2_stride_last,
         "use_bias": defaults.use_bias,
@@ -52,9 +46,9 @@ def summary_config(args: argparse.Namespace) -> tuple[Config, int]:
     cfg = _params(args)
     depth = args.depth if args.depth is not None else cfg.train.depth
     name = args.variant
-    if name is None and depth not in SPECS[cfg.train.variant]:
-        name = next((n for n in INFERRED if depth in SPECS[MODEL_VARIANTS[n][0]]), None)
-    changes = {"depth": depth, **(_layout(name, depth) if name else {})}
+    if name is None and depth not in SPECS[VARIANTS[cfg.train.variant].family]:
+        name = next((n for n in INFERRED if depth in SPECS[VARIANTS[n].family]), None)
+    changes = {"depth": depth, **(_layout(name) if name else {})}
     if args.image_size is not None:
         changes["image_size"] = args.image_size
     raw = cfg.to_dict()
@@ -74,12 +68,9 @@ def run_model(args: argparse.Namespace) -> int:
     cfg, classes = summary_config(args)
     t = cfg.train
     model = build_resnet(**model_arguments(t, num_classes=classes, channels=args.channels))
-    name = "cifar" if t.variant == "cifar" else "v2" if t.variant == "v2" else ("v1" if t.stride_in_1x1 else "v1.5")
-    options = {
-        k: getattr(t, k) for k in ("shortcut", "stride_in_1x1", "v2_stride_last", "use_bias", "zero_init_residual")
-    }
+    options = {k: getattr(t, k) for k in ("shortcut", "v2_stride_last", "use_bias", "zero_init_residual")}
     title = (
-        f"ResNet-{t.depth} {name} at {t.image_size}x{t.image_size}x{args.channels}, {classes} classes  "
+        f"ResNet-{t.depth} {t.variant} at {t.image_size}x{t.image_size}x{args.channels}, {classes} classes  "
         + "  ".join(f"{k}={v}" for k, v in options.items())
     )
     print(format_summary(model, title))
@@ -95,7 +86,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--depth", type=int, help="depth (default: train.depth)")
     p.add_argument(
         "--variant",
-        choices=list(MODEL_VARIANTS),
+        choices=list(VARIANTS),
         help="v1 (stride on the 1x1), v1.5 (on the 3x3), v2 (pre-activation) or cifar; "
         "default: train.variant, or the first that has --depth",
     )

@@ -7,33 +7,57 @@ before any stage starts work.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from resnet_pipeline.config_checks import (
+    IMAGENET_DEFAULTS,
+    IMAGENET_DEPTHS,
+    IMAGENET_LAYOUT,
+    ConfigError,
+    build_section,
+    check_cross_fields,
+    imagenet_defaults,
+    init_kind,
+    input_mode,
+    refuse_ambiguous_variant,
+    refuse_old_spellings,
+    stage_names,
+    upgrade_saved,
+)
+from resnet_pipeline.models.specs import VARIANTS
+
+__all__ = [
+    "IMAGENET_DEFAULTS",
+    "IMAGENET_DEPTHS",
+    "IMAGENET_LAYOUT",
+    "MODEL_PARAMS",
+    "Config",
+    "ConfigError",
+    "init_kind",
+    "input_mode",
+    "stage_names",
+    "from_dict",
+    "apply_overrides",
+    "parse_overrides",
+    "load",
+    "load_saved",
+    "upgrade_saved",
+]
+
+# the config saved beside every trained model (train stage) and registered version: loadable as params
+MODEL_PARAMS = "params.yaml"
 DATASETS = ("digits", "cifar10", "voc2012", "imagefolder", "archive")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 # input normalisation: scale ([0, 1], then train.mean/std), caffe (BGR, 0..255 minus the ImageNet
 # means: keras.applications ResNet v1), tf ([-1, 1]: ResNetV2); auto: the weights' own with init imagenet
 PREPROCESS_MODES = ("auto", "scale", "caffe", "tf")
-IMAGENET_DEPTHS = (50, 101, 152)
-# what keras.applications' ImageNet weights need, per variant (models.resnet.KERAS_APPLICATIONS_LAYOUT
-# without bn_momentum, which does not change what the weights compute)
-IMAGENET_LAYOUT: dict[str, dict[str, Any]] = {
-    "v1": {"stride_in_1x1": True, "use_bias": True, "bn_epsilon": 1.001e-5, "shortcut": "auto"},
-    "v2": {"v2_stride_last": True, "use_bias": None, "bn_epsilon": 1.001e-5, "shortcut": "auto"},
-}
-IMAGENET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "v1": {**IMAGENET_LAYOUT["v1"], "bn_momentum": 0.99},
-    "v2": {**IMAGENET_LAYOUT["v2"], "bn_momentum": 0.99},
-}
-
-
-class ConfigError(ValueError):
-    """params.yaml (or an override) holds a key or value the pipeline cannot use."""
+# training augmentations (data.pipeline): pad-and-crop, random-resized-crop, the VOC seed's
+# ImageDataGenerator recipe (shift 20 %, shear, zoom 80-120 %), none
+AUGMENTATIONS = ("cifar", "imagenet", "shift_shear_zoom", "none")
 
 
 def _choice(*allowed: str) -> dict:
@@ -88,12 +112,11 @@ class ShardConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    variant: str = field(default="cifar", metadata=_choice("cifar", "v1", "v2"))
+    variant: str = field(default="cifar", metadata=_choice(*VARIANTS))  # v1: stride on the 1x1, v1.5: on the 3x3
     depth: int = 20
     image_size: int = field(default=32, metadata=_range(8, 1024))
     # the builder's options (resnet_pipeline.models.resnet.build_resnet)
     shortcut: str = field(default="auto", metadata=_choice("auto", "A", "B"))
-    stride_in_1x1: bool = False
     v2_stride_last: bool = False
     use_bias: bool | None = None
     zero_init_residual: bool = False
@@ -113,7 +136,7 @@ class TrainConfig:
     lr_decay_unit: str = field(default="epochs", metadata=_choice("epochs", "steps"))
     lr_decay_factor: float = field(default=0.1, metadata=_range(0.0, 1.0, low_open=True, high_open=True))
     warmup_epochs: int = field(default=1, metadata=_range(0, 10**6))
-    augment: str = field(default="cifar", metadata=_choice("cifar", "imagenet", "seed", "none"))
+    augment: str = field(default="cifar", metadata=_choice(*AUGMENTATIONS))
     pad_crop: int = field(default=4, metadata=_range(0, 1024))
     random_flip: bool = False
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # per channel, of pixels scaled to [0, 1]
@@ -193,242 +216,6 @@ class Config:
         return yaml.safe_dump(redact_values(self.to_dict()), sort_keys=False)
 
 
-_TYPES = {
-    "int": int,
-    "float": float,
-    "str": str,
-    "bool": bool,
-    "bool | None": bool,
-    "str | None": str,
-    "float | None": float,
-}
-
-
-def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
-    if value is None and f.type in ("bool | None", "str | None", "float | None"):
-        return None
-    if f.type == "tuple[float, ...]" and f.metadata.get("any_length"):
-        if not isinstance(value, (list, tuple)) or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) for v in value
-        ):
-            raise ConfigError(f"{key}: expected a list of numbers, received {value!r}")
-        if not all(math.isfinite(v) for v in value):
-            raise ConfigError(f"{key}: received {value!r}; allowed: finite numbers (no NaN or infinity)")
-        if any(v <= 0 for v in value) or list(value) != sorted(set(value)):
-            raise ConfigError(f"{key}: received {value!r}; allowed: increasing numbers > 0")
-        return tuple(float(v) for v in value)
-    if f.type == "tuple[float, ...]":
-        if (
-            not isinstance(value, (list, tuple))
-            or len(value) != 3
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)
-        ):
-            raise ConfigError(f"{key}: expected a list of 3 numbers (one per RGB channel), received {value!r}")
-        if not all(math.isfinite(v) for v in value):
-            raise ConfigError(f"{key}: received {value!r}; allowed: finite numbers (no NaN or infinity)")
-        if key.endswith(".std") and min(value) <= 0:
-            raise ConfigError(f"{key}: received {value!r}; allowed: numbers > 0")
-        return tuple(float(v) for v in value)
-    kind = f.type if isinstance(f.type, type) else _TYPES[f.type]
-    if kind is bool:
-        if not isinstance(value, bool):
-            allowed = "true, false or null" if f.type == "bool | None" else "true or false"
-            raise ConfigError(f"{key}: expected {allowed}, received {value!r}")
-    elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, received {value!r}")
-    elif kind is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, received {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a number, received {value!r}")
-        value = float(value)
-    elif kind is str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key}: expected a non-empty string, received {value!r}")
-    meta = f.metadata
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: received {value!r}; allowed: {', '.join(map(repr, meta['choices']))}")
-    if "low" in meta:
-        low, high = meta["low"], meta["high"]
-        too_low = low is not None and (value <= low if meta["low_open"] else value < low)
-        too_high = high is not None and (value >= high if meta["high_open"] else value > high)
-        if too_low or too_high:
-            lo = "" if low is None else (f"> {low}" if meta["low_open"] else f">= {low}")
-            hi = "" if high is None else (f"< {high}" if meta["high_open"] else f"<= {high}")
-            raise ConfigError(f"{key}: received {value!r}; allowed: {' and '.join(p for p in (lo, hi) if p)}")
-    return value
-
-
-def _build_section(name: str, cls: type, raw: Any) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: expected a mapping of keys, received {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{name}.{unknown[0]}: unknown key (received {unknown[0]}: {raw[unknown[0]]!r}); "
-            f"allowed keys in {name}: {', '.join(fields)}"
-        )
-    return cls(**{k: _check_value(f"{name}.{k}", v, fields[k]) for k, v in raw.items()})
-
-
-def _check_cross_fields(cfg: Config) -> None:
-    from resnet_pipeline.models.specs import allowed_depths, model_arguments, total_stride  # no TensorFlow
-
-    s = cfg.split
-    total = s.train + s.val + s.test
-    if abs(total - 1.0) > 1e-6:
-        raise ConfigError(
-            f"split: train + val + test must sum to 1, received {s.train} + {s.val} + {s.test} = {total:g}"
-        )
-    _check_download(cfg.download)
-    t = cfg.train
-    depths = allowed_depths(t.variant)
-    if t.depth not in depths:
-        raise ConfigError(
-            f"train.depth: received {t.depth} for variant {t.variant!r}; allowed: {', '.join(map(str, depths))}"
-        )
-    stride = total_stride(t.variant, t.depth)
-    if t.image_size < stride:
-        raise ConfigError(
-            f"train.image_size: received {t.image_size}; ResNet-{t.depth} ({t.variant}) needs at least {stride}, "
-            "its total stride"
-        )
-    if t.lr_schedule == "step" and not t.lr_decay_at:
-        raise ConfigError(
-            "train.lr_decay_at: the step schedule needs the epochs (or steps) to divide the "
-            "lr at, such as [30, 60, 90]; received []"
-        )
-    if t.init == "imagenet":  # before the builder's checks: its layout options are the weights'
-        _check_imagenet_layout(t)
-    try:  # the builder's own checks of the option combinations, named by their params keys
-        model_arguments(t, num_classes=10)
-    except ValueError as err:
-        raise ConfigError(f"train.{err}") from None
-    _check_init(t)
-
-
-def init_kind(init: str | None) -> str | None:
-    """What `train.init` names: None, "imagenet", "url", "path" or "registry"."""
-    if init is None:
-        return None
-    if init == "imagenet":
-        return "imagenet"
-    if "://" in init:
-        return "url"
-    if init.endswith((".h5", ".keras")) or "/" in init or Path(init).exists():
-        return "path"
-    return "registry"
-
-
-def input_mode(t: TrainConfig) -> str:
-    """The input normalisation of `train.preprocess`, `auto` resolved: the ImageNet weights' own
-    (caffe for v1, tf for v2) with init imagenet, else scale."""
-    if t.preprocess != "auto":
-        return t.preprocess
-    return ("caffe" if t.variant == "v1" else "tf") if t.init == "imagenet" else "scale"
-
-
-def stage_names(variant: str) -> tuple[str, ...]:
-    """The names `train.trainable_from` takes: the stages of the variant, then the classifier."""
-    return ("conv2", "conv3", "conv4") + (("conv5",) if variant != "cifar" else ()) + ("logits",)
-
-
-def _check_init(t: TrainConfig) -> None:
-    from resnet_pipeline.redact import redact_url
-
-    kind = init_kind(t.init)
-    init = t.init or ""
-    if kind == "url" and not init.startswith(("http://", "https://", "file://")):
-        raise ConfigError(f"train.init: received {redact_url(init)!r}; allowed URLs: http(s):// or file://")
-    if kind == "registry":
-        from resnet_pipeline.registry.spec import parse_spec
-        from resnet_pipeline.registry.storage import RegistryError
-
-        try:
-            parse_spec(init)
-        except RegistryError as err:
-            raise ConfigError(f"train.init: {err}; or null, imagenet, a .h5/.weights.h5/.keras file or URL") from None
-    if t.init_url is not None and kind != "imagenet":
-        raise ConfigError(
-            f"train.init_url: received {redact_url(t.init_url)!r}; only init imagenet takes a mirror "
-            "(give the file itself as train.init)"
-        )
-    if t.init_sha256 is not None and (
-        len(t.init_sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in t.init_sha256)
-    ):
-        raise ConfigError(f"train.init_sha256: received {t.init_sha256!r}; allowed: 64 hexadecimal digits")
-    if kind == "url" and init.startswith(("http://", "https://")) and t.init_sha256 is None:
-        raise ConfigError(f"train.init_sha256: required to download train.init {redact_url(init)!r}, received null")
-    mode = input_mode(t)
-    if mode != "scale":
-        for key, neutral in (("mean", (0.0, 0.0, 0.0)), ("std", (1.0, 1.0, 1.0))):
-            if getattr(t, key) != neutral:
-                raise ConfigError(
-                    f"train.{key}: received {list(getattr(t, key))}, which train.preprocess {mode!r} "
-                    "ignores; set train.preprocess: scale to normalise with train.mean and train.std"
-                )
-    if t.trainable_from is not None and t.trainable_from not in stage_names(t.variant):
-        raise ConfigError(
-            f"train.trainable_from: received {t.trainable_from!r} for variant {t.variant!r}; allowed: "
-            f"null or {', '.join(map(repr, stage_names(t.variant)))}"
-        )
-    if t.head_epochs >= t.epochs:
-        raise ConfigError(f"train.head_epochs: received {t.head_epochs}; allowed: fewer than train.epochs ({t.epochs})")
-    if t.head_lr_multiplier != 1.0 and t.optimizer != "sgd":
-        raise ConfigError(
-            f"train.head_lr_multiplier: received {t.head_lr_multiplier:g} with optimizer "
-            f"{t.optimizer!r}; allowed: 1 (the multiplier scales the head's gradients, which "
-            "only sgd turns into a proportional step)"
-        )
-
-
-def _check_imagenet_layout(t: TrainConfig) -> None:
-    if t.variant not in IMAGENET_LAYOUT:
-        raise ConfigError(
-            f"train.variant: received {t.variant!r}; init imagenet needs 'v1' or 'v2' "
-            "(keras.applications ResNet50/101/152 or ResNet50V2/101V2/152V2)"
-        )
-    if t.depth not in IMAGENET_DEPTHS:
-        raise ConfigError(
-            f"train.depth: received {t.depth}; init imagenet has weights for depths "
-            f"{', '.join(map(str, IMAGENET_DEPTHS))}"
-        )
-    for key, needed in IMAGENET_LAYOUT[t.variant].items():
-        if getattr(t, key) != needed:
-            raise ConfigError(
-                f"train.{key}: received {getattr(t, key)!r}; the ImageNet weights of ResNet-{t.depth} "
-                f"({t.variant}) need {needed!r} (keras.applications' layout)"
-            )
-
-
-def _imagenet_defaults(raw_train: dict, variant: Any) -> dict:
-    """With init imagenet, keras.applications' layout for the options params leave out."""
-    defaults = IMAGENET_DEFAULTS.get(variant, {}) if isinstance(variant, str) else {}
-    return {**{k: v for k, v in defaults.items() if k not in raw_train}, **raw_train}
-
-
-def _check_download(d: DownloadConfig) -> None:
-    needs = {"archive": ("url", "sha256"), "imagefolder": ("path",)}.get(d.dataset, ())
-    for key in needs:
-        if getattr(d, key) is None:
-            raise ConfigError(f"download.{key}: required for dataset {d.dataset!r}, received null")
-    for key, length in (("sha256", 64), ("md5", 32)):
-        value = getattr(d, key)
-        if value is not None and (len(value) != length or any(c not in "0123456789abcdefABCDEF" for c in value)):
-            raise ConfigError(f"download.{key}: received {value!r}; allowed: {length} hexadecimal digits")
-    if d.url is not None and d.dataset in ("digits", "imagefolder"):
-        raise ConfigError(f"download.url: received {d.url!r}; dataset {d.dataset!r} takes no url")
-    if d.path is not None and d.dataset != "imagefolder":
-        raise ConfigError(f"download.path: received {d.path!r}; only dataset 'imagefolder' takes a path")
-
-
 def from_dict(raw: Any, source: str = "params") -> Config:
     """Validate a params mapping and return the typed config."""
     if raw is None:
@@ -442,10 +229,11 @@ def from_dict(raw: Any, source: str = "params") -> Config:
         raise ConfigError(f"{source}: unknown group {unknown[0]!r}; allowed groups: {', '.join(classes)}")
     train_raw = raw.get("train")
     if isinstance(train_raw, dict) and train_raw.get("init") == "imagenet":
-        raw = {**raw, "train": _imagenet_defaults(train_raw, train_raw.get("variant", TrainConfig.variant))}
+        raw = {**raw, "train": imagenet_defaults(train_raw, train_raw.get("variant", TrainConfig.variant))}
     try:
-        cfg = Config(**{name: _build_section(name, classes[name], raw.get(name)) for name in classes})
-        _check_cross_fields(cfg)
+        refuse_old_spellings(raw)
+        cfg = Config(**{name: build_section(name, classes[name], raw.get(name)) for name in classes})
+        check_cross_fields(cfg)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return cfg
@@ -479,17 +267,33 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
-    """Read, override and validate a params file."""
-    path = Path(path)
+def _read(path: Path) -> Any:
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read, override and validate a params file (the spellings of release 0.1 refused)."""
+    path = Path(path)
+    raw = _read(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
+    if isinstance(raw, dict):
+        try:
+            refuse_old_spellings(raw)  # the removed key first: its message names both new values
+            refuse_ambiguous_variant(raw)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
     return from_dict(raw, source=str(path))
+
+
+def load_saved(path: str | Path) -> Config:
+    """The config saved with a model (its `params.yaml`), also as an older release wrote it."""
+    path = Path(path)
+    return from_dict(upgrade_saved(_read(path)), source=str(path))

@@ -139,7 +139,7 @@ def evaluate(
     model = load_model(model_dir)
     classes = read_json(model_dir / "labels.json", "labels")["classes"]
     # the model's own preprocessing: the train params saved beside it
-    trained = config_mod.load(model_dir / "config.yaml").train
+    trained = config_mod.load_saved(model_dir / config_mod.MODEL_PARAMS).train
     files, n_test = shard_files(shards_dir, "test")
     ds = make_dataset(files, 256, Preprocess.from_train(trained, int(model.input_shape[1])), training=False)
 

@@ -31,12 +31,26 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in chunks; `algorithm` is one of hashlib's ("sha256", "md5")."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_digest(path, "sha256")
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link to (or a copy of) the file `src` names, following links: dst is a regular file."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(os.path.realpath(src), dst)  # Linux link() would link the link itself
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def read_regular(path: str | Path) -> bytes:

@@ -3,8 +3,8 @@
     resnet-pipeline predict --model artifacts/model IMAGE... [--top-k K] [--json]
     resnet-pipeline predict --model NAME[:VERSION|@ALIAS] [--registry LOCATION] IMAGE...
 
-The model folder holds `model.keras`, `labels.json` and the config it was trained with
-(`config.yaml`, as the train stage writes it, or `params.yaml`, as the registry stores it).
+The model folder holds `model.keras`, `labels.json` and `params.yaml`, the config it was trained
+with (as the train stage writes it and the registry stores it).
 A registry spec is pulled (and verified) into the cache folder first: `$RESNET_PIPELINE_CACHE`,
 else `~/.cache/resnet-pipeline/models`.
 """
@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from resnet_pipeline import config as config_mod
-from resnet_pipeline.config import Config
+from resnet_pipeline.config import MODEL_PARAMS, Config
 from resnet_pipeline.data.pipeline import Preprocess, eval_image
 from resnet_pipeline.fileio import read_json
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILES = ("config.yaml", "params.yaml")  # the train stage's name, the registry's name
 IMAGE_FORMATS = "JPEG, PNG, GIF or BMP"  # what tf.io.decode_image reads
 BATCH = 64
-SPEC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*([:@][A-Za-z0-9_.-]+)?")
 
 
 def cache_dir() -> Path:
@@ -38,8 +35,10 @@ def cache_dir() -> Path:
 
 
 def is_registry_spec(model: str) -> bool:
-    """`NAME`, `NAME:VERSION` or `NAME@ALIAS` that is not an existing path."""
-    return not Path(model).exists() and SPEC.fullmatch(model) is not None
+    """`NAME`, `NAME:VERSION` or `NAME@ALIAS` (the registry's grammar) that is not an existing path."""
+    from resnet_pipeline.registry.spec import is_spec
+
+    return not Path(model).exists() and is_spec(model)
 
 
 def resolve_model(model: str, registry) -> Path:
@@ -50,7 +49,7 @@ def resolve_model(model: str, registry) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(
                 f"{path}: model folder not found; expected a folder with model.keras, "
-                "labels.json and config.yaml, or a registry spec NAME[:VERSION|@ALIAS]"
+                f"labels.json and {MODEL_PARAMS}, or a registry spec NAME[:VERSION|@ALIAS]"
             )
         return path
     if registry is None:
@@ -64,15 +63,15 @@ def resolve_model(model: str, registry) -> Path:
 
 
 def model_config(model_dir: str | Path) -> Config:
-    """The config saved with a model: `config.yaml`, else `params.yaml`."""
-    model_dir = Path(model_dir)
-    for name in CONFIG_FILES:
-        if (model_dir / name).exists():
-            return config_mod.load(model_dir / name)
-    raise FileNotFoundError(
-        f"{model_dir}: no {' or '.join(CONFIG_FILES)} beside the model; "
-        "expected a model folder written by the train stage or pulled from the registry"
-    )
+    """The config saved with a model, `params.yaml` (also as release 0.1 wrote it)."""
+    path = Path(model_dir) / MODEL_PARAMS
+    if not path.exists():
+        old = " (release 0.1's train stage named it config.yaml: train again, or rename it)"
+        raise FileNotFoundError(
+            f"{model_dir}: no {MODEL_PARAMS} beside the model; expected a model folder written by the train "
+            f"stage or pulled from the registry{old if (path.parent / 'config.yaml').exists() else ''}"
+        )
+    return config_mod.load_saved(path)
 
 
 def read_image(path: str | Path) -> bytes:

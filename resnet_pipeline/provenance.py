@@ -2,7 +2,7 @@
 with and its key, and the data by content.
 
 - download, split, shard: the key and params recorded inside their outputs (see `stagekeys`);
-- train: `artifacts/model/config.yaml`, the config it trained with, and `train.json`, the shard
+- train: `artifacts/model/params.yaml`, the config it trained with, and `train.json`, the shard
   index it trained on;
 - evaluate and register: the config of this register run (both rerun whenever a key they read
   changes: `dvc repro` by dvc.yaml, the flow always).
@@ -53,7 +53,7 @@ def assemble(cfg: Config, paths: Paths) -> dict:
     `paths.model_dir`, evaluated into `paths.eval_dir`, about to be registered with `cfg`."""
     project = project_dir(paths.root)
     stages = _data_stages(cfg, paths)
-    trained = config_mod.load(paths.model_dir / "config.yaml")
+    trained = config_mod.load_saved(paths.model_dir / config_mod.MODEL_PARAMS)
     summary = read_json(paths.model_dir / "train.json", "training summary")
     on = summary.get("data") or {}
     if on.get("shard_key") != stages["shard"]["key"] or on.get("index_sha256") != sha256_file(

@@ -1,4 +1,4 @@
-"""The one API that runs a stage from a typed config and the paths of design.md.
+"""The one API that runs a stage from a typed config and the paths of `resnet_pipeline.paths.Paths`.
 
     from resnet_pipeline import config, stages
     from resnet_pipeline.paths import Paths

@@ -121,9 +121,9 @@ def test_depth_error_lists_allowed_depths(tmp_path, repo_root):
 
 
 def test_depth_is_checked_against_the_variant(tmp_path, repo_root):
-    raw = _with(repo_root, "train", "variant", "v1")
-    raw["train"]["depth"] = 20  # a CIFAR depth, not a v1 one
-    with pytest.raises(ConfigError, match=r"train\.depth.*20.*'v1'"):
+    raw = _with(repo_root, "train", "variant", "v1.5")
+    raw["train"]["depth"] = 20  # a CIFAR depth, not a v1.5 one
+    with pytest.raises(ConfigError, match=r"train\.depth.*20.*'v1\.5'"):
         load(_write(tmp_path, raw))
     raw["train"]["depth"] = 50
     assert load(_write(tmp_path, raw)).train.depth == 50
@@ -242,7 +242,7 @@ def test_exponent_without_dot_is_a_number(tmp_path, repo_root):
 
 def test_image_size_below_the_total_stride_fails_before_training(tmp_path, repo_root):
     raw = _repo_params(repo_root)
-    raw["train"].update(variant="v1", depth=18, image_size=16)
+    raw["train"].update(variant="v1.5", depth=18, image_size=16)
     with pytest.raises(ConfigError, match=r"train\.image_size: received 16.*at least 32"):
         load(_write(tmp_path, raw))
 

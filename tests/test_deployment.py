@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resnet_pipeline.devs3 import free_ports
+from resnet_pipeline.ports import free_ports
 from tests.project import copy_project
 
 REPO = Path(__file__).resolve().parents[1]

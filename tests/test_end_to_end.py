@@ -112,7 +112,7 @@ def test_dvc_repro_again_runs_nothing_and_train_param_reruns_only_downstream(dvc
 
 def test_dvc_exp_run_of_a_register_param_records_it_in_the_new_version(dvc_project: Path):
     exp = _run([str(BIN / "dvc"), "exp", "run", "-S", "register.min_improvement=0.01"], dvc_project, timeout=900)
-    assert _ran_stages(exp.stdout) == {"register"}, exp.stdout  # train did not rerun: its config.yaml is older
+    assert _ran_stages(exp.stdout) == {"register"}, exp.stdout  # train did not rerun: its params.yaml is older
     versions = dvc_project / "registry/models/resnet-digits/versions"
     newest = versions / str(max(int(p.name) for p in versions.iterdir()))
     manifest = json.loads((newest / "manifest.json").read_text())
@@ -200,7 +200,7 @@ def test_training_killed_midway_resumes_and_ends_with_the_same_steps(dvc_project
 
 # --- DVC remote on S3 (SeaweedFS on loopback, tests/conftest.py `s3_server`) --------------------
 # No AWS_REQUEST_CHECKSUM_CALCULATION / AWS_RESPONSE_CHECKSUM_VALIDATION override is needed:
-# SeaweedFS 4.48 accepts botocore's default CRC32 request checksums (see resnet_pipeline/devs3.py),
+# SeaweedFS 4.48 accepts botocore's default CRC32 request checksums (see infra/devs3.py),
 # for single-part and multipart (70 MB checked by hand) uploads alike, and the default
 # virtual-host/path addressing of s3fs works against an `http://127.0.0.1:<port>` endpoint.
 
@@ -400,10 +400,10 @@ def test_dvc_artifacts_get_from_a_fresh_clone_fetches_the_model(dvc_project: Pat
         "model.keras",
         "saved_model",
         "labels.json",
-        "config.yaml",
+        "params.yaml",
     }
     import hashlib
 
-    for name in ("model.keras", "labels.json", "config.yaml"):
+    for name in ("model.keras", "labels.json", "params.yaml"):
         assert hashlib.md5((model / name).read_bytes()).hexdigest() == md5[f"artifacts/model/{name}"], name
     assert (model / "saved_model/saved_model.pb").exists() and (model / "saved_model/variables").is_dir()

@@ -28,7 +28,7 @@ def evaluated(digits_data, tmp_path_factory):
     build_resnet(20, num_classes=10).save(model_dir / "model.keras")
     classes = json.loads(digits_data.labels.read_text())["classes"]
     (model_dir / "labels.json").write_text(json.dumps({"classes": classes}))
-    (model_dir / "config.yaml").write_text(Config().to_yaml())  # the preprocessing evaluate repeats
+    (model_dir / "params.yaml").write_text(Config().to_yaml())  # the preprocessing evaluate repeats
     metrics = evaluate(EvaluateConfig(top_k=3), model_dir, digits_data.shards, out_dir)
     index = json.loads((digits_data.shards / "index.json").read_text())
     return {"metrics": metrics, "out": out_dir, "classes": classes, "n_test": index["splits"]["test"]["records"]}

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+from resnet_pipeline import config as config_mod
 from resnet_pipeline.cli import main
-from resnet_pipeline.config import Config
+from resnet_pipeline.config import Config, ConfigError
 
 BIN = Path(sys.executable).parent
 TOP_K = 3
@@ -46,7 +48,7 @@ def model_dir(digits_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "model"
     out.mkdir()
     model.save(out / "model.keras")
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    (out / "params.yaml").write_text(cfg.to_yaml())
     (out / "labels.json").write_text(json.dumps({"classes": classes}))
     export_saved_model(model, classes, prep, out / "saved_model", top_k=TOP_K)
     return out
@@ -220,15 +222,29 @@ def test_predict_json_shape(model_dir, images, capsys):
 
 
 def test_predict_reads_a_pulled_registry_folder(model_dir, images, tmp_path, capsys):
-    """A folder as the registry stores a version: the config is params.yaml."""
+    """A folder as the registry stores a version: the config has the train stage's name, params.yaml."""
     pulled = tmp_path / "pulled"
     pulled.mkdir()
-    for name in ("model.keras", "labels.json"):
+    for name in ("model.keras", "labels.json", "params.yaml"):
         shutil.copy(model_dir / name, pulled / name)
-    shutil.copy(model_dir / "config.yaml", pulled / "params.yaml")
+    assert not (model_dir / "config.yaml").exists(), "one name end to end"
     ours = _predict_json(capsys, "--model", model_dir, images[0])
     theirs = _predict_json(capsys, "--model", pulled, images[0])
     assert ours == theirs
+
+
+def test_predict_reads_a_version_registered_by_release_0_1(model_dir, images, tmp_path, capsys):
+    """0.1 saved `variant`/`stride_in_1x1`/`augment: seed` (refused in params today): still read."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("model.keras", "labels.json"):
+        shutil.copy(model_dir / name, old / name)
+    raw = yaml.safe_load((model_dir / "params.yaml").read_text())
+    raw["train"].update(stride_in_1x1=False, augment="seed")
+    (old / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError, match="train.stride_in_1x1"):
+        config_mod.load(old / "params.yaml")
+    assert _predict_json(capsys, "--model", old, images[0]) == _predict_json(capsys, "--model", model_dir, images[0])
 
 
 def test_predict_as_a_command(model_dir, images):
@@ -244,7 +260,9 @@ def test_predict_as_a_command(model_dir, images):
     assert result["image"] == str(images[-1]) and len(result["top_k"]) == 1
 
 
-@pytest.mark.parametrize("case", ["missing image", "not an image", "missing model", "top-k 0", "model without config"])
+@pytest.mark.parametrize(
+    "case", ["missing image", "not an image", "missing model", "top-k 0", "model without config", "0.1 folder"]
+)
 def test_predict_bad_inputs_exit_2_with_a_clear_error(case, model_dir, images, tmp_path, capsys):
     model, image, extra = str(model_dir), str(images[0]), []
     if case == "missing image":
@@ -264,7 +282,10 @@ def test_predict_bad_inputs_exit_2_with_a_clear_error(case, model_dir, images, t
     else:
         shutil.copy(model_dir / "model.keras", tmp_path / "model.keras")
         model = str(tmp_path)
-        expected = "no config.yaml or params.yaml beside the model"
+        expected = "no params.yaml beside the model; expected a model folder written by the train stage"
+        if case == "0.1 folder":  # a local train output of release 0.1
+            shutil.copy(model_dir / "params.yaml", tmp_path / "config.yaml")
+            expected = "(release 0.1's train stage named it config.yaml: train again, or rename it)"
     assert main(["predict", "--model", model, image, *extra]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -281,7 +302,7 @@ def registry(model_dir, tmp_path_factory) -> Path:
     reg = LocalRegistry(root)
     files = {
         "model.keras": model_dir / "model.keras",
-        "params.yaml": model_dir / "config.yaml",
+        "params.yaml": model_dir / "params.yaml",
         "labels.json": model_dir / "labels.json",
     }
     assert [reg.register("digits", files), reg.register("digits", files)] == [1, 2]

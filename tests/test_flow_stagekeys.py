@@ -179,7 +179,7 @@ def test_provenance_takes_each_stages_params_from_its_own_record(made):
     cfg, paths, folder = made
     trained = _cfg(folder, **{"train.lr": 0.05, "register.min_improvement": 0.0})
     paths.model_dir.mkdir(parents=True)
-    (paths.model_dir / "config.yaml").write_text(trained.to_yaml())
+    (paths.model_dir / "params.yaml").write_text(trained.to_yaml())
     index = json.loads((paths.shards / "index.json").read_text())
     (paths.model_dir / "train.json").write_text(
         json.dumps(

@@ -93,7 +93,7 @@ def test_a_first_model_below_min_value_is_registered_not_promoted(models, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(short["model_dir"], run / "model")
     shutil.copytree(short["eval_dir"], run / "eval")
-    (run / "model" / "config.yaml").write_text(Config().to_yaml())
+    (run / "model" / "params.yaml").write_text(Config().to_yaml())
     record = register_model(
         open_registry(tmp_path / "registry"),
         "digits",

@@ -348,7 +348,7 @@ def test_dev_s3_script_shape():
     lines = DEV_S3.read_text().splitlines()
     assert lines[0] == "#!/usr/bin/env bash"
     assert "set -euo pipefail" in lines
-    assert "resnet_pipeline.devs3" in DEV_S3.read_text()
+    assert "infra/devs3.py" in DEV_S3.read_text()
 
 
 @pytest.mark.timeout(240)

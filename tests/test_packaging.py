@@ -72,7 +72,8 @@ def test_wheel_has_one_version_the_license_py_typed_and_tensorflow_only_in_extra
     assert wheel.name == f"resnet_pipeline-{resnet_pipeline.__version__}-py3-none-any.whl"
     assert meta["Version"] == resnet_pipeline.__version__ and meta["License-Expression"] == "Apache-2.0"
     assert "resnet_pipeline/py.typed" in names and "resnet_pipeline/registry/serving.py" in names
-    assert not any(n.startswith(("tests/", "flows/")) for n in names)
+    assert not any(n.startswith(("tests/", "flows/", "infra/")) for n in names)
+    assert "resnet_pipeline/ports.py" in names and not any("devs3" in n for n in names), "dev tooling stays out"
     requires = meta.get_all("Requires-Dist")
     tensorflow = [r for r in requires if r.startswith("tensorflow")]
     assert sorted(tensorflow) == [
@@ -102,6 +103,10 @@ def test_wheel_with_cpu_extra_installs_into_a_new_venv_and_its_command_works(whe
 
     helped = _run([command, "--help"], work).stdout
     assert helped.startswith("usage: resnet-pipeline") and "registry" in helped and "predict" in helped
+    no_server = subprocess.run(
+        [command, "benchmark", "pull"], cwd=work, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert no_server.returncode == 2 and "pass --s3-endpoint URL" in no_server.stderr, no_server.stderr
 
     dest = work / "pulled"
     _run([command, "registry", "pull", "digits:1", dest, "--registry", tiny_model.registry], work)

@@ -1,6 +1,6 @@
 """A dataset URL with secrets in it (`user:pass@`, a presigned signature and a token in the query)
 goes through a whole Prefect flow run, and no secret is written anywhere: not in the logs, not in
-the dataset's `.complete`, the model's `config.yaml`, `registered.json`, the registry's objects
+the dataset's `.complete`, the model's `params.yaml`, `registered.json`, the registry's objects
 (`params.yaml`, `manifest.json`), nor in Prefect's database, artifacts and result storage.
 
 The only place it may be is the params file the user wrote it in.
@@ -122,13 +122,13 @@ def test_no_secret_of_a_dataset_url_is_written_by_a_flow_run(digits_data, tmp_pa
     assert [s for s in SECRETS if s in log] == [], "a secret in the logs"
     written = [
         root / "data/raw/archive/.complete",
-        root / "artifacts/model/config.yaml",
+        root / "artifacts/model/params.yaml",
         root / "artifacts/registered.json",
         root / "registry/models/resnet-digits/versions/1/params.yaml",
         root / "registry/models/resnet-digits/versions/1/manifest.json",
     ]
     assert all(p.is_file() for p in written), [p for p in written if not p.is_file()]
-    assert redact_url(secret_url) in (root / "artifacts/model/config.yaml").read_text()
+    assert redact_url(secret_url) in (root / "artifacts/model/params.yaml").read_text()
     assert _grep(root, skip={root / "params.yaml"}) == []
     assert _grep(home) == []  # Prefect's database (logs, artifacts, task runs) and result storage
     assert any(home.rglob("*.db")), "the flow ran against this PREFECT_HOME"

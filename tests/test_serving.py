@@ -125,7 +125,7 @@ def test_a_second_version_goes_beside_the_first(tiny_model, tmp_path, capsys):
             "digits",
             {
                 "model.keras": m / "model.keras",
-                "params.yaml": m / "config.yaml",
+                "params.yaml": m / "params.yaml",
                 "labels.json": m / "labels.json",
                 "saved_model": m / "saved_model",
             },
@@ -176,7 +176,7 @@ def test_refusals_name_the_problem_and_leave_dest_as_it_was(case, tiny_model, tm
         m = tiny_model.model_dir
         LocalRegistry(registry).register(
             "digits",
-            {"model.keras": m / "model.keras", "labels.json": m / "labels.json", "params.yaml": m / "config.yaml"},
+            {"model.keras": m / "model.keras", "labels.json": m / "labels.json", "params.yaml": m / "params.yaml"},
         )
         spec = "digits:2"
         expected = "model digits:2 has no saved_model/saved_model.pb (registered without a SavedModel)"

@@ -17,7 +17,7 @@ NAME = "digits"
 @dataclass(frozen=True)
 class TinyModel:
     registry: Path  # a local registry folder holding NAME:1
-    model_dir: Path  # the train stage's layout: model.keras, config.yaml, labels.json, saved_model/
+    model_dir: Path  # the train stage's layout: model.keras, params.yaml, labels.json, saved_model/
     images: list[Path]  # test-split PNGs of several classes and one JPEG
     name: str = NAME
     version: int = 1
@@ -46,7 +46,7 @@ def make_tiny_model(digits, folder: Path, steps: int = 20) -> TinyModel:
     model_dir = folder / "model"
     model_dir.mkdir(parents=True)
     model.save(model_dir / "model.keras")
-    (model_dir / "config.yaml").write_text(cfg.to_yaml())
+    (model_dir / "params.yaml").write_text(cfg.to_yaml())
     (model_dir / "labels.json").write_text(json.dumps({"classes": classes}))
     export_saved_model(model, classes, prep, model_dir / "saved_model", top_k=3)
     registry = folder / "registry"
@@ -54,7 +54,7 @@ def make_tiny_model(digits, folder: Path, steps: int = 20) -> TinyModel:
         NAME,
         {
             "model.keras": model_dir / "model.keras",
-            "params.yaml": model_dir / "config.yaml",
+            "params.yaml": model_dir / "params.yaml",
             "labels.json": model_dir / "labels.json",
             "saved_model": model_dir / "saved_model",
         },

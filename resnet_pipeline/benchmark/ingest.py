@@ -2,15 +2,15 @@
 image-folder download with parallel requests against one request at a time.
 
     resnet-pipeline benchmark ingest [--sizes 10000,40000,160000] [--classes 100] [--s3-objects 2000]
-                                     [--s3-workers 16] [--no-s3] [--output FILE]
+                                     [--s3-workers 16] [--no-s3] [--s3-endpoint URL] [--output FILE]
 
 A folder of small JPEGs (64x48, `--classes` classes) is generated for the largest size and the
 smaller sizes take a subset of it. Each stage runs in a fresh process, so that its peak RSS is its
 own (`ru_maxrss`; the shard workers' peak is reported beside it). The per-image cost at the largest
-size is compared with the smallest. The S3 part uploads `--s3-objects` JPEGs to a SeaweedFS on
-loopback (`resnet_pipeline.devs3`, imported only here) and times the download stage's S3 folder
-download with 1 and with `--s3-workers` requests at a time, and the sequential `download_file`
-loop it replaced, in alternating rounds.
+size is compared with the smallest. The S3 part uploads `--s3-objects` JPEGs to a new bucket on
+`--s3-endpoint` (else the checkout's development SeaweedFS on loopback: `benchmark/s3.py`) and
+times the download stage's S3 folder download with 1 and with `--s3-workers` requests at a time,
+and the sequential `download_file` loop it replaced, in alternating rounds.
 """
 
 from __future__ import annotations
@@ -148,16 +148,18 @@ def _sequential_get_object(client, bucket: str, prefix: str, dest: Path) -> None
 S3_KINDS = ("parallel", "get_object loop", "download_file loop", "stage one at a time")
 
 
-def run_s3(n_objects: int, workers: int, work: Path, server=None, rounds: int = 2) -> dict:
+def run_s3(
+    n_objects: int, workers: int, work: Path, server=None, rounds: int = 2, endpoint_url: str | None = None
+) -> dict:
     """Seconds (medians of `rounds`) of the stage's S3 folder download with `workers` requests and
     with 1, and of the two sequential references: a get_object loop and the old download_file loop."""
     from resnet_pipeline.data.download import _download_s3_folder
 
     own = server is None
     if own:
-        from resnet_pipeline.devs3 import SeaweedS3
+        from resnet_pipeline.benchmark.s3 import s3_server
 
-        server = SeaweedS3(work / "seaweed").start()
+        server = s3_server(endpoint_url, work / "seaweed")
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(
         AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key, AWS_DEFAULT_REGION="us-east-1"
@@ -220,11 +222,12 @@ def run(
     s3_workers: int = DownloadConfig.s3_workers,
     work_dir: Path | None = None,
     s3_server=None,
+    s3_endpoint: str | None = None,
 ) -> dict:
     """Every figure of the benchmark (see the module doc); `s3_objects=0` skips the S3 part."""
     with work_folder(work_dir, "bench-ingest-") as work:
         rows = run_stages(sorted(sizes), classes, work)
-        s3 = run_s3(s3_objects, s3_workers, work, s3_server) if s3_objects else None
+        s3 = run_s3(s3_objects, s3_workers, work, s3_server, endpoint_url=s3_endpoint) if s3_objects else None
         return {"sizes": sorted(sizes), "classes": classes, "stages": rows, "growth": growth(rows), "s3": s3}
 
 

@@ -24,10 +24,10 @@ import tensorflow as tf
 from resnet_pipeline.benchmark.harness import Timing, step_row, timed_rounds
 from resnet_pipeline.models.flops import multiply_adds
 from resnet_pipeline.models.resnet import KERAS_APPLICATIONS_LAYOUT, SPECS, build_resnet
+from resnet_pipeline.models.specs import VARIANTS
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("v1", "v1.5", "v2", "cifar")
 PHASES = ("forward", "train_step")
 
 
@@ -42,7 +42,7 @@ def keras_application_name(variant: str, depth: int) -> str | None:
 
 def build_pair(variant: str, depth: int, input_shape: tuple[int, int, int], num_classes: int):
     """(ours, keras.applications' or None) for one depth, both ending in logits."""
-    base = "v1" if variant in ("v1", "v1.5") else variant
+    base = VARIANTS[variant].family if variant in VARIANTS else variant
     if depth not in SPECS.get(base, {}):
         raise ValueError(
             f"depth: received {depth} for variant {variant!r}; allowed: {', '.join(map(str, SPECS.get(base, {})))}"

@@ -1,20 +1,23 @@
 """`registry pull` throughput against a plain HTTP GET of the same objects from the same server.
 
-    resnet-pipeline benchmark pull --seaweed [--pin] [--size-mb 100] [--rounds 3] [--part-mb 64] [--connections 4]
-    resnet-pipeline benchmark pull --registry s3://bucket/prefix     # credentials, AWS_ENDPOINT_URL from the env
+    resnet-pipeline benchmark pull [--seaweed] [--pin] [--size-mb 100] [--rounds 3] [--part-mb 64] [--connections 4]
+    resnet-pipeline benchmark pull --s3-endpoint URL       # a new bucket there; credentials from the AWS env/profile
+    resnet-pipeline benchmark pull --registry s3://bucket/prefix [--s3-endpoint URL]   # else AWS_ENDPOINT_URL
 
 A version with a `--size-mb` model.keras of random bytes (and three small files) is registered
 under a unique name; then, in alternating rounds (so that a slow spell of a shared machine falls on
 both), the whole version is pulled with `registry pull` (managed transfer, every sha256 verified)
 and fetched by plain GETs of presigned URLs streamed to disk (no verification). The figures are
 the medians in MB/s (10^6 bytes) and their ratio, with the CPU seconds this process spent on each
-(and the server's, for `--seaweed`). The benchmark's objects are deleted at the end.
+(and the server's, for the development server). The benchmark's objects (and the bucket it made)
+are deleted at the end.
 
-With `--seaweed` the server shares this machine's cores with the client, and a pull has to hash
-every byte (sha256, about 1.8 GB/s on one core here) on top of receiving it. `--pin` puts the
-server on the first CPU and this process on the others, as a remote S3 would not take the client's
-cores; without it, the two compete and the ratio measures the machine's CPU budget as much as the
-client.
+Without `--registry` or `--s3-endpoint` (or with `--seaweed`) the benchmark starts the development
+SeaweedFS of the source checkout on loopback (`benchmark/s3.py`). It shares this machine's cores
+with the client, and a pull has to hash every byte (sha256, about 1.8 GB/s on one core here) on
+top of receiving it. `--pin` puts the server on the first CPU and this process on the others, as a
+remote S3 would not take the client's cores; without it, the two compete and the ratio measures
+the machine's CPU budget as much as the client.
 """
 
 from __future__ import annotations
@@ -80,43 +83,44 @@ def _pid(server) -> int:
 def run(
     registry: str | None,
     *,
-    seaweed: bool = False,
+    s3_endpoint: str | None = None,
     size_mb: float = 100.0,
     rounds: int = 3,
     pin: bool = False,
     part_mb: float | None = None,
     connections: int | None = None,
 ) -> dict:
-    """Register a version of `size_mb`, then time pulls and plain GETs in `rounds` alternating rounds."""
+    """Register a version of `size_mb`, then time pulls and plain GETs in `rounds` alternating rounds:
+    in `registry`, else in a new bucket on `s3_endpoint`, else on the development server."""
+    from resnet_pipeline.benchmark.s3 import s3_server
     from resnet_pipeline.registry import open_registry
     from resnet_pipeline.registry.s3 import S3Storage
 
     work = Path(tempfile.mkdtemp(prefix="bench-pull-"))
     server = None
     cpus = sorted(os.sched_getaffinity(0))
-    if pin and (not seaweed or len(cpus) < 2):
-        raise ValueError(f"benchmark pull --pin needs --seaweed and 2 CPUs or more; this process may use {len(cpus)}")
+    local = not registry and not s3_endpoint
+    if pin and (not local or len(cpus) < 2):
+        raise ValueError(
+            f"benchmark pull --pin needs the development server and 2 CPUs or more; this process may use {len(cpus)}"
+        )
     try:
-        if seaweed:
-            from resnet_pipeline.devs3 import SeaweedS3
-
+        if registry:
+            reg = open_registry(registry, endpoint_url=s3_endpoint)
+        else:
             if pin:  # the server inherits the first CPU; this process then takes the others
                 os.sched_setaffinity(0, cpus[:1])
-            server = SeaweedS3(work / "seaweed").start()
+            server = s3_server(s3_endpoint, work / "seaweed")
             if pin:
                 os.sched_setaffinity(0, cpus[1:])
-            server.make_bucket("bench-pull")
+            bucket = server.make_bucket(f"bench-pull-{uuid.uuid4().hex[:8]}")
             reg = open_registry(
-                "s3://bench-pull/registry",
+                f"s3://{bucket}/registry",
                 endpoint_url=server.endpoint_url,
                 region=server.region,
                 access_key=server.access_key,
                 secret_key=server.secret_key,
             )
-        elif registry:
-            reg = open_registry(registry)
-        else:
-            raise ValueError("benchmark pull: give either --registry s3://... or --seaweed")
         if not isinstance(reg.storage, S3Storage):
             raise ValueError(f"benchmark pull: {registry!r} is not an s3:// registry; presigned GETs need S3")
         if part_mb:
@@ -144,7 +148,7 @@ def run(
             order = ("pull", "get") if r % 2 == 0 else ("get", "pull")
             for what in order:
                 dest = work / f"{what}-{r}"
-                server_cpu = _process_cpu_seconds(_pid(server)) if server else 0.0
+                server_cpu = _process_cpu_seconds(_pid(server)) if local else 0.0
                 start_cpu, start = _cpu_seconds(), time.perf_counter()
                 if what == "pull":
                     reg.pull(f"{name}:{version}", dest)
@@ -153,7 +157,7 @@ def run(
                     _plain_get(urls, dest)
                 times[what].append(time.perf_counter() - start)
                 cpu[what].append(_cpu_seconds() - start_cpu)
-                if server:
+                if local:
                     cpu[f"server_{what}"].append(_process_cpu_seconds(_pid(server)) - server_cpu)
                 shutil.rmtree(dest)
         reg.storage.delete([o.key for o in reg.storage.list(f"models/{name}/")])
@@ -204,4 +208,4 @@ def format_result(result: dict) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps(run(None, seaweed=True, size_mb=20, rounds=1), indent=2))
+    print(json.dumps(run(None, size_mb=20, rounds=1), indent=2))

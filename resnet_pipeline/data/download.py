@@ -19,10 +19,8 @@ the same download params is reused.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -30,24 +28,18 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-from PIL import Image
 
 from resnet_pipeline.config import DownloadConfig
 from resnet_pipeline.data import s3folder
 from resnet_pipeline.data.archive import ArchiveLimits, safe_extract
 from resnet_pipeline.data.fetch import fetch
-from resnet_pipeline.fileio import staged_dir
+from resnet_pipeline.data.images import png_bytes
+from resnet_pipeline.fileio import link_or_copy, staged_dir
 from resnet_pipeline.redact import redact_values
 
 log = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
 
 
 def _write_digits(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
@@ -59,7 +51,7 @@ def _write_digits(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
     for index, (image, label) in enumerate(zip(pixels, digits.target)):
         folder = dest / str(int(label))
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"digit_{index:04d}.png").write_bytes(_png(image))
+        (folder / f"digit_{index:04d}.png").write_bytes(png_bytes(image))
     return len(pixels)
 
 
@@ -112,15 +104,6 @@ def _image_folder_root(folder: Path) -> Path:
             return folder
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link to (or a copy of) the file `src` names, following links: dst is a regular file."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(os.path.realpath(src), dst)  # Linux link() would link the link itself
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _refuse_empty_classes(where: str, classes: dict[str, int]) -> None:
     """An empty class folder would silently give a model with one class fewer: refuse it by name."""
     empty = sorted(name for name, count in classes.items() if count == 0)
@@ -156,7 +139,7 @@ def _write_imagefolder(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
             relative = file.relative_to(source)
             if relative.parts[0] in classes:
                 classes[relative.parts[0]] += 1
-            _link_or_copy(file, dest / relative)
+            link_or_copy(file, dest / relative)
     _refuse_empty_classes(str(source), classes)
     return _count(dest)
 

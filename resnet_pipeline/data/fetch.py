@@ -1,20 +1,16 @@
 """Resumable, retried, checksum-verified downloads and archive extraction that checks every member.
 
 `fetch` streams a URL (http(s), `file://` or a local path) into `<dest>.part` beside `dest`,
-resuming with a `Range` request after a dropped connection, and moves it into place only once its
-digests match. `safe_extract` (from `archive`, re-exported here) unpacks a tar or zip after
+resuming with a `Range` request after a dropped connection (`resnet_pipeline.httprange`, the
+reader the registry's pulls use too), and moves it into place only once its digests match. `safe_extract` (from `archive`, re-exported here) unpacks a tar or zip after
 vetting every member.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import http.client
 import logging
 import os
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
@@ -22,28 +18,15 @@ from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 from tqdm import tqdm
 
 from resnet_pipeline.data.archive import ArchiveLimits, UnsafeArchiveError, safe_extract  # noqa: F401
+from resnet_pipeline.fileio import file_digest  # noqa: F401 - also part of this module's API
+from resnet_pipeline.httprange import CHUNK, BadResponse, HTTPStatus, Opened, Retryable, open_range, read_range, retry
 from resnet_pipeline.redact import redact_text, redact_url
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 1 << 20  # 1 MiB
-
 
 class DownloadError(RuntimeError):
     """A download failed for good: bad status, retries exhausted or checksum mismatch."""
-
-
-class _Retryable(Exception):
-    """A transient failure worth another attempt (resuming from the bytes already written)."""
-
-
-def file_digest(path: str | Path, algorithm: str) -> str:
-    """Hex digest of a file, read in chunks; `algorithm` is "sha256" or "md5"."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _mismatch(path: Path, expected: dict[str, str]) -> tuple[str, str, str] | None:
@@ -88,52 +71,48 @@ def _request(url: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers=headers)
 
 
-def _attempt(url: str, part: Path, timeout: float) -> None:
-    """One HTTP request appending to (or restarting) `part`; raises _Retryable on transient errors."""
+def _download(url: str, part: Path, *, retries: int, backoff: float, timeout: float) -> None:
+    """Stream `url` into `part`, resuming after the bytes already there (httprange's reader and retries)."""
+    shown = redact_url(url)  # for messages only
     have = part.stat().st_size if part.exists() else 0
-    request = _request(url)
-    url = redact_url(url)  # from here on only for messages
-    if have:
-        request.add_header("Range", f"bytes={have}-")
+
+    def get(start: int, end: int | None, etag: str | None) -> Opened:  # always to the end: `bytes=N-`
+        return open_range(_request(url), start, None, etag, timeout=timeout)
+
+    def on_retry(err: Exception, delay: float) -> None:
+        logger.warning("%s: %s; retrying in %.1fs", shown, redact_text(str(err)), delay)
+
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code == 416 and have:
-            logger.info("%s: server says range %d- is unsatisfiable; verifying the part file", url, have)
+        opened = retry(lambda: get(have, None, None), retries + 1, backoff, on_retry)
+    except HTTPStatus as e:
+        if e.status == 416 and have:
+            logger.info("%s: server says range %d- is unsatisfiable; verifying the part file", shown, have)
             return
-        if e.code == 429 or e.code >= 500:
-            raise _Retryable(f"HTTP {e.code} {e.reason}") from e
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise _Retryable(f"{type(e).__name__}: {e}") from e
-    with response:
-        if have and response.status == 206:
-            start = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
-            if start.strip() != str(have):
-                part.unlink(missing_ok=True)
-                raise _Retryable(f"asked for bytes {have}- but got Content-Range {start!r}; restarting")
-            mode = "ab"
-        else:
-            if have:
-                logger.info("%s: server ignored the Range request; restarting from zero", url)
-            mode, have = "wb", 0
-        length = response.headers.get("Content-Length")
-        expected = int(length) if length is not None and length.isdigit() else None
-        total = have + expected if expected is not None else None
-        received = 0
-        with open(part, mode) as f, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=None
-        ) as bar:
-            try:
-                while block := response.read(CHUNK):
-                    f.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-            except (http.client.IncompleteRead, OSError, http.client.HTTPException) as e:
-                raise _Retryable(f"{type(e).__name__} after {have + received} bytes") from e
-        if expected is not None and received < expected:
-            raise _Retryable(f"body ended after {received} of {expected} bytes")
+        raise DownloadError(f"{shown}: HTTP {e.status} {e.reason}") from None
+    except (Retryable, BadResponse) as e:
+        raise DownloadError(f"{shown}: giving up after {retries + 1} attempts: {redact_text(str(e))}") from None
+    total = opened.total
+    with open(part, "r+b" if have else "wb") as f, tqdm(
+        total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=None
+    ) as bar:
+
+        def take(buf: memoryview, n: int, pos: int) -> memoryview:
+            f.seek(pos)
+            f.write(buf[:n])
+            bar.update(n)
+            return buf
+
+        def rewind(start: int) -> None:
+            logger.info("%s: server ignored the Range request; restarting from byte %d", shown, start)
+            f.seek(start)
+            f.truncate()
+            bar.reset(total=bar.total)
+
+        try:
+            read_range(get, opened, have, total, None, memoryview(bytearray(CHUNK)), take, attempts=retries + 1,
+                       backoff=backoff, rewind=rewind, on_retry=on_retry)
+        except Retryable as e:
+            raise DownloadError(f"{shown}: giving up after {retries + 1} attempts: {redact_text(str(e))}") from None
 
 
 def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | None = None,
@@ -161,16 +140,7 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
     elif urlparse(url).scheme not in ("http", "https", "ftp"):
         raise DownloadError(f"{shown}: unsupported URL scheme")
     else:
-        for attempt in range(retries + 1):
-            try:
-                _attempt(url, part, timeout)
-                break
-            except _Retryable as e:
-                if attempt == retries:
-                    raise DownloadError(f"{shown}: giving up after {retries + 1} attempts: {redact_text(str(e))}") from None
-                delay = backoff * 2**attempt
-                logger.warning("%s: %s; retry %d/%d in %.1fs", shown, redact_text(str(e)), attempt + 1, retries, delay)
-                time.sleep(delay)
+        _download(url, part, retries=retries, backoff=backoff, timeout=timeout)
 
     if not expected:
         logger.warning("%s: no sha256 or md5 given; accepting the download unverified", shown)

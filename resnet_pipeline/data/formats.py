@@ -11,17 +11,16 @@ malformed input raises `FormatError` naming the file and what was expected.
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import re
-import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
+
+from resnet_pipeline.data.images import png_bytes
+from resnet_pipeline.fileio import link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +77,6 @@ def _read_class_names(meta: Path) -> list[str]:
     return names
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
 def cifar10_binary_to_folder(extracted: Path, out_dir: Path) -> int:
     """Write every CIFAR-10 record as out_dir/<class>/<batch stem>_<index:05d>.png; return the count.
 
@@ -113,7 +106,7 @@ def cifar10_binary_to_folder(extracted: Path, out_dir: Path) -> int:
         images = records[:, 1:].reshape(-1, 3, CIFAR10_SIDE, CIFAR10_SIDE).transpose(0, 2, 3, 1)
         for index in tqdm(range(len(records)), desc=f"cifar10 {batch.stem}", unit="img", disable=None):
             target = out_dir / names[labels[index]] / f"{batch.stem}_{index:05d}.png"
-            target.write_bytes(_png(np.ascontiguousarray(images[index])))
+            target.write_bytes(png_bytes(np.ascontiguousarray(images[index])))
         count += len(records)
     log.info("cifar10: %d images in %d classes -> %s", count, len(names), out_dir)
     return count
@@ -181,13 +174,6 @@ def _annotation_classes(xml_path: Path) -> list[tuple[str, float]]:
     return objects
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def voc_to_folder(extracted: Path, out_dir: Path, *, drop_multiclass: bool = False,
                   image_set: str = "trainval") -> dict:
     """Copy each listed VOC image to out_dir/<class of its largest object>/<id>.jpg; return a summary.
@@ -218,7 +204,7 @@ def voc_to_folder(extracted: Path, out_dir: Path, *, drop_multiclass: bool = Fal
     per_class = dict.fromkeys(VOC_CLASSES, 0)
     for jpeg, label, image_id in tqdm(plan, desc=f"voc {image_set} images", unit="img", disable=None):
         (out_dir / label).mkdir(parents=True, exist_ok=True)
-        _link_or_copy(jpeg, out_dir / label / f"{image_id}.jpg")
+        link_or_copy(jpeg, out_dir / label / f"{image_id}.jpg")
         per_class[label] += 1
     summary = {"images": len(plan), "dropped_multiclass": dropped, "skipped_no_object": no_object,
                "per_class": per_class}

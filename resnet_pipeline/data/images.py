@@ -21,6 +21,14 @@ from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
+
+def png_bytes(pixels) -> bytes:
+    """A uint8 array (H x W gray, or H x W x 3 RGB) encoded as PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
 # formats and modes that TensorFlow's decode_image reads as they are
 _NATIVE = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
 

@@ -5,8 +5,8 @@ Augmentations (`Preprocess.augment`):
 - `cifar`: pad by `pad_crop` pixels and crop back at random (He et al. 2015, CIFAR), optional flip.
 - `imagenet`: random-resized-crop (area 8-100%, aspect 3/4-4/3, the Inception/ResNet recipe); a
   JPEG decodes only the crop (`decode_and_crop_jpeg`), optional flip.
-- `seed`: the seeds' `ImageDataGenerator` augmentation: shift 20%, shear 0.2 degrees, zoom 80-120%
-  per axis, nearest fill, optional flip.
+- `shift_shear_zoom`: the VOC seed's `ImageDataGenerator` augmentation: shift 20%, shear 0.2
+  degrees, zoom 80-120% per axis, nearest fill, optional flip.
 - `none`: the eval transform.
 
 Eval resizes the shorter side to `image_size / eval_crop` and takes the centre `image_size` square.
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from resnet_pipeline.config import AUGMENTATIONS
 from resnet_pipeline.data.contracts import check_index
 from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import read_json, recover_dir
@@ -35,7 +36,6 @@ FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "image/class/label": tf.io.FixedLenFeature([], tf.int64),
 }
-AUGMENTATIONS = ("cifar", "imagenet", "seed", "none")
 MODES = ("scale", "caffe", "tf")
 CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)  # keras.applications.imagenet_utils, mode="caffe"
 IN_MEMORY_BYTES = 512 * 2**20  # a train split whose decoded float32 images fit is decoded only once
@@ -53,6 +53,8 @@ class Preprocess:
     mode: str = "scale"
 
     def __post_init__(self):
+        if self.augment not in AUGMENTATIONS:  # an unknown name would silently train without augmentation
+            raise ValueError(f"augment: received {self.augment!r}; allowed: {', '.join(map(repr, AUGMENTATIONS))}")
         if self.mode not in MODES:
             raise ValueError(f"mode: received {self.mode!r}; allowed: {', '.join(map(repr, MODES))}")
 
@@ -154,7 +156,7 @@ def _random_resized_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.T
     return tf.image.resize(image, [size, size], method="bilinear")
 
 
-def _seed_affine(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+def _shift_shear_zoom(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """ImageDataGenerator(width/height_shift_range=0.2, shear_range=0.2, zoom_range=0.2), nearest fill."""
     size = tf.cast(tf.shape(image)[0], tf.float32)
     u = tf.random.stateless_uniform([5], seed, -1.0, 1.0)
@@ -189,8 +191,8 @@ def _augment(image: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Tensor:
         padded = size + 2 * prep.pad_crop
         image = tf.image.pad_to_bounding_box(image, prep.pad_crop, prep.pad_crop, padded, padded)
         image = tf.image.stateless_random_crop(image, [size, size, 3], _seed(seed, 1))
-    elif prep.augment == "seed":
-        image = _seed_affine(image, _seed(seed, 2))
+    elif prep.augment == "shift_shear_zoom":
+        image = _shift_shear_zoom(image, _seed(seed, 2))
     if prep.random_flip and prep.augment != "none":
         image = tf.image.stateless_random_flip_left_right(image, _seed(seed, 3))
     image.set_shape([size, size, 3])

@@ -64,7 +64,7 @@ def read_inside(root: str | Path, relative: str) -> bytes:
 
 
 def make_record(raw_dir: str | Path, row: dict, max_shorter_side: int = 0, jpeg_quality: int = 90) -> bytes:
-    """The serialized Example of one manifest row, with the design.md keys.
+    """The serialized Example of one manifest row, with the keys of the README's "Shards" (Model Garden's).
 
     Raises ValueError naming the file if its content changed since the manifest was written.
     """

@@ -1,7 +1,7 @@
 """Shard stage: write each split of the manifest as TFRecord shards plus `shards/index.json`.
 
-Records are `tf.train.Example`s with the Model Garden keys of design.md; shards are named
-`SPLIT-NNNNN-of-MMMMM.tfrecord`. A split gets as many shards as its bytes need at
+Records are `tf.train.Example`s with the Model Garden keys (README, "What each stage writes");
+shards are named `SPLIT-NNNNN-of-MMMMM.tfrecord`. A split gets as many shards as its bytes need at
 `target_shard_mb` each, and its records, ordered by content hash, are dealt out in equal runs, so
 the same manifest gives the same shards. A pool of `workers` processes prepares the records
 (checked against the manifest's sha256, converted to RGB, optionally shrunk, framed as TFRecords)

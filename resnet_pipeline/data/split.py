@@ -1,7 +1,7 @@
 """Split stage: scan an image folder, check every image once, assign train/val/test.
 
-Writes `manifest.parquet` (one row per image, columns of design.md) and `labels.json` (class
-order). The split of an image is decided by a hash of its *content* and the seed, so exact
+Writes `manifest.parquet` (one row per image, the columns of the README's "What each stage
+writes") and `labels.json` (class order). The split of an image is decided by a hash of its *content* and the seed, so exact
 duplicates always share a split and adding images never moves existing ones. Each class is drawn
 on its own, so the ratios hold per class (stratified), up to the sampling noise of the hash.
 """

@@ -32,7 +32,7 @@ from resnet_pipeline.models.specs import (  # noqa: F401 - the table and its che
     KERAS_APPLICATIONS_LAYOUT,
     POOLINGS,
     SPECS,
-    Spec,
+    Architecture,
     Stage,
     _check_arguments,
     allowed_depths,
@@ -104,7 +104,7 @@ class _Builder:
 
     def __init__(
         self,
-        spec: Spec,
+        spec: Architecture,
         *,
         shortcut: str,
         stride_in_1x1: bool,

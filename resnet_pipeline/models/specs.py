@@ -17,7 +17,9 @@ class Stage(NamedTuple):
     stride: int  # stride of the stage's first block
 
 
-class Spec(NamedTuple):
+class Architecture(NamedTuple):
+    """One entry of the depth table: the network's blocks, stages and stem."""
+
     block: str  # "basic" (two 3x3) or "bottleneck" (1x1, 3x3, 1x1 with 4x expansion)
     stages: tuple[Stage, ...]
     stem: str  # "cifar": 3x3/1 conv; "imagenet": 7x7/2 conv and 3x3/2 max-pool
@@ -37,21 +39,35 @@ _IMAGENET = {
 }
 
 
-def _imagenet(depth: int, preact: bool) -> Spec:
+def _imagenet(depth: int, preact: bool) -> Architecture:
     block, repeats = _IMAGENET[depth]
     stages = tuple(Stage(f, n, s) for f, n, s in zip((64, 128, 256, 512), repeats, (1, 2, 2, 2)))
-    return Spec(block, stages, "imagenet", preact)
+    return Architecture(block, stages, "imagenet", preact)
 
 
-def _cifar(depth: int) -> Spec:
+def _cifar(depth: int) -> Architecture:
     n = (depth - 2) // 6
-    return Spec("basic", tuple(Stage(f, n, s) for f, s in ((16, 1), (32, 2), (64, 2))), "cifar")
+    return Architecture("basic", tuple(Stage(f, n, s) for f, s in ((16, 1), (32, 2), (64, 2))), "cifar")
 
 
-SPECS: dict[str, dict[int, Spec]] = {
+SPECS: dict[str, dict[int, Architecture]] = {
     "cifar": {depth: _cifar(depth) for depth in (20, 32, 44, 56, 110, 1202)},
     "v1": {depth: _imagenet(depth, preact=False) for depth in (18, 34, 50, 101, 152)},
     "v2": {depth: _imagenet(depth, preact=True) for depth in (18, 34, 50, 101, 152, 200)},
+}
+
+
+class Variant(NamedTuple):
+    family: str  # its table in SPECS
+    stride_in_1x1: bool  # bottlenecks: the stride on the first 1x1, else on the 3x3
+
+
+# The variants by name, in params (train.variant) and on the command line (--variant) alike.
+VARIANTS: dict[str, Variant] = {
+    "v1": Variant("v1", True),  # the 2015 paper, Caffe and keras.applications: stride on the 1x1
+    "v1.5": Variant("v1", False),  # torchvision and NVIDIA: stride on the 3x3
+    "v2": Variant("v2", False),  # pre-activation (2016)
+    "cifar": Variant("cifar", False),  # the paper's CIFAR-10 nets (6n+2 layers of basic blocks)
 }
 
 POOLINGS = ("avg", "max", None)
@@ -72,7 +88,7 @@ def default_shortcut(variant: str) -> str:
     return "A" if variant == "cifar" else "B"
 
 
-def block_strides(spec: Spec, stride_last: bool = False) -> list[list[int]]:
+def block_strides(spec: Architecture, stride_last: bool = False) -> list[list[int]]:
     """The stride of every block, stage by stage.
 
     A stage's stride sits on its first block; with `stride_last` (keras.applications ResNetV2) it
@@ -101,7 +117,7 @@ def _check_arguments(
     weight_decay,
     bn_momentum,
     bn_epsilon,
-) -> Spec:
+) -> Architecture:
     """Raise ValueError naming the argument, the value received and what is allowed; return the spec."""
     if variant not in SPECS:
         raise ValueError(f"variant: received {variant!r}; allowed: {', '.join(map(repr, SPECS))}")
@@ -173,21 +189,23 @@ def model_arguments(train, num_classes: int, channels: int = 3) -> dict:
 
     Raises the builder's ValueError, which names the option, for a combination it cannot build.
     """
+    variant = VARIANTS[train.variant]
+    bottleneck = train.depth in SPECS[variant.family] and SPECS[variant.family][train.depth].block == "bottleneck"
     kwargs = dict(
         depth=train.depth,
-        variant=train.variant,
+        variant=variant.family,
         input_shape=(train.image_size, train.image_size, channels),
         num_classes=num_classes,
         shortcut=None if train.shortcut == "auto" else train.shortcut,
         bn_momentum=train.bn_momentum,
         bn_epsilon=train.bn_epsilon,
         sync_bn=train.sync_bn,
-        stride_in_1x1=train.stride_in_1x1,
+        stride_in_1x1=variant.stride_in_1x1 and bottleneck,  # basic blocks have no 1x1
         v2_stride_last=train.v2_stride_last,
         use_bias=train.use_bias,
         zero_init_residual=train.zero_init_residual,
     )
-    checked = dict(kwargs, shortcut=kwargs["shortcut"] or default_shortcut(train.variant), weight_decay=0.0)
+    checked = dict(kwargs, shortcut=kwargs["shortcut"] or default_shortcut(variant.family), weight_decay=0.0)
     del checked["sync_bn"]
     _check_arguments(**checked, pooling="avg", include_top=True)
     return kwargs

@@ -1,4 +1,4 @@
-"""A versioned model registry on S3 or in a local folder, with the layout of design.md.
+"""A versioned model registry on S3 or in a local folder (layout: the README's "The model registry").
 
     reg = open_registry("s3://bucket/prefix")      # or a folder: open_registry("registry")
     version = reg.register("resnet-digits", {"model.keras": path, ...}, metadata)

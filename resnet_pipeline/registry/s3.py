@@ -20,10 +20,10 @@ import contextlib
 import os
 import re
 import ssl
-import urllib.error
 import urllib.request
 from pathlib import Path
 
+from resnet_pipeline.httprange import BadResponse, HTTPStatus, open_range
 from resnet_pipeline.registry import transfer
 from resnet_pipeline.redact import redact_text, redact_url
 from resnet_pipeline.registry.storage import Conflict, ObjectInfo, RegistryError, SizeMismatch
@@ -193,39 +193,26 @@ class S3Storage:
 
     def _open_range(self, key: str, start: int, end: int | None, etag: str | None) -> transfer.Opened:
         """GET bytes start..end (inclusive) of `key` through a presigned URL."""
-        headers = {"Range": f"bytes={start}-{'' if end is None else end}"}
-        if etag:
-            headers["If-Match"] = etag
-        request = urllib.request.Request(self.presigned_url(key, expires=6 * 3600), headers=headers)
+        url = self.presigned_url(key, expires=6 * 3600)
         try:
-            response = urllib.request.urlopen(request, timeout=120, context=self._ssl_context())
-        except urllib.error.HTTPError as err:
-            body = err.read(4096).decode("utf-8", "replace")
-            err.close()
-            found = re.search(r"<Code>([^<]+)</Code>", body)
-            code = found.group(1) if found else ""
-            if err.code == 416 and start == 0:  # an empty object has no byte 0: ask for all of it
-                response = urllib.request.urlopen(urllib.request.Request(request.full_url), timeout=120,
-                                                  context=self._ssl_context())
-                return transfer.Opened(response, 0, int(response.headers.get("Content-Length") or 0),
-                                       response.headers.get("ETag"))
-            if err.code == 412:
-                raise RegistryError(f"{self.url(key)}: the object changed during the download (ETag {etag})")
-            if err.code >= 500 or err.code == 429:
-                raise transfer.Retryable(f"HTTP {err.code} {code}".strip())
-            raise self._client_error(key, code, str(err.code), err) from None
-        except (urllib.error.URLError, OSError) as err:
-            raise transfer.Retryable(str(getattr(err, "reason", err))) from None
-        if response.status == 206:
-            match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers.get("Content-Range", ""))
-            if not match:
-                response.close()
-                raise RegistryError(f"{self.url(key)}: unexpected Content-Range "
-                                    f"{response.headers.get('Content-Range')!r} from {self.endpoint}")
-            first, total = int(match.group(1)), int(match.group(3))
-        else:  # 200: the server sent the whole object
-            first, total = 0, int(response.headers.get("Content-Length") or 0)
-        return transfer.Opened(response, first, total, response.headers.get("ETag"))
+            try:
+                opened = open_range(urllib.request.Request(url), start, end, etag, timeout=120,
+                                    context=self._ssl_context())
+            except HTTPStatus as err:
+                if err.status != 416 or start != 0:
+                    raise
+                # an empty object has no byte 0: ask for all of it
+                opened = open_range(urllib.request.Request(url), timeout=120, context=self._ssl_context())
+        except HTTPStatus as err:
+            found = re.search(r"<Code>([^<]+)</Code>", err.body)
+            if err.status == 412:
+                raise RegistryError(f"{self.url(key)}: the object changed during the download (ETag {etag})") from None
+            raise self._client_error(key, found.group(1) if found else "", str(err.status), err) from None
+        except BadResponse as err:
+            raise RegistryError(f"{self.url(key)}: {err} from {self.endpoint}") from None
+        if opened.total is None:
+            opened.total = 0 if opened.start == 0 else None
+        return opened
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         out = []

@@ -58,3 +58,12 @@ def parse_spec(spec: str) -> Spec:
         except RegistryError as err:
             raise RegistryError(f"model spec {spec!r}: {err}") from None
     return Spec(name)
+
+
+def is_spec(text: str) -> bool:
+    """Whether `text` is a spec `parse_spec` accepts."""
+    try:
+        parse_spec(text)
+    except RegistryError:
+        return False
+    return True

@@ -72,11 +72,11 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
 
     `gate_options` are the gate's other settings (`rule`, `min_value`, `max_class_drop`,
     `bootstrap_samples`, `bootstrap_seed`; see gate.decide). `provenance` (from
-    `resnet_pipeline.provenance.assemble`) replaces config.yaml as the version's params.yaml and the
+    `resnet_pipeline.provenance.assemble`) replaces the train stage's params.yaml as the version's and the
     data record with the stages' own records."""
     reg = _open(registry)
     model_dir, eval_dir = Path(model_dir), Path(eval_dir)
-    files = {"model.keras": model_dir / "model.keras", "params.yaml": model_dir / "config.yaml",
+    files = {"model.keras": model_dir / "model.keras", "params.yaml": model_dir / "params.yaml",
              "labels.json": model_dir / "labels.json", "metrics.json": eval_dir / "metrics.json"}
     if (model_dir / "saved_model").is_dir():
         files["saved_model"] = model_dir / "saved_model"

@@ -8,7 +8,8 @@ overlaps the transfer instead of reading the whole file again after it.
 The first GET asks for the first part and learns the object's size and ETag from its
 `Content-Range`; the other parts are asked with `If-Match` on that ETag, so an object replaced in
 the middle of a download fails instead of being stitched together. A part whose connection fails
-is asked again from where it stopped (`Retryable` errors, `attempts` times, with backoff).
+is asked again from where it stopped (`Retryable` errors, `attempts` times, with backoff: the reader
+of `resnet_pipeline.httprange`).
 The part being hashed hands its 1 MB receive buffers straight to the hasher; the bytes of a part
 that arrived before its turn are read back from the file. Memory stays at a few 1 MB buffers per
 connection whatever the file's size.
@@ -20,36 +21,20 @@ import hashlib
 import os
 import queue
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-CHUNK = 1 << 20
+from resnet_pipeline.httprange import CHUNK, Fetch, Opened, Retryable, read_range, retry
+
+__all__ = ["Fetch", "Opened", "Retryable", "WrongSize", "copy_hashing", "download"]
+
 HASH_CHUNK = 8 * CHUNK
 BUFFERS = 4  # per connection
 
 
-class Retryable(Exception):
-    """A failure worth asking again for (connection lost, 5xx, throttling)."""
-
-
 class WrongSize(Exception):
     """The object is not the size the caller expects; nothing of it was written."""
-
-
-@dataclass
-class Opened:
-    stream: Any  # a binary stream with readinto() and close() (an HTTP response, a file)
-    start: int  # offset of the stream's first byte in the object
-    total: int  # the object's size
-    etag: str | None
-
-
-# fetch(start, end_inclusive_or_None, etag_or_None) -> Opened; raises Retryable or a final error
-Fetch = Callable[[int, "int | None", "str | None"], Opened]
 
 
 @dataclass
@@ -66,8 +51,11 @@ def download(fetch: Fetch, path: str | Path, *, part_size: int = 16 * CHUNK, con
     """Write the object to `path`; return (sha256 hex, size). On failure `path` may hold part of it.
     With `size`, an object the server says is of another size raises WrongSize before any byte is
     written, and no more than `size` bytes are read whatever the server sends."""
-    first = _with_retries(lambda: fetch(0, part_size - 1, None), attempts, backoff)
+    first = retry(lambda: fetch(0, part_size - 1, None), attempts, backoff)
     total, etag = first.total, first.etag
+    if total is None:
+        first.stream.close()
+        raise ValueError("the server did not say the size of the object")
     if first.start != 0:
         first.stream.close()
         raise ValueError(f"asked for bytes from 0, the server answered from {first.start}")
@@ -99,7 +87,7 @@ def download(fetch: Fetch, path: str | Path, *, part_size: int = 16 * CHUNK, con
             return part.buffers.get()
 
         try:
-            last = _read_range(fetch, opened, part.lo, part.hi, etag, part.buffers.get(), take,
+            last = read_range(fetch, opened, part.lo, part.hi, etag, part.buffers.get(), take,
                                attempts=attempts, backoff=backoff, stop=lambda: bool(failures))
             part.buffers.put(last)
         except BaseException as err:
@@ -152,51 +140,9 @@ def _download_one(fetch: Fetch, opened: Opened, path: str | Path, attempts: int,
             digest.update(buf[:n])
             return buf
 
-        _read_range(fetch, opened, 0, opened.total, opened.etag, memoryview(bytearray(CHUNK)), take,
+        read_range(fetch, opened, 0, opened.total, opened.etag, memoryview(bytearray(CHUNK)), take,
                     attempts=attempts, backoff=backoff)
     return digest.hexdigest()
-
-
-def _read_range(fetch: Fetch, opened: Opened | None, lo: int, hi: int, etag: str | None, buf: memoryview,
-                take: Callable[[memoryview, int, int], memoryview], *, attempts: int, backoff: float,
-                stop: Callable[[], bool] = lambda: False) -> memoryview:
-    """Read bytes lo..hi (exclusive) of the object in order, asking `fetch` again from where a lost
-    connection stopped. `take(buf, n, pos)` gets each piece (`buf[:n]`, at offset `pos`) and returns
-    the buffer to read the next one into; the last buffer is returned. `stop()` ends it early."""
-    pos = lo
-    for attempt in range(attempts):
-        try:
-            if opened is None:
-                opened = fetch(pos, hi - 1, etag)
-                if opened.start != pos:
-                    raise Retryable(f"asked for bytes from {pos}, the server answered from {opened.start}")
-            with opened.stream as stream:
-                while pos < hi and not stop():
-                    n = stream.readinto(buf[:min(CHUNK, hi - pos)])
-                    if not n:
-                        break
-                    buf = take(buf, n, pos)
-                    pos += n
-            if pos >= hi or stop():
-                return buf
-            raise Retryable(f"connection closed at byte {pos}, before byte {hi}")
-        except (Retryable, OSError) as err:
-            opened = None
-            if attempt + 1 == attempts:
-                raise Retryable(f"gave up after {attempts} attempts: {err}") from None
-            time.sleep(backoff * 2 ** attempt)
-    raise AssertionError("unreachable")
-
-
-def _with_retries(call: Callable[[], Opened], attempts: int, backoff: float) -> Opened:
-    for attempt in range(attempts):
-        try:
-            return call()
-        except Retryable:
-            if attempt + 1 == attempts:
-                raise
-            time.sleep(backoff * 2 ** attempt)
-    raise AssertionError("unreachable")
 
 
 def copy_hashing(source: str | Path, target: str | Path, limit: int | None = None) -> tuple[str, int]:

@@ -26,10 +26,10 @@ import keras
 import numpy as np
 import yaml
 
-from resnet_pipeline.config import TrainConfig, init_kind
+from resnet_pipeline.config import TrainConfig, init_kind, upgrade_saved
 from resnet_pipeline.data.fetch import DownloadError, fetch
 from resnet_pipeline.fileio import sha256_file
-from resnet_pipeline.models.resnet import SPECS
+from resnet_pipeline.models.specs import SPECS, VARIANTS
 from resnet_pipeline.redact import redact_url
 from resnet_pipeline.training.weights_file import WeightsFileError, read_weights, snake_case
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 HEAD = "logits"
 HEAD_ALIASES = {"predictions": HEAD}  # keras.applications' classifier
 # the options of a registered version's params that change which weights fit or what they compute
-LAYOUT_KEYS = ("variant", "depth", "shortcut", "stride_in_1x1", "v2_stride_last", "use_bias", "bn_epsilon")
+LAYOUT_KEYS = ("variant", "depth", "shortcut", "v2_stride_last", "use_bias", "bn_epsilon")
 
 
 def init_cache_dir() -> Path:
@@ -133,6 +133,7 @@ def check_layout(cfg: TrainConfig, params: dict | None, spec: str) -> None:
     """A registered version's train params against ours: refuse what changes the weights' meaning."""
     if not isinstance(params, dict):
         return
+    params = upgrade_saved({"train": params})["train"]  # a version registered by release 0.1
     for key in LAYOUT_KEYS:
         if key in params and params[key] != getattr(cfg, key):
             raise InitError(
@@ -164,7 +165,9 @@ def _stage_blocks(names) -> tuple[int, ...]:
 
 def _depth_hint(file_names, cfg: TrainConfig) -> str:
     blocks = _stage_blocks(file_names)
-    depths = [d for d, spec in SPECS.get(cfg.variant, {}).items() if tuple(s.blocks for s in spec.stages) == blocks]
+    depths = [
+        d for d, spec in SPECS[VARIANTS[cfg.variant].family].items() if tuple(s.blocks for s in spec.stages) == blocks
+    ]
     if depths and depths[0] != cfg.depth:
         return (
             f"; the file holds ResNet-{depths[0]} ({'-'.join(map(str, blocks))} blocks): set train.depth: {depths[0]}"
@@ -181,7 +184,7 @@ def _check_config(path, name: str, ours: dict, theirs: dict | None) -> None:
     if not theirs:
         return
     hints = {
-        "strides": "train.stride_in_1x1 (v1) or train.v2_stride_last (v2)",
+        "strides": "train.variant ('v1' strides the 1x1, 'v1.5' the 3x3) or train.v2_stride_last (v2)",
         "epsilon": "train.bn_epsilon",
         "use_bias": "train.use_bias",
     }

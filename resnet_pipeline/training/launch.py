@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from resnet_pipeline.devs3 import free_ports
+from resnet_pipeline.ports import free_ports
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from resnet_pipeline.config import Config, TrainConfig
+from resnet_pipeline.config import MODEL_PARAMS, Config, TrainConfig
 from resnet_pipeline.data.pipeline import Preprocess, decode_in_memory, make_dataset, shard_files, train_epochs
 from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
@@ -452,7 +452,7 @@ def _write_model_dir(
             tmp / "saved_model",
             top_k=full_config.evaluate.top_k,
         )
-        (tmp / "config.yaml").write_text(full_config.to_yaml())
+        (tmp / MODEL_PARAMS).write_text(full_config.to_yaml())
         atomic_write_json(tmp / "labels.json", {"classes": classes})
         atomic_write_json(tmp / "train.json", summary)
         with open(tmp / "history.csv", "w", newline="") as f:

@@ -24,7 +24,7 @@ SEEDS = [tf.constant([7, i], tf.int64) for i in range(12)]
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-@pytest.mark.parametrize("augment", ["imagenet", "seed", "cifar"])
+@pytest.mark.parametrize("augment", ["imagenet", "shift_shear_zoom", "cifar"])
 def test_each_augmentation_varies_with_the_seed_and_repeats_with_it(fmt, augment):
     prep = Preprocess(64, augment=augment, pad_crop=6, random_flip=True)
     image = encoded(fmt)
@@ -44,7 +44,7 @@ def test_imagenet_crop_of_a_jpeg_decodes_only_the_window_and_matches_the_png_pat
 
 
 def test_seed_augmentation_stays_near_the_image():
-    prep = Preprocess(64, augment="seed")
+    prep = Preprocess(64, augment="shift_shear_zoom")
     plain = eval_image(encoded("PNG"), Preprocess(64)).numpy()
     moved = [train_image(encoded("PNG"), prep, s).numpy() for s in SEEDS]
     diffs = [np.abs(m - plain).mean() for m in moved]
@@ -69,3 +69,9 @@ def test_normalisation_uses_mean_and_std():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     normed = eval_image(image, Preprocess(32, mean=mean, std=std)).numpy()
     np.testing.assert_allclose(normed, (plain - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_augmentation_is_refused_not_skipped():
+    """Release 0.1's `seed` (now `shift_shear_zoom`) must not fall through to no augmentation."""
+    with pytest.raises(ValueError, match=r"augment: received 'seed'; allowed: 'cifar', 'imagenet', 'shift_shear_zoom'"):
+        Preprocess(64, augment="seed")

@@ -56,11 +56,10 @@ def make_files(folder: Path, *, model_bytes: bytes = b"PK\x03\x04 model " + byte
 
 def make_run(folder: Path, *, top1: float, loss: float = 1.0, split: bytes = b"split A",
              saved_model: bool = True) -> dict[str, Path]:
-    """A train + evaluate output: model_dir (model.keras, config.yaml, labels.json, saved_model/),
+    """A train + evaluate output: model_dir (model.keras, params.yaml, labels.json, saved_model/),
     eval_dir (metrics.json) and a data manifest whose sha256 names the test split."""
     model_dir, eval_dir = folder / "model", folder / "eval"
     make_files(model_dir)
-    (model_dir / "params.yaml").rename(model_dir / "config.yaml")
     (model_dir / "metrics.json").unlink()
     if saved_model:
         (model_dir / "saved_model" / "variables").mkdir(parents=True)

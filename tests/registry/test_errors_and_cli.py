@@ -8,6 +8,7 @@ import pytest
 
 from resnet_pipeline.cli import main
 from resnet_pipeline.registry import RegistryError, fetch_model, open_registry, parse_spec
+from resnet_pipeline.registry.spec import is_spec
 from tests.registry.conftest import NAME, make_files
 
 
@@ -20,6 +21,12 @@ def test_bad_specs_are_refused_naming_the_part(spec, words):
     with pytest.raises(RegistryError) as err:
         parse_spec(spec)
     assert words in str(err.value) and f"{spec!r}" in str(err.value)
+    assert not is_spec(spec), "predict's test of a spec is the same grammar"
+
+
+@pytest.mark.parametrize("spec", ["resnet", "resnet-digits:3", "resnet.v2@champion", "r_1@staging-2"])
+def test_good_specs_are_specs_for_predict_too(spec):
+    assert is_spec(spec) and str(parse_spec(spec)) == spec
 
 
 def test_unknown_version_alias_and_model(location, tmp_path):
@@ -125,6 +132,34 @@ def test_benchmark_pull_prints_both_figures(s3_location, capsys, tmp_path):
     assert open_registry(s3_location).storage.list("models/") == [], "the benchmark deletes its objects"
 
 
+@pytest.mark.s3
+def test_benchmark_pull_on_an_s3_endpoint_makes_and_deletes_its_bucket(s3_server, s3_location, capsys):
+    client = s3_server.client()
+    before = {b["Name"] for b in client.list_buckets()["Buckets"]}
+    assert main(["benchmark", "pull", "--s3-endpoint", s3_server.endpoint_url, "--size-mb", "1", "--rounds", "1"]) == 0
+    text = capsys.readouterr().out
+    assert f"at {s3_server.endpoint_url}: 1.0 MB per pull" in text and "ratio pull / GET" in text
+    assert "server" not in text.split("registry pull")[1], "no server CPU figures for a remote endpoint"
+    assert {b["Name"] for b in client.list_buckets()["Buckets"]} == before, "the benchmark deletes its bucket"
+
+
 def test_benchmark_pull_refuses_pin_without_a_local_server(capsys):
     assert main(["benchmark", "pull", "--registry", "s3://bucket/x", "--pin"]) == 2
     assert "--pin: only with --seaweed" in capsys.readouterr().err
+    assert main(["benchmark", "pull", "--s3-endpoint", "http://127.0.0.1:1", "--pin"]) == 2
+    assert "--pin: only with --seaweed" in capsys.readouterr().err
+    assert main(["benchmark", "pull", "--seaweed", "--s3-endpoint", "http://127.0.0.1:1"]) == 2
+    assert "--seaweed (the development server) goes with neither" in capsys.readouterr().err
+
+
+def test_benchmarks_without_endpoint_or_dev_server_say_what_to_do(monkeypatch, tmp_path, capsys):
+    """An installed wheel has no infra/devs3.py: stood in for by pointing DEV_SERVER at a missing file
+    (tests/test_packaging.py runs the real wheel's command)."""
+    from resnet_pipeline.benchmark import s3
+
+    monkeypatch.setattr(s3, "DEV_SERVER", tmp_path / "infra" / "devs3.py")
+    for argv in (["benchmark", "pull"], ["benchmark", "ingest", "--sizes", "20,40", "--classes", "2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"no development S3 server to start ({tmp_path / 'infra' / 'devs3.py'} is not there" in err
+        assert "pass --s3-endpoint URL" in err and "run infra/dev-s3.sh" in err

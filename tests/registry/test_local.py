@@ -192,7 +192,7 @@ def test_register_model_stage_writes_the_record(tmp_path, files):
     model_dir.mkdir()
     eval_dir.mkdir()
     (model_dir / "model.keras").write_bytes(files["model.keras"].read_bytes())
-    (model_dir / "config.yaml").write_bytes(files["params.yaml"].read_bytes())
+    (model_dir / "params.yaml").write_bytes(files["params.yaml"].read_bytes())
     (model_dir / "labels.json").write_bytes(files["labels.json"].read_bytes())
     (eval_dir / "metrics.json").write_text(json.dumps({"test": {"top1": 0.9}}))
     out = tmp_path / "registered.json"

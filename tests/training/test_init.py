@@ -31,7 +31,7 @@ APPLICATIONS = [
     ("ResNet152V2", "v2", 152),
 ]
 LAYOUT = {
-    "v1": {"stride_in_1x1": True, "use_bias": True, "bn_epsilon": 1.001e-5},
+    "v1": {"use_bias": True, "bn_epsilon": 1.001e-5},  # v1 itself strides the 1x1
     "v2": {"v2_stride_last": True, "bn_epsilon": 1.001e-5},
 }
 
@@ -99,7 +99,7 @@ def served(tmp_path_factory):
 
 def _cfg(variant: str, depth: int, **train):
     return from_dict(
-        {"train": {"variant": variant, "depth": depth, "image_size": SIZE, **LAYOUT[variant], **train}}
+        {"train": {"variant": variant, "depth": depth, "image_size": SIZE, **LAYOUT.get(variant, {}), **train}}
     ).train
 
 
@@ -210,7 +210,8 @@ def test_imagenet_from_a_mirror_checks_the_official_md5(served, resnet50, tmp_pa
             }
         }
     ).train
-    assert (cfg.stride_in_1x1, cfg.use_bias, cfg.bn_epsilon, cfg.bn_momentum) == (True, True, 1.001e-5, 0.99)
+    layout = (model_arguments(cfg, num_classes=CLASSES)["stride_in_1x1"], cfg.use_bias, cfg.bn_epsilon)
+    assert (*layout, cfg.bn_momentum) == (True, True, 1.001e-5, 0.99)
     with pytest.raises(InitError, match=rf"mirror/{file}: md5 mismatch: expected {md5}"):
         load_initial_weights(resnet50, cfg, cache_dir=tmp_path)
 
@@ -236,8 +237,10 @@ def test_a_keras_file_of_another_stride_layout_is_refused(served, tmp_path):
     models, _ = served
     ref, *_ = models["ResNet50"]
     ref.save(tmp_path / "ref.keras")
-    cfg = _cfg("v1", 50, init=str(tmp_path / "ref.keras"), stride_in_1x1=False)
-    with pytest.raises(InitError, match=r"ref\.keras: layer conv3_block1_1_conv: strides .* train.stride_in_1x1"):
+    cfg = _cfg("v1.5", 50, init=str(tmp_path / "ref.keras"), use_bias=True, bn_epsilon=1.001e-5)
+    with pytest.raises(
+        InitError, match=r"ref\.keras: layer conv3_block1_1_conv: strides .* train.variant \('v1' strides the 1x1"
+    ):
         load_initial_weights(_ours(cfg, CLASSES), cfg, cache_dir=tmp_path)
 
 
@@ -245,8 +248,13 @@ def test_a_keras_file_of_another_stride_layout_is_refused(served, tmp_path):
     "train,message",
     [
         (
-            {"init": "imagenet", "variant": "v1", "depth": 50, "stride_in_1x1": False},
-            "train.stride_in_1x1: received False; the ImageNet weights of ResNet-50 (v1) need True",
+            {"init": "imagenet", "variant": "v1.5", "depth": 50},
+            "train.variant: received 'v1.5'; init imagenet needs 'v1' or 'v2' (keras.applications "
+            "ResNet50/101/152, which stride the 1x1,",
+        ),
+        (
+            {"init": "imagenet", "variant": "v1", "depth": 50, "use_bias": False},
+            "train.use_bias: received False; the ImageNet weights of ResNet-50 (v1) need True",
         ),
         ({"init": "imagenet", "variant": "v2", "depth": 50, "bn_epsilon": 1e-3}, "train.bn_epsilon: received 0.001"),
         ({"init": "imagenet", "variant": "v1", "depth": 34}, "train.depth: received 34; init imagenet has weights for"),
@@ -278,3 +286,19 @@ def test_preprocess_modes_are_keras_applications_own(mode, module):
     cfg = from_dict({"train": {"init": "imagenet", "variant": variant, "depth": 50, "image_size": 64}}).train
     assert Preprocess.from_train(cfg).mode == mode
     assert Preprocess.from_train(dataclasses.replace(cfg, preprocess="scale")).mode == "scale"
+
+
+@pytest.mark.parametrize(
+    "old_stride, ours, refused", [(False, "v1.5", False), (False, "v1", True), (True, "v1", False)]
+)
+def test_a_version_registered_by_0_1_is_checked_in_todays_spelling(old_stride, ours, refused):
+    """0.1 registered `variant: v1` with `stride_in_1x1`: its v1 + false is today's v1.5."""
+    from resnet_pipeline.training.init import check_layout
+
+    cfg = from_dict({"train": {"variant": ours, "depth": 50, "image_size": SIZE}}).train
+    params = {**cfg.__dict__, "variant": "v1", "stride_in_1x1": old_stride}
+    if not refused:
+        check_layout(cfg, params, "resnet-old:1")
+        return
+    with pytest.raises(InitError, match=r"train\.variant: received 'v1'; the weights of resnet-old:1 need 'v1\.5'"):
+        check_layout(cfg, params, "resnet-old:1")

