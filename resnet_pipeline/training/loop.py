@@ -404,8 +404,6 @@ def _epoch_record(
 def _strategy_name(strategy: tf.distribute.Strategy) -> str:
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):  # its class is CollectiveAllReduceStrategy
         return "MultiWorkerMirroredStrategy"
-    if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy():
-        return "DefaultStrategy"
     return type(strategy).__name__
 
 

@@ -1,9 +1,7 @@
 """The tf.distribute strategy of a run, created before anything else touches TensorFlow.
 
-- `auto`: MirroredStrategy over the local GPUs when there are several, else one device: the GPU
-  (OneDeviceStrategy, which prefetches the input to it) if there is one, else TensorFlow's default
-  strategy on the CPU (OneDeviceStrategy's input and step wrapping cost ~20 % of ResNet-20's step
-  there, measured by `benchmark train`).
+- `auto`: MirroredStrategy over the local GPUs when there are several, else one device (the GPU
+  if there is one, else the CPU).
 - `one_device`: the first GPU, else the CPU.
 - `mirrored`: MirroredStrategy over the local GPUs, or over `train.cpu_devices` logical CPU devices
   when there is no GPU (two make it run with two replicas on a laptop or in CI).
@@ -107,8 +105,5 @@ def make_strategy(name: str, cpu_devices: int = 1) -> tuple[tf.distribute.Strate
         log.info("strategy: MirroredStrategy over %s", ", ".join(strategy.extended.worker_devices))
         return strategy, Cluster()
     device = "/gpu:0" if gpus else "/cpu:0"
-    if name == "auto" and not gpus:
-        log.info("strategy: the default strategy, on the CPU")
-        return tf.distribute.get_strategy(), Cluster()
     log.info("strategy: one device, %s", device)
     return tf.distribute.OneDeviceStrategy(device), Cluster()
