@@ -21,7 +21,6 @@ and answered by a checkpoint at that step and `Preempted`.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -36,11 +35,11 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from resnet_pipeline.config import MODEL_PARAMS, Config, TrainConfig
+from resnet_pipeline.config import Config, TrainConfig
 from resnet_pipeline.data.pipeline import Preprocess, decode_in_memory, make_dataset, shard_files, train_epochs
 from resnet_pipeline.data.shard import INDEX
-from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file, staged_dir
-from resnet_pipeline.models.resnet import recursion_limit
+from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file
+from resnet_pipeline.training import records
 from resnet_pipeline.training.preempt import Preempted  # noqa: F401  (raised here, caught by callers)
 from resnet_pipeline.training.strategy import Cluster, make_strategy
 from resnet_pipeline.training.trainer import Trainer
@@ -48,8 +47,6 @@ from resnet_pipeline.training.trainer import Trainer
 log = logging.getLogger(__name__)
 
 VAL_IN_MEMORY_BYTES = 256 * 2**20  # float32 images of the val split kept in memory when they fit
-HISTORY_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_sec")
-STEP_FIELDS = ("step", "loss", "accuracy", "lr")
 # params that do not change what is trained: a run resumes across changes of these
 NOT_IN_FINGERPRINT = (
     "checkpoint_every_steps",
@@ -160,7 +157,7 @@ def train(
             if history_path.exists()
             else []
         )
-        step_rows = [r for r in _read_steps(steps_path) if r["step"] <= step]
+        step_rows = [r for r in records.read_steps(steps_path) if r["step"] <= step]
         log.info("train: resuming from %s at step %d of %d", latest, step, total_steps)
     else:
         log.info(
@@ -183,7 +180,7 @@ def train(
         path = trainer.save(at, sums)
         if cluster.is_chief:
             atomic_write_json(history_path, history)
-            _write_steps(steps_path, step_rows)
+            records.write_steps(steps_path, step_rows)
         timing["checkpoints"] += time.perf_counter() - began
         return path
 
@@ -316,7 +313,7 @@ def train(
     }
     if cluster.is_chief:
         trainer.finalize(run_dir)
-        _write_model_dir(
+        records.write_model_dir(
             trainer.model,
             full_config,
             history,
@@ -407,58 +404,7 @@ def _strategy_name(strategy: tf.distribute.Strategy) -> str:
     return type(strategy).__name__
 
 
-def _read_steps(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [
-            {"step": int(r["step"]), "loss": float(r["loss"]), "accuracy": float(r["accuracy"]), "lr": float(r["lr"])}
-            for r in csv.DictReader(f)
-        ]
-
-
-def _write_steps(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=STEP_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
 def _interactive() -> bool:
     import sys
 
     return sys.stdout.isatty()
-
-
-def _write_model_dir(
-    model, full_config: Config, history, summary, classes, model_dir: Path, step_rows=(), init=None
-) -> None:
-    """model.keras, the SavedModel, the resolved config, history.csv, steps.csv, curves.png,
-    train.json and init.json (the starting weights and fine-tuning), swapped in as a whole."""
-    with staged_dir(model_dir) as tmp:
-        atomic_write_json(tmp / "init.json", init or {"init": None})
-        with recursion_limit():  # ResNet-1202's graph is deeper than Python's default limit
-            model.save(tmp / "model.keras")
-        from resnet_pipeline.export import export_saved_model  # the SavedModel for serving
-
-        export_saved_model(
-            model,
-            classes,
-            Preprocess.from_train(full_config.train),
-            tmp / "saved_model",
-            top_k=full_config.evaluate.top_k,
-        )
-        (tmp / MODEL_PARAMS).write_text(full_config.to_yaml())
-        atomic_write_json(tmp / "labels.json", {"classes": classes})
-        atomic_write_json(tmp / "train.json", summary)
-        with open(tmp / "history.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-            writer.writeheader()
-            for row in history:
-                writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
-        _write_steps(tmp / "steps.csv", list(step_rows))
-        from resnet_pipeline.training.curves import plot_curves
-
-        plot_curves(history, tmp / "curves.png", title=f"{model.name} ({summary['strategy']})")
