@@ -18,9 +18,10 @@ import os
 import stat
 import tarfile
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,17 @@ class _BoundedTarInfo(tarfile.TarInfo):
     """Refuses oversized GNU long-name and pax headers before tarfile reads them into memory."""
 
     def _proc_member(self, tar):  # noqa: ANN001 - tarfile's own hook
-        long_types = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
-                      tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+        long_types = (
+            tarfile.GNUTYPE_LONGNAME,
+            tarfile.GNUTYPE_LONGLINK,
+            tarfile.XHDTYPE,
+            tarfile.XGLTYPE,
+            tarfile.SOLARIS_XHDTYPE,
+        )
         if self.type in long_types and self.size > MAX_HEADER:
-            raise UnsafeArchiveError(f"{tar.name}: a name or pax header of {self.size} bytes, "
-                                     f"above the {MAX_HEADER} accepted")
+            raise UnsafeArchiveError(
+                f"{tar.name}: a name or pax header of {self.size} bytes, above the {MAX_HEADER} accepted"
+            )
         return super()._proc_member(tar)
 
 
@@ -77,8 +84,9 @@ def _refuse(archive: Path, name: str, why: str) -> UnsafeArchiveError:
 
 
 def _limit(archive: Path, what: str, value: float, key: str, limit: float) -> UnsafeArchiveError:
-    return UnsafeArchiveError(f"{archive}: {what} {value:g} exceeds {key} = {limit:g}; "
-                              f"raise {key} in params.yaml if the archive is trusted")
+    return UnsafeArchiveError(
+        f"{archive}: {what} {value:g} exceeds {key} = {limit:g}; raise {key} in params.yaml if the archive is trusted"
+    )
 
 
 def _tar_members(archive: Path, tar: tarfile.TarFile, limits: ArchiveLimits) -> Iterator[_Member]:
@@ -87,8 +95,7 @@ def _tar_members(archive: Path, tar: tarfile.TarFile, limits: ArchiveLimits) -> 
         count += 1
         if count > limits.max_members:
             raise _limit(archive, "member count above", limits.max_members, "download.max_members", limits.max_members)
-        kind = ("sym" if m.issym() else "hard" if m.islnk() else "dir" if m.isdir()
-                else "file" if m.isreg() else "dev")
+        kind = "sym" if m.issym() else "hard" if m.islnk() else "dir" if m.isdir() else "file" if m.isreg() else "dev"
         yield _Member(m.name, kind, m.size if kind == "file" else 0, None, m)
 
 
@@ -156,14 +163,24 @@ def _vet(archive: Path, members: list[_Member], limits: ArchiveLimits, zf: zipfi
             raise _refuse(archive, m.name, "appears twice")
         seen[key] = m.kind
         if m.compressed is not None and m.size > limits.max_ratio * max(m.compressed, 1):
-            raise _limit(archive, f"member {m.name!r} compression ratio",
-                         m.size / max(m.compressed, 1), "download.max_ratio", limits.max_ratio)
+            raise _limit(
+                archive,
+                f"member {m.name!r} compression ratio",
+                m.size / max(m.compressed, 1),
+                "download.max_ratio",
+                limits.max_ratio,
+            )
         total += m.size
     if total > limits.max_bytes:
         raise _limit(archive, "total size in bytes", total, "download.max_extract_gb", limits.max_bytes / 2**30)
     if total > cap:
-        raise _limit(archive, "compression ratio (unpacked / archive bytes)",
-                     total / max(archive.stat().st_size, 1), "download.max_ratio", limits.max_ratio)
+        raise _limit(
+            archive,
+            "compression ratio (unpacked / archive bytes)",
+            total / max(archive.stat().st_size, 1),
+            "download.max_ratio",
+            limits.max_ratio,
+        )
     return cap
 
 
@@ -191,11 +208,14 @@ def _write(archive: Path, dest: Path, m: _Member, source: IO[bytes], budget: lis
             written += len(block)
             budget[0] -= len(block)
             if written > m.size:
-                raise UnsafeArchiveError(f"{archive}: member {m.name!r} unpacks to more than the {m.size} bytes "
-                                         "its header declares")
+                raise UnsafeArchiveError(
+                    f"{archive}: member {m.name!r} unpacks to more than the {m.size} bytes its header declares"
+                )
             if budget[0] < 0:
-                raise UnsafeArchiveError(f"{archive}: members unpack to more than the cap of download.max_extract_gb "
-                                         "and download.max_ratio x the archive's size")
+                raise UnsafeArchiveError(
+                    f"{archive}: members unpack to more than the cap of download.max_extract_gb "
+                    "and download.max_ratio x the archive's size"
+                )
             out.write(block)
 
 
@@ -218,8 +238,13 @@ def check_tree(dest: Path) -> None:
                 raise UnsafeArchiveError(f"{os.path.join(folder, name)}: not a folder or regular file after extraction")
 
 
-def safe_extract(archive: str | Path, dest: str | Path, *, select: Callable[[str], bool] | None = None,
-                 limits: ArchiveLimits = ArchiveLimits()) -> list[str]:
+def safe_extract(
+    archive: str | Path,
+    dest: str | Path,
+    *,
+    select: Callable[[str], bool] | None = None,
+    limits: ArchiveLimits = ArchiveLimits(),
+) -> list[str]:
     """Extract a .tar / .tar.gz / .tgz / .zip (detected by content, not name) into dest; return the
     names of the members extracted. Every member is vetted (even those `select` skips) before
     anything is written."""

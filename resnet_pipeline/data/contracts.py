@@ -43,9 +43,13 @@ def read_classes(labels_path: str | Path) -> list[str]:
     """The class names of labels.json, checked: distinct non-empty strings."""
     labels = read_json(labels_path, "labels.json")
     classes = labels.get("classes") if isinstance(labels, dict) else None
-    if (not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes)
-            or len(set(classes)) != len(classes)):
-        raise ContractError(f"{labels_path}: expected {{\"classes\": [distinct class names]}}, received {labels!r:.200}")
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise ContractError(f'{labels_path}: expected {{"classes": [distinct class names]}}, received {labels!r:.200}')
     return classes
 
 
@@ -104,9 +108,12 @@ def check_index(index: Any, shards_dir: str | Path, split: str, verify_hashes: b
     shards_dir = Path(shards_dir)
     where = shards_dir / "index.json"
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        raise ContractError(f"{where}: expected {{\"splits\": ..., \"shards\": [...]}}; rerun the shard stage")
-    entries = [e for e in index["shards"] if not isinstance(e, dict) or e.get("split") == split
-               or str(e.get("file", "")).startswith(f"{split}-")]
+        raise ContractError(f'{where}: expected {{"splits": ..., "shards": [...]}}; rerun the shard stage')
+    entries = [
+        e
+        for e in index["shards"]
+        if not isinstance(e, dict) or e.get("split") == split or str(e.get("file", "")).startswith(f"{split}-")
+    ]
     names = []
     for number, entry in enumerate(entries):
         if problem := _entry_problem(entry, shards_dir):
@@ -114,11 +121,15 @@ def check_index(index: Any, shards_dir: str | Path, split: str, verify_hashes: b
         names.append(entry["file"])
     totals = {int(_SHARD.match(n).group(3)) for n in names}  # type: ignore[union-attr]
     if len(set(names)) != len(names) or (names and totals != {len(names)}):
-        raise ContractError(f"{where}: split {split!r} lists {len(names)} shard(s) {names[:3]}..., "
-                            f"named as of {sorted(totals)}; expected each of the M shards once")
+        raise ContractError(
+            f"{where}: split {split!r} lists {len(names)} shard(s) {names[:3]}..., "
+            f"named as of {sorted(totals)}; expected each of the M shards once"
+        )
     if verify_hashes:
         for entry in entries:
             if sha256_file(shards_dir / entry["file"]) != entry["sha256"]:
-                raise ContractError(f"{shards_dir / entry['file']}: sha256 differs from index.json's; "
-                                    "the shard changed after it was written: rerun the shard stage")
+                raise ContractError(
+                    f"{shards_dir / entry['file']}: sha256 differs from index.json's; "
+                    "the shard changed after it was written: rerun the shard stage"
+                )
     return entries

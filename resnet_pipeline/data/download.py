@@ -108,8 +108,10 @@ def _refuse_empty_classes(where: str, classes: dict[str, int]) -> None:
     """An empty class folder would silently give a model with one class fewer: refuse it by name."""
     empty = sorted(name for name, count in classes.items() if count == 0)
     if empty:
-        raise ValueError(f"download.path: class folder(s) {empty} under {where} hold no files; "
-                         "remove them or add images (every class folder becomes a class)")
+        raise ValueError(
+            f"download.path: class folder(s) {empty} under {where} hold no files; "
+            "remove them or add images (every class folder becomes a class)"
+        )
 
 
 def _move_tree(src: Path, dest: Path) -> None:

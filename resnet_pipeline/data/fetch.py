@@ -2,8 +2,8 @@
 
 `fetch` streams a URL (http(s), `file://` or a local path) into `<dest>.part` beside `dest`,
 resuming with a `Range` request after a dropped connection (`resnet_pipeline.httprange`, the
-reader the registry's pulls use too), and moves it into place only once its digests match. `safe_extract` (from `archive`, re-exported here) unpacks a tar or zip after
-vetting every member.
+reader the registry's pulls use too), and moves it into place only once its digests match.
+`safe_extract` (from `archive`, re-exported here) unpacks a tar or zip after vetting every member.
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ def _local_source(url: str) -> Path | None:
 def _copy_local(src: Path, part: Path, url: str) -> None:
     if not src.is_file():
         raise DownloadError(f"{redact_url(url)}: no such file {src}")
-    with open(src, "rb") as fin, open(part, "wb") as fout, tqdm(
-        total=src.stat().st_size, unit="B", unit_scale=True, desc=src.name, disable=None
-    ) as bar:
+    with (
+        open(src, "rb") as fin,
+        open(part, "wb") as fout,
+        tqdm(total=src.stat().st_size, unit="B", unit_scale=True, desc=src.name, disable=None) as bar,
+    ):
         for block in iter(lambda: fin.read(CHUNK), b""):
             fout.write(block)
             bar.update(len(block))
@@ -92,9 +94,10 @@ def _download(url: str, part: Path, *, retries: int, backoff: float, timeout: fl
     except (Retryable, BadResponse) as e:
         raise DownloadError(f"{shown}: giving up after {retries + 1} attempts: {redact_text(str(e))}") from None
     total = opened.total
-    with open(part, "r+b" if have else "wb") as f, tqdm(
-        total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=None
-    ) as bar:
+    with (
+        open(part, "r+b" if have else "wb") as f,
+        tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=None) as bar,
+    ):
 
         def take(buf: memoryview, n: int, pos: int) -> memoryview:
             f.seek(pos)
@@ -109,14 +112,33 @@ def _download(url: str, part: Path, *, retries: int, backoff: float, timeout: fl
             bar.reset(total=bar.total)
 
         try:
-            read_range(get, opened, have, total, None, memoryview(bytearray(CHUNK)), take, attempts=retries + 1,
-                       backoff=backoff, rewind=rewind, on_retry=on_retry)
+            read_range(
+                get,
+                opened,
+                have,
+                total,
+                None,
+                memoryview(bytearray(CHUNK)),
+                take,
+                attempts=retries + 1,
+                backoff=backoff,
+                rewind=rewind,
+                on_retry=on_retry,
+            )
         except Retryable as e:
             raise DownloadError(f"{shown}: giving up after {retries + 1} attempts: {redact_text(str(e))}") from None
 
 
-def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | None = None,
-          retries: int = 5, backoff: float = 0.5, timeout: float = 60.0) -> Path:
+def fetch(
+    url: str,
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    retries: int = 5,
+    backoff: float = 0.5,
+    timeout: float = 60.0,
+) -> Path:
     """Download url to dest (streaming, 1 MiB chunks), resumable, verified; return dest.
 
     An existing dest is reused only if it matches a given checksum (with none given it is fetched
@@ -129,8 +151,11 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
         if expected and _mismatch(dest, expected) is None:
             logger.info("%s already present and verified; not downloading", dest)
             return dest
-        logger.warning("%s exists but is %s; fetching a replacement", dest,
-                       "unverifiable (no checksum)" if not expected else "a checksum mismatch")
+        logger.warning(
+            "%s exists but is %s; fetching a replacement",
+            dest,
+            "unverifiable (no checksum)" if not expected else "a checksum mismatch",
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
 

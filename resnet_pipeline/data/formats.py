@@ -29,8 +29,25 @@ CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 VOC2012_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC2012_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
 )
 
@@ -61,8 +78,10 @@ def _find_cifar_root(extracted: Path) -> Path:
     found = sorted(p.parent for p in extracted.rglob("batches.meta.txt"))
     if len(found) == 1:
         return found[0]
-    raise FormatError(extracted / CIFAR10_DIR / "batches.meta.txt",
-                      f"missing: expected one CIFAR-10 binary folder, found {len(found)}")
+    raise FormatError(
+        extracted / CIFAR10_DIR / "batches.meta.txt",
+        f"missing: expected one CIFAR-10 binary folder, found {len(found)}",
+    )
 
 
 def _read_class_names(meta: Path) -> list[str]:
@@ -100,8 +119,11 @@ def cifar10_binary_to_folder(extracted: Path, out_dir: Path) -> int:
         labels = records[:, 0]
         bad = np.flatnonzero(labels >= len(names))
         if bad.size:
-            raise FormatError(batch, f"record {int(bad[0])}: label byte {int(labels[bad[0]])}, "
-                                     f"expected < {len(names)} (the classes in batches.meta.txt)")
+            raise FormatError(
+                batch,
+                f"record {int(bad[0])}: label byte {int(labels[bad[0]])}, "
+                f"expected < {len(names)} (the classes in batches.meta.txt)",
+            )
         # Planes R, G, B of row-major 32x32 -> height x width x channel.
         images = records[:, 1:].reshape(-1, 3, CIFAR10_SIDE, CIFAR10_SIDE).transpose(0, 2, 3, 1)
         for index in tqdm(range(len(records)), desc=f"cifar10 {batch.stem}", unit="img", disable=None):
@@ -122,8 +144,10 @@ def _find_voc_root(extracted: Path) -> Path:
     found = sorted(p.parent for p in extracted.rglob("Annotations") if p.is_dir())
     if len(found) == 1:
         return found[0]
-    raise FormatError(extracted / "VOCdevkit" / "VOC2012" / "Annotations",
-                      f"missing: expected one VOC folder (Annotations, JPEGImages, ImageSets), found {len(found)}")
+    raise FormatError(
+        extracted / "VOCdevkit" / "VOC2012" / "Annotations",
+        f"missing: expected one VOC folder (Annotations, JPEGImages, ImageSets), found {len(found)}",
+    )
 
 
 def _read_ids(listing: Path) -> list[str]:
@@ -174,8 +198,9 @@ def _annotation_classes(xml_path: Path) -> list[tuple[str, float]]:
     return objects
 
 
-def voc_to_folder(extracted: Path, out_dir: Path, *, drop_multiclass: bool = False,
-                  image_set: str = "trainval") -> dict:
+def voc_to_folder(
+    extracted: Path, out_dir: Path, *, drop_multiclass: bool = False, image_set: str = "trainval"
+) -> dict:
     """Copy each listed VOC image to out_dir/<class of its largest object>/<id>.jpg; return a summary.
 
     Ties in area go to the first object in the file; difficult objects count. Images without objects
@@ -206,7 +231,11 @@ def voc_to_folder(extracted: Path, out_dir: Path, *, drop_multiclass: bool = Fal
         (out_dir / label).mkdir(parents=True, exist_ok=True)
         link_or_copy(jpeg, out_dir / label / f"{image_id}.jpg")
         per_class[label] += 1
-    summary = {"images": len(plan), "dropped_multiclass": dropped, "skipped_no_object": no_object,
-               "per_class": per_class}
+    summary = {
+        "images": len(plan),
+        "dropped_multiclass": dropped,
+        "skipped_no_object": no_object,
+        "per_class": per_class,
+    }
     log.info("voc2012 %s: %s -> %s", image_set, summary, out_dir)
     return summary

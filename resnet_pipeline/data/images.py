@@ -34,8 +34,16 @@ _NATIVE = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
 
 
 # every status but "ok" starts with one of these, then ": details" (the shard stage checks them)
-REASONS = ("empty file", "not an image", "too large", "truncated", "undecodable", "too small",
-           "symbolic link", "not a regular file")
+REASONS = (
+    "empty file",
+    "not an image",
+    "too large",
+    "truncated",
+    "undecodable",
+    "too small",
+    "symbolic link",
+    "not a regular file",
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -43,12 +51,12 @@ def png_problem(data: bytes) -> str | None:
     """Why a PNG is not whole (a chunk cut, a bad CRC, no IHDR, IDAT or IEND), or None."""
     pos, seen = len(PNG_SIGNATURE), []
     while pos + 12 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         end = pos + 12 + length
         if length > 2**31 - 1 or end > len(data):
             return f"truncated: PNG chunk {kind!r} at byte {pos} runs past the end of the file"
-        crc = struct.unpack(">I", data[end - 4:end])[0]
-        if zlib.crc32(data[pos + 4:end - 4]) != crc:
+        crc = struct.unpack(">I", data[end - 4 : end])[0]
+        if zlib.crc32(data[pos + 4 : end - 4]) != crc:
             return f"undecodable: PNG chunk {kind!r} at byte {pos} has a bad CRC"
         seen.append(kind)
         if kind == b"IEND":
@@ -105,7 +113,9 @@ def inspect(data: bytes, min_side: int = 1) -> Inspection:
     if problem:
         return Inspection(0, 0, fmt, "", problem)
     if min(width, height) < min_side:
-        return Inspection(width, height, fmt, mode, f"too small: {width}x{height}, below the minimum side of {min_side}")
+        return Inspection(
+            width, height, fmt, mode, f"too small: {width}x{height}, below the minimum side of {min_side}"
+        )
     return Inspection(width, height, fmt, mode, "ok")
 
 

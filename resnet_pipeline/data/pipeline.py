@@ -59,7 +59,7 @@ class Preprocess:
             raise ValueError(f"mode: received {self.mode!r}; allowed: {', '.join(map(repr, MODES))}")
 
     @classmethod
-    def from_train(cls, cfg, image_size: int | None = None) -> "Preprocess":
+    def from_train(cls, cfg, image_size: int | None = None) -> Preprocess:
         """From a TrainConfig (params.yaml `train:`), `train.preprocess: auto` resolved."""
         from resnet_pipeline.config import input_mode
 

@@ -76,16 +76,18 @@ def make_record(raw_dir: str | Path, row: dict, max_shorter_side: int = 0, jpeg_
             "rerun the split stage"
         )
     image = prepare(data, max_shorter_side, jpeg_quality)
-    return encode_example({
-        "image/encoded": image.data,
-        "image/format": image.format.encode(),
-        "image/class/label": row["label"],
-        "image/class/text": row["label_name"].encode(),
-        "image/height": image.height,
-        "image/width": image.width,
-        "image/filename": row["path"].encode(),
-        "image/sha256": row["sha256"].encode(),
-    })
+    return encode_example(
+        {
+            "image/encoded": image.data,
+            "image/format": image.format.encode(),
+            "image/class/label": row["label"],
+            "image/class/text": row["label_name"].encode(),
+            "image/height": image.height,
+            "image/width": image.width,
+            "image/filename": row["path"].encode(),
+            "image/sha256": row["sha256"].encode(),
+        }
+    )
 
 
 def _masked_crc(data: bytes) -> bytes:
@@ -109,8 +111,9 @@ def write_tfrecord(path: str | Path, records: Iterable[bytes]) -> int:
     return count
 
 
-def write_shard_file(plan: dict, raw_dir: str | Path, out_dir: str | Path, max_shorter_side: int = 0,
-                     jpeg_quality: int = 90) -> dict:
+def write_shard_file(
+    plan: dict, raw_dir: str | Path, out_dir: str | Path, max_shorter_side: int = 0, jpeg_quality: int = 90
+) -> dict:
     """Write the records of one planned shard (`{"file", "split", "rows"}`) into `out_dir`; return
     its index entry (file, split, records, sha256). Lives here, light to import, for the shard workers."""
     path = Path(out_dir) / plan["file"]

@@ -149,7 +149,8 @@ def list_folder(url: str, endpoint_url: str | None, workers: int = 16) -> S3Fold
     session = botocore.session.get_session()
     session.register_component("data_loader", _data_loader())
     client = session.create_client(
-        "s3", endpoint_url=endpoint_url or None,
+        "s3",
+        endpoint_url=endpoint_url or None,
         config=BotoConfig(max_pool_connections=max(10, workers), signature_version="s3v4"),
     )
     objects, classes = s3_keys(client, bucket, prefix, url)

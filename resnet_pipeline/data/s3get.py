@@ -96,8 +96,12 @@ class Signer:
         query = parse_qs(parts.query)
         scope = query.get("X-Amz-Credential", [""])[0].split("/")
         encoded = percent_encode(sample_key, safe="/~")
-        if (credentials is not None and query.get("X-Amz-Algorithm") == ["AWS4-HMAC-SHA256"] and len(scope) == 5
-                and parts.path.endswith(encoded)):
+        if (
+            credentials is not None
+            and query.get("X-Amz-Algorithm") == ["AWS4-HMAC-SHA256"]
+            and len(scope) == 5
+            and parts.path.endswith(encoded)
+        ):
             self.base = f"{parts.scheme}://{parts.netloc}{parts.path[: len(parts.path) - len(encoded)]}"
             self._credentials, self._region, self._service = credentials, scope[2], scope[3]
 
@@ -157,8 +161,9 @@ class Fetcher:
                         f"s3://{self.bucket}/{obj.key}: giving up after {attempt + 1} attempts: {e}"
                     ) from None
                 delay = min(self.backoff * 2**attempt, MAX_BACKOFF) * random.uniform(0.5, 1.0)
-                log.warning("s3://%s/%s: %s; retry %d/%d in %.2fs", self.bucket, obj.key, e, attempt + 1,
-                            self.retries, delay)
+                log.warning(
+                    "s3://%s/%s: %s; retry %d/%d in %.2fs", self.bucket, obj.key, e, attempt + 1, self.retries, delay
+                )
                 time.sleep(delay)
 
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
@@ -247,8 +252,10 @@ class Fetcher:
         return received
 
     def _size_error(self, obj: S3Object, received: int) -> str:
-        return (f"s3://{self.bucket}/{obj.key}: {received} bytes received, the listing says {obj.size} "
-                "(changed since it was listed?)")
+        return (
+            f"s3://{self.bucket}/{obj.key}: {received} bytes received, the listing says {obj.size} "
+            "(changed since it was listed?)"
+        )
 
 
 def plain_get_refused(client: Any, url: str) -> str | None:

@@ -6,8 +6,8 @@ shards are named `SPLIT-NNNNN-of-MMMMM.tfrecord`. A split gets as many shards as
 the same manifest gives the same shards. A pool of `workers` processes prepares the records
 (checked against the manifest's sha256, converted to RGB, optionally shrunk, framed as TFRecords)
 in pieces of consecutive records, which are appended to their shard file in order, so the shards
-are byte-identical whatever the number of workers. The workers import Pillow, not TensorFlow. The shards are written into a temporary folder that replaces the
-old one only when complete.
+are byte-identical whatever the number of workers. The workers import Pillow, not TensorFlow.
+The shards are written into a temporary folder that replaces the old one only when complete.
 
 With `workers` above 1, a script that calls `shard` must guard its entry point with
 `if __name__ == "__main__":` (the workers are spawned, and import the main module).
@@ -65,10 +65,13 @@ def plan_shards(cfg: ShardConfig, manifest_path: str | Path, labels_path: str | 
         total = max(1, min(len(records), math.ceil(size_mb / cfg.target_shard_mb)))
         for i in range(total):
             chunk = records[len(records) * i // total : len(records) * (i + 1) // total]
-            plans.append({
-                "file": shard_name(split, i, total), "split": split,
-                "rows": [{k: r[k] for k in ROW_KEYS} for r in chunk],
-            })
+            plans.append(
+                {
+                    "file": shard_name(split, i, total),
+                    "split": split,
+                    "rows": [{k: r[k] for k in ROW_KEYS} for r in chunk],
+                }
+            )
     return plans
 
 
@@ -84,8 +87,10 @@ def write_shard(plan: dict, raw_dir: str | Path, out_dir: str | Path, cfg: Shard
 def write_index(entries: list[dict], out_dir: str | Path) -> dict:
     index = {
         "splits": {
-            split: {"records": sum(e["records"] for e in entries if e["split"] == split),
-                    "shards": sum(e["split"] == split for e in entries)}
+            split: {
+                "records": sum(e["records"] for e in entries if e["split"] == split),
+                "shards": sum(e["split"] == split for e in entries),
+            }
             for split in SPLITS
         },
         "shards": entries,
@@ -126,24 +131,39 @@ def shard(cfg: ShardConfig, manifest_path: str | Path, raw_dir: str | Path, out_
     workers = resolve_workers(cfg.workers)
     total = sum(len(p["rows"]) for p in plans)
     # spawn, not fork: the parent has TensorFlow's threads; the workers import Pillow only
-    pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            if workers > 1 else None)
+    pool = (
+        concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        if workers > 1
+        else None
+    )
     # pieces of CHUNK records, in shard order: the workers share every shard, and never wait at a
     # shard's end; the pieces come back in order and are appended to their shard file
-    pieces = [(i, plan["rows"][k : k + CHUNK]) for i, plan in enumerate(plans) for k in range(0, len(plan["rows"]), CHUNK)]
+    pieces = [
+        (i, plan["rows"][k : k + CHUNK]) for i, plan in enumerate(plans) for k in range(0, len(plan["rows"]), CHUNK)
+    ]
     # framed_records lives in the light records module: what the workers import
-    prepare = partial(framed_records, raw_dir=raw_dir, max_shorter_side=cfg.max_shorter_side, jpeg_quality=cfg.jpeg_quality)
+    prepare = partial(
+        framed_records, raw_dir=raw_dir, max_shorter_side=cfg.max_shorter_side, jpeg_quality=cfg.jpeg_quality
+    )
     rows_of = [rows for _, rows in pieces]
     try:
         with staged_dir(out_dir) as tmp, tqdm(total=total, desc="shard", unit="img", disable=None) as bar:
             results = pool.map(prepare, rows_of) if pool else map(prepare, rows_of)
-            hashes = _write_in_order(tmp, plans, ((i, len(rows), data) for (i, rows), data in zip(pieces, results)), bar)
-            entries = [{"file": plan["file"], "split": plan["split"], "records": len(plan["rows"]),
-                        "sha256": h} for plan, h in zip(plans, hashes)]
+            hashes = _write_in_order(
+                tmp, plans, ((i, len(rows), data) for (i, rows), data in zip(pieces, results)), bar
+            )
+            entries = [
+                {"file": plan["file"], "split": plan["split"], "records": len(plan["rows"]), "sha256": h}
+                for plan, h in zip(plans, hashes)
+            ]
             index = write_index(entries, tmp)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    log.info("shard: %s in %d shards, %d worker(s)", {s: v["records"] for s, v in index["splits"].items()},
-             len(entries), workers)
+    log.info(
+        "shard: %s in %d shards, %d worker(s)",
+        {s: v["records"] for s, v in index["splits"].items()},
+        len(entries),
+        workers,
+    )
     return index

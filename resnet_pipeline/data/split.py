@@ -1,9 +1,10 @@
 """Split stage: scan an image folder, check every image once, assign train/val/test.
 
 Writes `manifest.parquet` (one row per image, the columns of the README's "What each stage
-writes") and `labels.json` (class order). The split of an image is decided by a hash of its *content* and the seed, so exact
-duplicates always share a split and adding images never moves existing ones. Each class is drawn
-on its own, so the ratios hold per class (stratified), up to the sampling noise of the hash.
+writes") and `labels.json` (class order). The split of an image is decided by a hash of its
+*content* and the seed, so exact duplicates always share a split and adding images never moves
+existing ones. Each class is drawn on its own, so the ratios hold per class (stratified), up to
+the sampling noise of the hash.
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ def _walk_class(folder: Path, class_dir: Path) -> Iterator[tuple[Path, str | Non
             if name.startswith("."):
                 continue
             mode = os.lstat(os.path.join(here, name)).st_mode
-            problem = (None if stat.S_ISREG(mode) else
-                       "symbolic link: not followed (links may point out of the dataset)" if stat.S_ISLNK(mode)
-                       else "not a regular file: a device, FIFO or socket")
+            problem = (
+                None
+                if stat.S_ISREG(mode)
+                else "symbolic link: not followed (links may point out of the dataset)"
+                if stat.S_ISLNK(mode)
+                else "not a regular file: a device, FIFO or socket"
+            )
             yield Path(here, name), problem
 
 
@@ -79,8 +84,10 @@ def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, str, st
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     linked = [p.name for p in entries if p.is_symlink()]
     if linked:
-        raise ValueError(f"{folder}: class folder(s) {linked} are symbolic links, which are not followed "
-                         "(links may point out of the dataset); copy the images in instead")
+        raise ValueError(
+            f"{folder}: class folder(s) {linked} are symbolic links, which are not followed "
+            "(links may point out of the dataset); copy the images in instead"
+        )
     classes = [p.name for p in entries if p.is_dir()]
     if len(classes) < 2:
         raise ValueError(f"{folder}: found {len(classes)} class folder(s) {classes}; expected at least 2")
@@ -88,8 +95,10 @@ def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, str, st
     found = {c for _, c, _ in files}
     empty = [c for c in classes if c not in found]
     if empty:
-        raise ValueError(f"{folder}: class folder(s) {empty} hold no files; every class folder becomes a class, "
-                         "so remove the empty ones or add images")
+        raise ValueError(
+            f"{folder}: class folder(s) {empty} hold no files; every class folder becomes a class, "
+            "so remove the empty ones or add images"
+        )
     return classes, files
 
 
@@ -102,7 +111,9 @@ def _conflicting_duplicates(rows: dict[str, list]) -> dict[str, set[str]]:
     return {d: names for d, names in labels.items() if len(names) > 1}
 
 
-def split(cfg: SplitConfig, seed: int, image_folder: str | Path, manifest_path: str | Path, labels_path: str | Path) -> pa.Table:
+def split(
+    cfg: SplitConfig, seed: int, image_folder: str | Path, manifest_path: str | Path, labels_path: str | Path
+) -> pa.Table:
     """Build the manifest of `image_folder` and write it with labels.json; return the table.
 
     Every file is opened once (`images.inspect`); unusable ones stay in the manifest with the reason
@@ -133,8 +144,10 @@ def split(cfg: SplitConfig, seed: int, image_folder: str | Path, manifest_path: 
     ok_labels = {label for label, status in zip(rows["label"], rows["status"]) if status == "ok"}
     empty = [c for i, c in enumerate(classes) if i not in ok_labels]
     if empty:
-        raise ValueError(f"{image_folder}: class folder(s) {empty} hold no usable image; "
-                         "every class needs at least one (see the reasons with -v)")
+        raise ValueError(
+            f"{image_folder}: class folder(s) {empty} hold no usable image; "
+            "every class needs at least one (see the reasons with -v)"
+        )
 
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")

@@ -44,8 +44,10 @@ def read(storage: Storage, name: str, alias: str) -> AliasState:
         return AliasState(name, alias, None, None)
     version = got[0].get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise RegistryError(f"alias {name}@{alias}: {storage.url(alias_key(name, alias))} names "
-                            f"version {version!r}, not a positive integer")
+        raise RegistryError(
+            f"alias {name}@{alias}: {storage.url(alias_key(name, alias))} names "
+            f"version {version!r}, not a positive integer"
+        )
     return AliasState(name, alias, got[0], got[1])
 
 
@@ -54,9 +56,9 @@ def read_all(storage: Storage, name: str) -> dict[str, int]:
     prefix = f"models/{check_name(name)}/aliases/"
     out: dict[str, int] = {}
     for obj in storage.list(prefix):
-        rest = obj.key[len(prefix):]
+        rest = obj.key[len(prefix) :]
         if "/" not in rest and rest.endswith(".json"):
-            state = read(storage, name, rest[:-len(".json")])
+            state = read(storage, name, rest[: -len(".json")])
             if state.version is not None:
                 out[state.alias] = state.version
     return out
@@ -80,20 +82,32 @@ def swap(storage: Storage, name: str, version: int, alias: str, state: AliasStat
         now = read(storage, name, alias)
         won = now.record is not None and now.record.get("attempt") == attempt  # a retried request won
         actual = now.version if now.version is not None else version
-    _record_history(storage, name, alias, {"outcome": "won" if won else "lost", "version": version,
-                                           "expected_previous": state.version, "actual_previous":
-                                           state.version if won else actual, "at": record["updated_at"],
-                                           "by": record["by"], "reason": reason})
+    _record_history(
+        storage,
+        name,
+        alias,
+        {
+            "outcome": "won" if won else "lost",
+            "version": version,
+            "expected_previous": state.version,
+            "actual_previous": state.version if won else actual,
+            "at": record["updated_at"],
+            "by": record["by"],
+            "reason": reason,
+        },
+    )
     if not won:
-        raise RegistryError(f"alias {name}@{alias}: promoting version {version} lost the race: "
-                            f"{name}@{alias} now points to version {actual} "
-                            f"(expected {state.version}); not retried")
+        raise RegistryError(
+            f"alias {name}@{alias}: promoting version {version} lost the race: "
+            f"{name}@{alias} now points to version {actual} "
+            f"(expected {state.version}); not retried"
+        )
     log.info("registry: %s@%s -> %d (was %s)", name, alias, version, state.version)
     return record
 
 
 def _record_history(storage: Storage, name: str, alias: str, entry: dict) -> None:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     key = f"models/{name}/aliases/{alias}.history/{stamp}-{uuid.uuid4().hex}.json"
     storage.put(key, dumps(entry), if_none_match=True)
 

@@ -63,7 +63,7 @@ def read_record(storage: Storage, key: str, what: str) -> tuple[dict, str] | Non
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def whoami() -> str:
@@ -125,13 +125,19 @@ def ensure_safe(storage: Storage, allow_unsafe: bool) -> None:
     endpoint = getattr(storage, "endpoint", None)
     at = f"registry {storage.location}" + (f" (endpoint {endpoint})" if endpoint else "")
     if allow_unsafe:
-        log.warning("%s lacks %s; going on because register.allow_unsafe_store is true: two writers can "
-                    "take the same version number or overwrite each other's alias", at, "; ".join(lacks))
+        log.warning(
+            "%s lacks %s; going on because register.allow_unsafe_store is true: two writers can "
+            "take the same version number or overwrite each other's alias",
+            at,
+            "; ".join(lacks),
+        )
         return
-    raise RegistryError(f"{at} does not give the guarantees the registry relies on: {'; '.join(lacks)}. "
-                        "Two writers could take the same version or overwrite each other's alias. Use a store "
-                        "that honours If-None-Match and If-Match (AWS S3, MinIO, SeaweedFS), or set "
-                        "register.allow_unsafe_store: true to accept the risk")
+    raise RegistryError(
+        f"{at} does not give the guarantees the registry relies on: {'; '.join(lacks)}. "
+        "Two writers could take the same version or overwrite each other's alias. Use a store "
+        "that honours If-None-Match and If-Match (AWS S3, MinIO, SeaweedFS), or set "
+        "register.allow_unsafe_store: true to accept the risk"
+    )
 
 
 class Heartbeat:

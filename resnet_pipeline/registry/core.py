@@ -32,8 +32,15 @@ from resnet_pipeline.registry.aliases import AliasState
 from resnet_pipeline.registry.claims import dumps as _dumps
 from resnet_pipeline.registry.claims import loads as _loads
 from resnet_pipeline.registry.claims import now_iso, whoami
-from resnet_pipeline.registry.manifest import (CLAIM, HEARTBEAT, MANIFEST, MAX_MANIFEST_BYTES, RESERVED,
-                                               check_file_name, check_manifest)
+from resnet_pipeline.registry.manifest import (
+    CLAIM,
+    HEARTBEAT,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    RESERVED,
+    check_file_name,
+    check_manifest,
+)
 from resnet_pipeline.registry.spec import NAME_RE, Spec, check_name, parse_spec
 from resnet_pipeline.registry.storage import Conflict, RegistryError, Storage
 
@@ -49,8 +56,9 @@ class Registry:
     `allow_unsafe_store` lets writes go on to a store that fails the conditional-write probe;
     `heartbeat_seconds` is how often a registration refreshes its claim while it uploads."""
 
-    def __init__(self, storage: Storage, *, allow_unsafe_store: bool = False,
-                 heartbeat_seconds: float = HEARTBEAT_SECONDS):
+    def __init__(
+        self, storage: Storage, *, allow_unsafe_store: bool = False, heartbeat_seconds: float = HEARTBEAT_SECONDS
+    ):
         self.storage = storage
         self.allow_unsafe_store = allow_unsafe_store
         self.heartbeat_seconds = heartbeat_seconds
@@ -73,7 +81,7 @@ class Registry:
         prefix = self._versions_prefix(name)
         out: dict[int, list] = {}
         for obj in self.storage.list(prefix):
-            number, _, rest = obj.key[len(prefix):].partition("/")
+            number, _, rest = obj.key[len(prefix) :].partition("/")
             if number.isdigit() and rest:
                 out.setdefault(int(number), []).append(obj)
         return out
@@ -83,8 +91,11 @@ class Registry:
     def versions(self, name: str) -> list[int]:
         """Committed versions of `name` (those with a manifest), ascending."""
         prefix = self._versions_prefix(name)
-        return sorted(v for v, objs in self._version_objects(name).items()
-                      if any(o.key == f"{prefix}{v}/{MANIFEST}" for o in objs))
+        return sorted(
+            v
+            for v, objs in self._version_objects(name).items()
+            if any(o.key == f"{prefix}{v}/{MANIFEST}" for o in objs)
+        )
 
     def names(self) -> list[str]:
         """Models with at least one committed version."""
@@ -193,8 +204,9 @@ class Registry:
         registration, e.g. its params): the same files and context give the same token."""
         return claims.content_token(check_name(name), _describe(self._collect(name, files)), context or {})
 
-    def register(self, name: str, files: Mapping[str, str | Path], metadata: dict | None = None, *,
-                 token: str | None = None) -> int:
+    def register(
+        self, name: str, files: Mapping[str, str | Path], metadata: dict | None = None, *, token: str | None = None
+    ) -> int:
         """Upload `files` (name in the version -> a file, or a folder uploaded recursively) as a new
         version, with `metadata` in its manifest; return the version number.
 
@@ -209,16 +221,26 @@ class Registry:
         claims.check_token(token)
         found = self.find_registration(name, token)
         if found is not None and found[1]:
-            log.info("registry: %s:%d already holds this registration (token %s); not registering it again",
-                     name, found[0], token)
+            log.info(
+                "registry: %s:%d already holds this registration (token %s); not registering it again",
+                name,
+                found[0],
+                token,
+            )
             return found[0]
         version = found[0] if found is not None else self._claim(name, token)
         beat = {"token": token, "by": whoami()}
         with claims.Heartbeat(self.storage, self._version_key(name, version, HEARTBEAT), beat, self.heartbeat_seconds):
             etags = {t: self.storage.upload_file(self._version_key(name, version, t), p) for t, p in entries.items()}
             self._check_before_commit(name, version, token, described, etags)
-            manifest = {**(metadata or {}), "name": name, "version": version, "created_at": now_iso(),
-                        "token": token, "files": described}
+            manifest = {
+                **(metadata or {}),
+                "name": name,
+                "version": version,
+                "created_at": now_iso(),
+                "token": token,
+                "files": described,
+            }
             self._commit(name, version, token, manifest)
         log.info("registry: registered %s:%d in %s", name, version, self.location)
         return version
@@ -227,14 +249,18 @@ class Registry:
         """The claim is still ours and every file is there as uploaded; else nothing is committed."""
         claim = self._record(self._version_key(name, version, CLAIM), "claim")
         if claim is None or claim[0].get("token") != token:
-            raise RegistryError(f"model {name}:{version}: this registration no longer holds its claim (collected "
-                                "by `registry gc`, or taken by another writer); nothing committed")
+            raise RegistryError(
+                f"model {name}:{version}: this registration no longer holds its claim (collected "
+                "by `registry gc`, or taken by another writer); nothing committed"
+            )
         for target, entry in described.items():
             info = self.storage.head(self._version_key(name, version, target))
             if info is None or info.size != entry["bytes"] or (etags.get(target) and info.etag != etags[target]):
                 state = "is missing" if info is None else f"is {info.size} bytes, etag {info.etag}"
-                raise RegistryError(f"model {name}:{version}: uploaded file {target} {state} (expected "
-                                    f"{entry['bytes']} bytes, etag {etags.get(target)}); nothing committed")
+                raise RegistryError(
+                    f"model {name}:{version}: uploaded file {target} {state} (expected "
+                    f"{entry['bytes']} bytes, etag {etags.get(target)}); nothing committed"
+                )
 
     def _commit(self, name: str, version: int, token: str, manifest: dict) -> None:
         """Create the manifest, idempotently: a failed or conflicting write that left our own manifest
@@ -257,8 +283,10 @@ class Registry:
             return
         if failure is not None:
             raise failure
-        raise RegistryError(f"model {name}:{version}: a manifest of another registration already exists (the claim "
-                            "was collected by gc while this registration ran?); nothing committed")
+        raise RegistryError(
+            f"model {name}:{version}: a manifest of another registration already exists (the claim "
+            "was collected by gc while this registration ran?); nothing committed"
+        )
 
     # ------------------------------------------------------------------------------ aliases
 
@@ -268,8 +296,9 @@ class Registry:
     def aliases(self, name: str) -> dict[str, int]:
         return alias_records.read_all(self.storage, name)
 
-    def promote(self, name: str, version: int, alias: str, *, expected: AliasState | None = None,
-                reason: str | None = None) -> dict:
+    def promote(
+        self, name: str, version: int, alias: str, *, expected: AliasState | None = None, reason: str | None = None
+    ) -> dict:
         """Point `name@alias` at a committed `version` by compare-and-swap against `expected` (read now
         if not given). Losing the race raises a RegistryError naming the alias and the winning version."""
         self._ensure_safe()
@@ -305,13 +334,19 @@ class Registry:
         log.info("registry: pulled %s:%d to %s", name, version, dest)
         return dest
 
-    def download_version(self, name: str, version: int, manifest: dict, folder: Path,
-                         manifest_bytes: bytes | None = None) -> None:
+    def download_version(
+        self, name: str, version: int, manifest: dict, folder: Path, manifest_bytes: bytes | None = None
+    ) -> None:
         """Download every file of the manifest into `folder` (a new, empty folder of this process) and
         verify it; then write the manifest. See `pull.py` for what keeps the files inside `folder`."""
-        pull.download_version(self.storage, lambda target: self._version_key(name, version, target),
-                              f"model {name}:{version}", manifest, Path(folder),
-                              manifest_bytes if manifest_bytes is not None else _dumps(manifest))
+        pull.download_version(
+            self.storage,
+            lambda target: self._version_key(name, version, target),
+            f"model {name}:{version}",
+            manifest,
+            Path(folder),
+            manifest_bytes if manifest_bytes is not None else _dumps(manifest),
+        )
 
     def fetch_file(self, spec: str | Spec, file: str, dest: str | Path) -> Path:
         """One file of a committed version to `dest`, verified against the manifest (size and sha256)."""
@@ -325,8 +360,10 @@ class Registry:
         try:
             actual = self.storage.download_file(self._version_key(name, version, file), part, size=entry["bytes"])
             if actual != entry["sha256"]:
-                raise RegistryError(f"model {name}:{version}: file {file} fails verification: sha256 {actual}, "
-                                    f"manifest says {entry['sha256']}; refusing it")
+                raise RegistryError(
+                    f"model {name}:{version}: file {file} fails verification: sha256 {actual}, "
+                    f"manifest says {entry['sha256']}; refusing it"
+                )
             os.replace(part, dest)
         finally:
             part.unlink(missing_ok=True)
@@ -340,9 +377,18 @@ class Registry:
         A registration that is alive keeps its heartbeat younger than that; the default is a day."""
         if not older_than >= 0:  # NaN too: every age would pass it
             raise RegistryError(f"gc: older_than {older_than} is negative or not a number")
-        names = [check_name(name)] if name else sorted({o.key.split("/")[1] for o in self.storage.list("models/")
-                                                         if o.key.count("/") >= 3 and NAME_RE.match(o.key.split("/")[1])})
-        now = now or dt.datetime.now(dt.timezone.utc)
+        names = (
+            [check_name(name)]
+            if name
+            else sorted(
+                {
+                    o.key.split("/")[1]
+                    for o in self.storage.list("models/")
+                    if o.key.count("/") >= 3 and NAME_RE.match(o.key.split("/")[1])
+                }
+            )
+        )
+        now = now or dt.datetime.now(dt.UTC)
         removed = []
         for model in names:
             prefix = self._versions_prefix(model)
@@ -356,8 +402,14 @@ class Registry:
                 if self.storage.head(f"{prefix}{version}/{MANIFEST}") is not None:
                     continue  # committed since the listing
                 self.storage.delete(keys)
-                removed.append({"name": model, "version": version, "age_seconds": round(age, 1),
-                                "objects": [k[len(prefix):] for k in keys]})
+                removed.append(
+                    {
+                        "name": model,
+                        "version": version,
+                        "age_seconds": round(age, 1),
+                        "objects": [k[len(prefix) :] for k in keys],
+                    }
+                )
                 log.info("registry gc: removed uncommitted %s:%d (%d objects)", model, version, len(keys))
         return removed
 

@@ -27,9 +27,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def check_file_name(name: object, what: str) -> str:
     """`name` if it is a safe relative POSIX path inside a version, else a RegistryError naming it."""
+
     def bad(why: str) -> RegistryError:
-        return RegistryError(f"{what}: file name {name!r} {why}; expected a relative path of '/'-separated "
-                             "parts, none of them empty, '.' or '..'")
+        return RegistryError(
+            f"{what}: file name {name!r} {why}; expected a relative path of '/'-separated "
+            "parts, none of them empty, '.' or '..'"
+        )
 
     if not isinstance(name, str) or not name:
         raise bad("is not a non-empty string")

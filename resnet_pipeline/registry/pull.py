@@ -26,12 +26,15 @@ def _make_parents(folder: Path, name: str, what: str) -> None:
             os.mkdir(current)
         except FileExistsError:
             if current.is_symlink() or not current.is_dir():
-                raise RegistryError(f"{what}: file {name!r}: {current} exists and is not a folder made by "
-                                    "this pull (a symlink?); refusing to write through it") from None
+                raise RegistryError(
+                    f"{what}: file {name!r}: {current} exists and is not a folder made by "
+                    "this pull (a symlink?); refusing to write through it"
+                ) from None
 
 
-def download_version(storage: Storage, key_of: Callable[[str], str], what: str, manifest: dict, folder: Path,
-                     manifest_bytes: bytes) -> None:
+def download_version(
+    storage: Storage, key_of: Callable[[str], str], what: str, manifest: dict, folder: Path, manifest_bytes: bytes
+) -> None:
     """Download every file of `manifest` into `folder` (a new folder of this process), verify each, and
     write `manifest_bytes` as its manifest.json. `what` names the version in errors."""
     files = check_files(manifest.get("files"), f"{what}: manifest")
@@ -45,11 +48,14 @@ def download_version(storage: Storage, key_of: Callable[[str], str], what: str, 
         except RegistryError as err:
             raise RegistryError(f"{what}: file {name} listed in the manifest cannot be read: {err}") from None
         if actual != entry["sha256"]:
-            raise RegistryError(f"{what}: file {name} fails verification: sha256 {actual}, manifest says "
-                                f"{entry['sha256']}; refusing it")
+            raise RegistryError(
+                f"{what}: file {name} fails verification: sha256 {actual}, manifest says {entry['sha256']}; refusing it"
+            )
         if part.stat().st_size != entry["bytes"]:
-            raise RegistryError(f"{what}: file {name} fails verification: {part.stat().st_size} bytes, manifest "
-                                f"says {entry['bytes']}; refusing it")
+            raise RegistryError(
+                f"{what}: file {name} fails verification: {part.stat().st_size} bytes, manifest "
+                f"says {entry['bytes']}; refusing it"
+            )
         _make_parents(folder, name, what)
         final = inside(folder, name)  # again, now that its folders exist
         os.rename(part, final)  # rename(2) replaces a name, it never follows a symlink there

@@ -24,20 +24,19 @@ import urllib.request
 from pathlib import Path
 
 from resnet_pipeline.httprange import BadResponse, HTTPStatus, open_range
-from resnet_pipeline.registry import transfer
 from resnet_pipeline.redact import redact_text, redact_url
+from resnet_pipeline.registry import transfer
 from resnet_pipeline.registry.storage import Conflict, ObjectInfo, RegistryError, SizeMismatch
 
 MB = 1024 * 1024
 ADDRESSING_STYLES = ("auto", "path", "virtual")
 CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
-DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken",
-                "ExpiredToken"}
+DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken", "ExpiredToken"}
 
 
 def parse_s3_url(location: str) -> tuple[str, str]:
     """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
-    rest = location[len("s3://"):]
+    rest = location[len("s3://") :]
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise RegistryError(f"registry {location!r}: expected s3://BUCKET[/PREFIX]")
@@ -48,37 +47,50 @@ def transfer_config():
     """Uploads: parts of 32 MB, 4 at a time, read in 1 MB pieces."""
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=32 * MB, multipart_chunksize=32 * MB, max_concurrency=4,
-                          io_chunksize=MB, use_threads=True)
+    return TransferConfig(
+        multipart_threshold=32 * MB, multipart_chunksize=32 * MB, max_concurrency=4, io_chunksize=MB, use_threads=True
+    )
 
 
 class S3Storage:
     """Registry objects under `s3://bucket/prefix/`; see the module docstring."""
 
-    def __init__(self, location: str, *, endpoint_url: str | None = None, region: str | None = None,
-                 addressing_style: str = "auto", max_attempts: int = 5,
-                 access_key: str | None = None, secret_key: str | None = None,
-                 download_part_size: int = 64 * MB, download_concurrency: int = 4):
+    def __init__(
+        self,
+        location: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        addressing_style: str = "auto",
+        max_attempts: int = 5,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        download_part_size: int = 64 * MB,
+        download_concurrency: int = 4,
+    ):
         import boto3
         from botocore.config import Config
 
         if addressing_style not in ADDRESSING_STYLES:
-            raise RegistryError(f"register.s3_addressing_style: received {addressing_style!r}; "
-                                f"allowed: {', '.join(ADDRESSING_STYLES)}")
+            raise RegistryError(
+                f"register.s3_addressing_style: received {addressing_style!r}; allowed: {', '.join(ADDRESSING_STYLES)}"
+            )
         self.location = location.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(location)
         self.transfer = transfer_config()
         self.max_attempts = max_attempts
         self.download_part_size, self.download_concurrency = download_part_size, download_concurrency
-        config = Config(s3={"addressing_style": addressing_style},
-                        retries={"mode": "standard", "max_attempts": max_attempts},
-                        max_pool_connections=self.transfer.max_request_concurrency + 4,
-                        connect_timeout=10, read_timeout=120,
-                        # the registry verifies every file's sha256 itself; no second CRC over each GET
-                        response_checksum_validation="when_required")
+        config = Config(
+            s3={"addressing_style": addressing_style},
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            max_pool_connections=self.transfer.max_request_concurrency + 4,
+            connect_timeout=10,
+            read_timeout=120,
+            # the registry verifies every file's sha256 itself; no second CRC over each GET
+            response_checksum_validation="when_required",
+        )
         session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key)
-        self.client = session.client("s3", endpoint_url=endpoint_url or None, region_name=region or None,
-                                     config=config)
+        self.client = session.client("s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config)
         self.endpoint = redact_url(self.client.meta.endpoint_url)  # for messages: never with userinfo
 
     def _key(self, key: str) -> str:
@@ -109,18 +121,23 @@ class S3Storage:
                 raise self._client_error(key, "AccessDenied", "403", err) from None
             raise RegistryError(f"{self.url(key)}: upload failed: {redact_text(str(err))}") from None
         except NoCredentialsError:
-            raise RegistryError(f"{self.url(key)}: no AWS credentials found (environment AWS_ACCESS_KEY_ID/"
-                                "AWS_SECRET_ACCESS_KEY, ~/.aws, or an instance role)") from None
+            raise RegistryError(
+                f"{self.url(key)}: no AWS credentials found (environment AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, ~/.aws, or an instance role)"
+            ) from None
         except BotoCoreError as err:
-            raise RegistryError(f"{self.url(key)}: cannot reach the S3 endpoint {self.endpoint}: "
-                                f"{redact_text(str(err))}") from None
+            raise RegistryError(
+                f"{self.url(key)}: cannot reach the S3 endpoint {self.endpoint}: {redact_text(str(err))}"
+            ) from None
 
     def _client_error(self, key: str, code: str, status: str, err: Exception) -> RegistryError:
         if code == "NoSuchBucket":
             return RegistryError(f"s3://{self.bucket}: bucket does not exist at {self.endpoint}")
         if code in DENIED_CODES:
-            return RegistryError(f"{self.url(key)}: access denied by {self.endpoint} ({code}); "
-                                 "check the credentials and their permissions on the bucket")
+            return RegistryError(
+                f"{self.url(key)}: access denied by {self.endpoint} ({code}); "
+                "check the credentials and their permissions on the bucket"
+            )
         if code in ("NoSuchKey", "404") or status == "404":
             return RegistryError(f"{self.url(key)}: object not found")
         return RegistryError(f"{self.url(key)}: {code or status}: {redact_text(str(err))}")
@@ -137,8 +154,10 @@ class S3Storage:
                 raise
             with contextlib.closing(response["Body"]) as body:
                 if max_bytes is not None and int(response.get("ContentLength") or 0) > max_bytes:
-                    raise RegistryError(f"{self.url(key)}: {response['ContentLength']} bytes, larger than "
-                                        f"{max_bytes}; refusing to read it")
+                    raise RegistryError(
+                        f"{self.url(key)}: {response['ContentLength']} bytes, larger than "
+                        f"{max_bytes}; refusing to read it"
+                    )
                 data = body.read() if max_bytes is None else body.read(max_bytes + 1)
             if max_bytes is not None and len(data) > max_bytes:
                 raise RegistryError(f"{self.url(key)}: larger than {max_bytes} bytes; refusing to read it")
@@ -159,8 +178,9 @@ class S3Storage:
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         extra = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": if_match} if if_match else {}
         with self._errors(key, conflict_ok=bool(extra)):
-            response = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                              ContentType="application/json", **extra)
+            response = self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/json", **extra
+            )
         return response["ETag"]
 
     def upload_file(self, key: str, path: Path) -> str:
@@ -175,14 +195,20 @@ class S3Storage:
         """Download `key` to `path` (parallel ranged GETs); return the sha256 of the bytes written."""
         try:
             with self._errors(key):  # signing errors (no credentials) come from boto3
-                digest, _ = transfer.download(lambda start, end, etag: self._open_range(key, start, end, etag), path,
-                                              part_size=self.download_part_size, size=size,
-                                              concurrency=self.download_concurrency, attempts=self.max_attempts)
+                digest, _ = transfer.download(
+                    lambda start, end, etag: self._open_range(key, start, end, etag),
+                    path,
+                    part_size=self.download_part_size,
+                    size=size,
+                    concurrency=self.download_concurrency,
+                    attempts=self.max_attempts,
+                )
         except transfer.WrongSize as err:
             raise SizeMismatch(f"{self.url(key)}: {err}") from None
         except transfer.Retryable as err:
-            raise RegistryError(f"{self.url(key)}: cannot download from the S3 endpoint {self.endpoint}: "
-                                f"{redact_text(str(err))}") from None
+            raise RegistryError(
+                f"{self.url(key)}: cannot download from the S3 endpoint {self.endpoint}: {redact_text(str(err))}"
+            ) from None
         return digest
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -196,8 +222,9 @@ class S3Storage:
         url = self.presigned_url(key, expires=6 * 3600)
         try:
             try:
-                opened = open_range(urllib.request.Request(url), start, end, etag, timeout=120,
-                                    context=self._ssl_context())
+                opened = open_range(
+                    urllib.request.Request(url), start, end, etag, timeout=120, context=self._ssl_context()
+                )
             except HTTPStatus as err:
                 if err.status != 416 or start != 0:
                     raise
@@ -226,14 +253,16 @@ class S3Storage:
 
     def delete(self, keys: builtins.list[str]) -> None:  # `list` is the method above
         for start in range(0, len(keys), 1000):
-            batch = keys[start:start + 1000]
+            batch = keys[start : start + 1000]
             with self._errors(batch[0]):
                 response = self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True})
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True}
+                )
             if response.get("Errors"):
                 first = response["Errors"][0]
                 raise RegistryError(f"s3://{self.bucket}/{first['Key']}: delete failed: {first.get('Message')}")
 
     def presigned_url(self, key: str, expires: int = 3600) -> str:
-        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
-                                                  ExpiresIn=expires)
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
+        )

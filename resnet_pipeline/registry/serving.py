@@ -47,8 +47,10 @@ def pull_for_serving(registry: Registry, spec: str | Spec, dest: str | Path) -> 
         pulled = registry.pull(Spec(name, version=version), staging / "version")
         saved_model = pulled / SAVED_MODEL
         if not (saved_model / "saved_model.pb").is_file():
-            raise RegistryError(f"model {name}:{version} has no {SAVED_MODEL}/saved_model.pb (registered without "
-                                f"a SavedModel); TF Serving cannot load it")
+            raise RegistryError(
+                f"model {name}:{version} has no {SAVED_MODEL}/saved_model.pb (registered without "
+                f"a SavedModel); TF Serving cannot load it"
+            )
         extra = saved_model / EXTRA
         extra.mkdir(exist_ok=True)
         for file in (MANIFEST, "labels.json"):

@@ -18,20 +18,28 @@ class Spec(NamedTuple):
     alias: str | None = None
 
     def __str__(self) -> str:
-        return self.name + (f":{self.version}" if self.version is not None else "") + (f"@{self.alias}" if self.alias else "")
+        return (
+            self.name
+            + (f":{self.version}" if self.version is not None else "")
+            + (f"@{self.alias}" if self.alias else "")
+        )
 
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise RegistryError(f"model name {name!r}: expected lowercase letters, digits, '.', '_' or '-' "
-                            "(starting with a letter or digit, at most 128)")
+        raise RegistryError(
+            f"model name {name!r}: expected lowercase letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 128)"
+        )
     return name
 
 
 def check_alias(alias: str) -> str:
     if not isinstance(alias, str) or not ALIAS_RE.match(alias):
-        raise RegistryError(f"alias {alias!r}: expected a lowercase letter, then letters, digits, '_' or '-' "
-                            "(at most 64), such as champion or staging")
+        raise RegistryError(
+            f"alias {alias!r}: expected a lowercase letter, then letters, digits, '_' or '-' "
+            "(at most 64), such as champion or staging"
+        )
     return alias
 
 
@@ -50,7 +58,9 @@ def parse_spec(spec: str) -> Spec:
         raise RegistryError(f"model spec {spec!r}: {err}; expected {SPEC_FORMS}") from None
     if sep == ":":
         if not rest.isdigit() or int(rest) < 1:
-            raise RegistryError(f"model spec {spec!r}: version {rest!r} is not a positive integer; expected {SPEC_FORMS}")
+            raise RegistryError(
+                f"model spec {spec!r}: version {rest!r} is not a positive integer; expected {SPEC_FORMS}"
+            )
         return Spec(name, version=int(rest))
     if sep == "@":
         try:

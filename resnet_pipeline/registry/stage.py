@@ -16,8 +16,8 @@ import yaml
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file
 from resnet_pipeline.redact import redact_url, redact_values
 from resnet_pipeline.registry.core import Registry
-from resnet_pipeline.registry.pull import complete
 from resnet_pipeline.registry.gate import PREDICTIONS, decide, read_predictions
+from resnet_pipeline.registry.pull import complete
 from resnet_pipeline.registry.spec import Spec, parse_spec
 from resnet_pipeline.registry.storage import RegistryError
 
@@ -43,14 +43,20 @@ def git_commit(root: str | Path = ".") -> str | None:
 
 
 def environment() -> dict:
-    return {"python": platform.python_version(), "tensorflow": _package_version("tensorflow", "tensorflow-cpu"),
-            "keras": _package_version("keras"), "resnet_pipeline": _package_version("resnet-pipeline")}
+    return {
+        "python": platform.python_version(),
+        "tensorflow": _package_version("tensorflow", "tensorflow-cpu"),
+        "keras": _package_version("keras"),
+        "resnet_pipeline": _package_version("resnet-pipeline"),
+    }
 
 
 def data_version(data_manifest: str | Path | None, dvc_lock: str | Path | None) -> dict:
     """sha256 of the manifest parquet (it identifies the test split) and of dvc.lock, None when absent."""
+
     def digest(path):
         return sha256_file(path) if path is not None and Path(path).is_file() else None
+
     return {"manifest_sha256": digest(data_manifest), "dvc_lock_sha256": digest(dvc_lock)}
 
 
@@ -62,11 +68,22 @@ def _open(registry) -> Registry:
     return open_registry(registry)
 
 
-def register_model(registry: Registry | str | Path, name: str, model_dir: str | Path, eval_dir: str | Path,
-                   out: str | Path, *, alias: str = "champion", gate_metric: str = "top1",
-                   min_improvement: float = 0.0, data_manifest: str | Path | None = None,
-                   dvc_lock: str | Path | None = None, root: str | Path = ".", gate_options: dict | None = None,
-                   provenance: dict | None = None) -> dict:
+def register_model(
+    registry: Registry | str | Path,
+    name: str,
+    model_dir: str | Path,
+    eval_dir: str | Path,
+    out: str | Path,
+    *,
+    alias: str = "champion",
+    gate_metric: str = "top1",
+    min_improvement: float = 0.0,
+    data_manifest: str | Path | None = None,
+    dvc_lock: str | Path | None = None,
+    root: str | Path = ".",
+    gate_options: dict | None = None,
+    provenance: dict | None = None,
+) -> dict:
     """Register stage: add the trained model and its evaluation as a new version, decide with the gate
     whether it becomes `name@alias`, swap the alias if so, and write the record to `out`.
 
@@ -76,8 +93,12 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
     data record with the stages' own records."""
     reg = _open(registry)
     model_dir, eval_dir = Path(model_dir), Path(eval_dir)
-    files = {"model.keras": model_dir / "model.keras", "params.yaml": model_dir / "params.yaml",
-             "labels.json": model_dir / "labels.json", "metrics.json": eval_dir / "metrics.json"}
+    files = {
+        "model.keras": model_dir / "model.keras",
+        "params.yaml": model_dir / "params.yaml",
+        "labels.json": model_dir / "labels.json",
+        "metrics.json": eval_dir / "metrics.json",
+    }
     if (model_dir / "saved_model").is_dir():
         files["saved_model"] = model_dir / "saved_model"
     if (eval_dir / PREDICTIONS).is_file():
@@ -109,11 +130,27 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
             champion_manifest = reg.manifest(Spec(name, version=champion.version)) if champion.record else None
             classes = read_json(files["labels.json"], "labels").get("classes")
             predictions = _paired_predictions(reg, name, champion.version, champion_manifest, files, options)
-            decision = decide(metrics, data["manifest_sha256"], champion_manifest, alias=alias, metric=gate_metric,
-                              min_improvement=min_improvement, predictions=predictions, classes=classes, **options)
-            meta = {"params": params, "metrics": metrics, "data": data, "git_commit": git_commit(root),
-                    "environment": environment(), "labels": read_json(files["labels.json"], "labels").get("classes"),
-                    "gate": decision, "init": _init_record(model_dir)}
+            decision = decide(
+                metrics,
+                data["manifest_sha256"],
+                champion_manifest,
+                alias=alias,
+                metric=gate_metric,
+                min_improvement=min_improvement,
+                predictions=predictions,
+                classes=classes,
+                **options,
+            )
+            meta = {
+                "params": params,
+                "metrics": metrics,
+                "data": data,
+                "git_commit": git_commit(root),
+                "environment": environment(),
+                "labels": read_json(files["labels.json"], "labels").get("classes"),
+                "gate": decision,
+                "init": _init_record(model_dir),
+            }
             if provenance is not None:
                 meta["stages"] = redact_values(provenance["stages"])
             version = reg.register(name, files, meta, token=token)
@@ -129,14 +166,21 @@ def register_model(registry: Registry | str | Path, name: str, model_dir: str | 
             promotion["promoted"] = True
         except RegistryError as err:  # lost a race with another promotion: the version stays registered
             promotion["error"] = str(err)
-    record = {"name": name, "version": version, "registry": redact_url(reg.location), "metrics": metrics,
-              "gate": decision, "promotion": promotion}
+    record = {
+        "name": name,
+        "version": version,
+        "registry": redact_url(reg.location),
+        "metrics": metrics,
+        "gate": decision,
+        "promotion": promotion,
+    }
     atomic_write_json(out, record)
     return record
 
 
-def _paired_predictions(reg: Registry, name: str, version: int | None, champion_manifest: dict | None,
-                        files: dict, options: dict) -> tuple[dict, dict] | None:
+def _paired_predictions(
+    reg: Registry, name: str, version: int | None, champion_manifest: dict | None, files: dict, options: dict
+) -> tuple[dict, dict] | None:
     """(candidate's, champion's) per-image predictions for the paired gate; None when either is missing."""
     if options.get("rule") != "paired_bootstrap" or champion_manifest is None or PREDICTIONS not in files:
         return None
@@ -159,8 +203,10 @@ def _cache_folder(cache_dir: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for path in (cache_dir, folder):
         if path.is_symlink() or not path.is_dir():
-            raise RegistryError(f"{path}: the model cache folder is a symlink or not a folder; refusing to "
-                                "write through it (remove it, or set RESNET_PIPELINE_CACHE)")
+            raise RegistryError(
+                f"{path}: the model cache folder is a symlink or not a folder; refusing to "
+                "write through it (remove it, or set RESNET_PIPELINE_CACHE)"
+            )
     return folder
 
 

@@ -17,6 +17,7 @@ two writers take the same version or alias silently, so the registry stops with 
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import fcntl
 import hashlib
@@ -25,7 +26,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-import builtins
 from typing import Protocol
 
 from resnet_pipeline.registry.transfer import copy_hashing
@@ -70,7 +70,6 @@ class Storage(Protocol):
         """Copy the object to `path`; return the sha256 of the bytes written. With `size`, an object of
         another size raises SizeMismatch, and no more than `size` bytes are ever written."""
 
-
     def list(self, prefix: str) -> list[ObjectInfo]: ...
 
     def delete(self, keys: builtins.list[str]) -> None: ...
@@ -112,7 +111,7 @@ class LocalStorage:
             st = self._path(key).stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return ObjectInfo(key, st.st_size, dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc), _local_etag(st))
+        return ObjectInfo(key, st.st_size, dt.datetime.fromtimestamp(st.st_mtime, dt.UTC), _local_etag(st))
 
     def _tmp(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,9 +137,11 @@ class LocalStorage:
                 except FileExistsError:
                     raise Conflict(key) from None
                 except OSError as err:  # EPERM, EOPNOTSUPP, ENOSYS: SMB, some FUSE and FAT mounts
-                    raise RegistryError(f"{self.root}: the filesystem does not support hard links "
-                                        f"(link(2): {os.strerror(err.errno or 0)}); the local registry needs "
-                                        "them for exclusive version claims") from None
+                    raise RegistryError(
+                        f"{self.root}: the filesystem does not support hard links "
+                        f"(link(2): {os.strerror(err.errno or 0)}); the local registry needs "
+                        "them for exclusive version claims"
+                    ) from None
             elif if_match is not None:
                 with self._lock(key):
                     current = self.get(key)
@@ -196,7 +197,7 @@ class LocalStorage:
                         st = full.stat()
                     except FileNotFoundError:
                         continue
-                    when = dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
+                    when = dt.datetime.fromtimestamp(st.st_mtime, dt.UTC)
                     out.append(ObjectInfo(key, st.st_size, when, _local_etag(st)))
         return sorted(out, key=lambda o: o.key)
 
@@ -227,9 +228,11 @@ class _FileLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         except OSError as err:  # ENOLCK, EOPNOTSUPP: some network and FUSE mounts
             os.close(self.fd)
-            raise RegistryError(f"{self.path.parent.parent}: the filesystem does not support file locks "
-                                f"(flock(2): {os.strerror(err.errno or 0)}); the local registry needs them "
-                                "for alias compare-and-swap") from None
+            raise RegistryError(
+                f"{self.path.parent.parent}: the filesystem does not support file locks "
+                f"(flock(2): {os.strerror(err.errno or 0)}); the local registry needs them "
+                "for alias compare-and-swap"
+            ) from None
         return self
 
     def __exit__(self, *exc):

@@ -46,8 +46,16 @@ class _Part:
     buffers: queue.Queue | None = None  # the receiver's free buffers
 
 
-def download(fetch: Fetch, path: str | Path, *, part_size: int = 16 * CHUNK, concurrency: int = 4,
-             attempts: int = 5, backoff: float = 0.5, size: int | None = None) -> tuple[str, int]:
+def download(
+    fetch: Fetch,
+    path: str | Path,
+    *,
+    part_size: int = 16 * CHUNK,
+    concurrency: int = 4,
+    attempts: int = 5,
+    backoff: float = 0.5,
+    size: int | None = None,
+) -> tuple[str, int]:
     """Write the object to `path`; return (sha256 hex, size). On failure `path` may hold part of it.
     With `size`, an object the server says is of another size raises WrongSize before any byte is
     written, and no more than `size` bytes are read whatever the server sends."""
@@ -87,8 +95,18 @@ def download(fetch: Fetch, path: str | Path, *, part_size: int = 16 * CHUNK, con
             return part.buffers.get()
 
         try:
-            last = read_range(fetch, opened, part.lo, part.hi, etag, part.buffers.get(), take,
-                               attempts=attempts, backoff=backoff, stop=lambda: bool(failures))
+            last = read_range(
+                fetch,
+                opened,
+                part.lo,
+                part.hi,
+                etag,
+                part.buffers.get(),
+                take,
+                attempts=attempts,
+                backoff=backoff,
+                stop=lambda: bool(failures),
+            )
             part.buffers.put(last)
         except BaseException as err:
             failures.append(err)
@@ -140,8 +158,17 @@ def _download_one(fetch: Fetch, opened: Opened, path: str | Path, attempts: int,
             digest.update(buf[:n])
             return buf
 
-        read_range(fetch, opened, 0, opened.total, opened.etag, memoryview(bytearray(CHUNK)), take,
-                    attempts=attempts, backoff=backoff)
+        read_range(
+            fetch,
+            opened,
+            0,
+            opened.total,
+            opened.etag,
+            memoryview(bytearray(CHUNK)),
+            take,
+            attempts=attempts,
+            backoff=backoff,
+        )
     return digest.hexdigest()
 
 

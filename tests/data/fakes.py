@@ -33,8 +33,17 @@ VOC_SPEC: tuple[tuple[tuple[tuple[str, float, float, float, float, int], ...], s
     ((("horse", 2.5, 3.0, 50.5, 40.0, 0), ("horse", 1, 1, 5, 5, 1)), "horse", False),  # decimal coords
     ((("motorbike", 1, 1, 20, 20, 0), ("person", 10, 2, 60, 47, 0)), "person", True),  # person has <part>s
     ((("train", 1, 5, 64, 40, 0),), "train", False),
-    ((("bird", 1, 1, 5, 5, 0), ("boat", 1, 1, 6, 6, 0), ("bus", 1, 1, 7, 7, 0),
-      ("pottedplant", 20, 10, 50, 40, 0), ("sofa", 1, 1, 8, 8, 0)), "pottedplant", True),
+    (
+        (
+            ("bird", 1, 1, 5, 5, 0),
+            ("boat", 1, 1, 6, 6, 0),
+            ("bus", 1, 1, 7, 7, 0),
+            ("pottedplant", 20, 10, 50, 40, 0),
+            ("sofa", 1, 1, 8, 8, 0),
+        ),
+        "pottedplant",
+        True,
+    ),
 )
 
 
@@ -75,14 +84,20 @@ def write_cifar10_binary_tarball(path: Path, per_batch: int = 20, seed: int = 0)
     rng = np.random.default_rng(seed)
     top = "cifar-10-batches-bin/"
     # The real batches.meta.txt ends with a blank line.
-    entries: list[tuple[str, bytes | None]] = [(top, None),
-                                               (top + "batches.meta.txt", ("\n".join(CIFAR10_NAMES) + "\n\n").encode())]
+    entries: list[tuple[str, bytes | None]] = [
+        (top, None),
+        (top + "batches.meta.txt", ("\n".join(CIFAR10_NAMES) + "\n\n").encode()),
+    ]
     for batch in CIFAR10_BATCHES:
         records = rng.integers(0, 256, size=(per_batch, 3073), dtype=np.uint8)
         records[:, 0] = np.arange(per_batch) % 10
         entries.append((top + batch, records.tobytes()))
-    entries.append((top + "readme.html", b"<meta HTTP-EQUIV=\"REFRESH\" content=\"0; "
-                                          b"url=http://www.cs.toronto.edu/~kriz/cifar.html\">\n"))
+    entries.append(
+        (
+            top + "readme.html",
+            b'<meta HTTP-EQUIV="REFRESH" content="0; url=http://www.cs.toronto.edu/~kriz/cifar.html">\n',
+        )
+    )
     data = gzip.compress(_tar(entries), mtime=0)
     Path(path).write_bytes(data)
     return data
@@ -104,22 +119,49 @@ def _fmt(value: float) -> str:
 
 def _voc_xml(image_id: str, objects: tuple[tuple[str, float, float, float, float, int], ...]) -> bytes:
     width, height = VOC_SIZE
-    parts = ["<annotation>", "\t<folder>VOC2012</folder>", f"\t<filename>{image_id}.jpg</filename>",
-             "\t<source>", "\t\t<database>The VOC2012 Database</database>",
-             "\t\t<annotation>PASCAL VOC2012</annotation>", "\t\t<image>flickr</image>", "\t</source>",
-             "\t<size>", f"\t\t<width>{width}</width>", f"\t\t<height>{height}</height>",
-             "\t\t<depth>3</depth>", "\t</size>", "\t<segmented>0</segmented>"]
+    parts = [
+        "<annotation>",
+        "\t<folder>VOC2012</folder>",
+        f"\t<filename>{image_id}.jpg</filename>",
+        "\t<source>",
+        "\t\t<database>The VOC2012 Database</database>",
+        "\t\t<annotation>PASCAL VOC2012</annotation>",
+        "\t\t<image>flickr</image>",
+        "\t</source>",
+        "\t<size>",
+        f"\t\t<width>{width}</width>",
+        f"\t\t<height>{height}</height>",
+        "\t\t<depth>3</depth>",
+        "\t</size>",
+        "\t<segmented>0</segmented>",
+    ]
     for name, x0, y0, x1, y1, difficult in objects:
-        parts += ["\t<object>", f"\t\t<name>{name}</name>", "\t\t<pose>Unspecified</pose>",
-                  "\t\t<truncated>0</truncated>", f"\t\t<difficult>{difficult}</difficult>", "\t\t<bndbox>",
-                  f"\t\t\t<xmin>{_fmt(x0)}</xmin>", f"\t\t\t<ymin>{_fmt(y0)}</ymin>",
-                  f"\t\t\t<xmax>{_fmt(x1)}</xmax>", f"\t\t\t<ymax>{_fmt(y1)}</ymax>", "\t\t</bndbox>"]
+        parts += [
+            "\t<object>",
+            f"\t\t<name>{name}</name>",
+            "\t\t<pose>Unspecified</pose>",
+            "\t\t<truncated>0</truncated>",
+            f"\t\t<difficult>{difficult}</difficult>",
+            "\t\t<bndbox>",
+            f"\t\t\t<xmin>{_fmt(x0)}</xmin>",
+            f"\t\t\t<ymin>{_fmt(y0)}</ymin>",
+            f"\t\t\t<xmax>{_fmt(x1)}</xmax>",
+            f"\t\t\t<ymax>{_fmt(y1)}</ymax>",
+            "\t\t</bndbox>",
+        ]
         if name == "person":  # the layout annotations: parts with their own <name>, not a VOC class
             for part, (px0, py0) in (("head", (x0 + 1, y0 + 1)), ("hand", (x0 + 2, y0 + 3))):
-                parts += ["\t\t<part>", f"\t\t\t<name>{part}</name>", "\t\t\t<bndbox>",
-                          f"\t\t\t\t<xmin>{_fmt(px0)}</xmin>", f"\t\t\t\t<ymin>{_fmt(py0)}</ymin>",
-                          f"\t\t\t\t<xmax>{_fmt(px0 + 2)}</xmax>", f"\t\t\t\t<ymax>{_fmt(py0 + 2)}</ymax>",
-                          "\t\t\t</bndbox>", "\t\t</part>"]
+                parts += [
+                    "\t\t<part>",
+                    f"\t\t\t<name>{part}</name>",
+                    "\t\t\t<bndbox>",
+                    f"\t\t\t\t<xmin>{_fmt(px0)}</xmin>",
+                    f"\t\t\t\t<ymin>{_fmt(py0)}</ymin>",
+                    f"\t\t\t\t<xmax>{_fmt(px0 + 2)}</xmax>",
+                    f"\t\t\t\t<ymax>{_fmt(py0 + 2)}</ymax>",
+                    "\t\t\t</bndbox>",
+                    "\t\t</part>",
+                ]
         parts.append("\t</object>")
     parts.append("</annotation>\n")
     return "\n".join(parts).encode()
@@ -135,8 +177,13 @@ def write_voc2012_tar(path: Path, n_images: int = 12, seed: int = 0) -> bytes:
     top = "VOCdevkit/VOC2012/"
     ids = [voc_id(i) for i in range(n_images)]
     entries: list[tuple[str, bytes | None]] = [
-        ("VOCdevkit/", None), (top, None), (top + "Annotations/", None), (top + "ImageSets/", None),
-        (top + "ImageSets/Main/", None), (top + "JPEGImages/", None)]
+        ("VOCdevkit/", None),
+        (top, None),
+        (top + "Annotations/", None),
+        (top + "ImageSets/", None),
+        (top + "ImageSets/Main/", None),
+        (top + "JPEGImages/", None),
+    ]
     for i, image_id in enumerate(ids + ["2012_999999"]):
         objects = VOC_SPEC[i % len(VOC_SPEC)][0]
         entries.append((top + f"Annotations/{image_id}.xml", _voc_xml(image_id, objects)))

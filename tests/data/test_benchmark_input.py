@@ -124,16 +124,46 @@ def test_benchmark_commands_print_their_figures(capsys, tmp_path):
     from resnet_pipeline import cli
 
     out_file = tmp_path / "shard.json"
-    assert cli.main(["benchmark", "shard", "--count", "40", "--max-shorter-side", "64", "--repeats", "1",
-                     "--output", str(out_file)]) == 0
+    assert (
+        cli.main(
+            [
+                "benchmark",
+                "shard",
+                "--count",
+                "40",
+                "--max-shorter-side",
+                "64",
+                "--repeats",
+                "1",
+                "--output",
+                str(out_file),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "shards byte-identical: yes" in out and "speed-up:" in out
     figures = json.loads(out_file.read_text())
     assert figures["images"] == 40 and figures["byte_identical"] is True
     assert figures["speedup"] == pytest.approx(figures["seconds_1_worker"] / figures["seconds_2_workers"])
 
-    assert cli.main(["benchmark", "input", "--count", "40", "--image-size", "64", "--batch-size", "8",
-                     "--generator-images", "16"]) == 0
+    assert (
+        cli.main(
+            [
+                "benchmark",
+                "input",
+                "--count",
+                "40",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+                "--generator-images",
+                "16",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for name in ("ours (TFRecord shards)", "ImageDataGenerator", "image_dataset_from_directory", "JPEG decode only"):
         assert name in out

@@ -21,8 +21,8 @@ from PIL import Image
 
 from resnet_pipeline.config import DownloadConfig, ShardConfig, SplitConfig
 from resnet_pipeline.data import pipeline
-from resnet_pipeline.data.pipeline import Preprocess
 from resnet_pipeline.data.download import download
+from resnet_pipeline.data.pipeline import Preprocess
 from resnet_pipeline.data.shard import INDEX, shard
 from resnet_pipeline.data.split import read_manifest, split
 
@@ -117,7 +117,7 @@ def test_manifest_has_the_design_columns_and_one_row_per_image(digits_data):
     assert {r["status"] for r in rows} == {"ok"}
     labels = json.loads(digits_data.labels.read_text())["classes"]
     assert labels == [str(i) for i in range(10)]
-    for row in rows[:: 97]:
+    for row in rows[::97]:
         file = digits_data.raw / row["path"]
         data = file.read_bytes()
         assert row["sha256"] == hashlib.sha256(data).hexdigest()
@@ -180,8 +180,13 @@ def enlarged(digits_data, tmp_path_factory):
     manifest = root / "manifest.parquet"
     table = split(SplitConfig(), SEED, raw / "digits", manifest, root / "labels.json")
     return {
-        "root": root, "raw": raw, "manifest": manifest, "rows": {r["path"]: r for r in table.to_pylist()},
-        "original": {r["path"]: r for r in original}, "duplicates": duplicates, "added": added,
+        "root": root,
+        "raw": raw,
+        "manifest": manifest,
+        "rows": {r["path"]: r for r in table.to_pylist()},
+        "original": {r["path"]: r for r in original},
+        "duplicates": duplicates,
+        "added": added,
     }
 
 
@@ -260,8 +265,10 @@ def test_index_counts_match_manifest(digits_data):
     for s in SPLITS:
         assert index["splits"][s]["records"] == ok[s]
         entries = [e for e in index["shards"] if e["split"] == s]
-        size_mb = sum(r["bytes"] for r in manifest_rows(digits_data.manifest)
-                      if r["status"] == "ok" and r["split"] == s) / 2**20
+        size_mb = (
+            sum(r["bytes"] for r in manifest_rows(digits_data.manifest) if r["status"] == "ok" and r["split"] == s)
+            / 2**20
+        )
         expected = max(1, min(ok[s], math.ceil(size_mb / ShardConfig().target_shard_mb)))
         assert len(entries) == index["splits"][s]["shards"] == expected
         assert sum(e["records"] for e in entries) == ok[s]
@@ -319,7 +326,10 @@ def test_shard_in_another_process_gives_byte_identical_files(digits_data, tmp_pa
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     subprocess.run(
         [sys.executable, "-c", SHARD_SCRIPT, str(digits_data.manifest), str(digits_data.raw), str(out)],
-        check=True, env=env, capture_output=True, timeout=300,
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
     )
     assert tree_bytes(out) == tree_bytes(digits_data.shards)
 

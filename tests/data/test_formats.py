@@ -59,8 +59,11 @@ def test_fakes_are_deterministic_and_in_the_official_layout(tmp_path):
     assert a != write_cifar10_binary_tarball(tmp_path / "c.tar.gz", seed=1)
     with tarfile.open(fileobj=io.BytesIO(a), mode="r:gz") as tar:
         names = set(tar.getnames())
-    assert names == {"cifar-10-batches-bin", "cifar-10-batches-bin/batches.meta.txt",
-                     "cifar-10-batches-bin/readme.html"} | {f"cifar-10-batches-bin/{b}" for b in CIFAR10_BATCHES}
+    assert names == {
+        "cifar-10-batches-bin",
+        "cifar-10-batches-bin/batches.meta.txt",
+        "cifar-10-batches-bin/readme.html",
+    } | {f"cifar-10-batches-bin/{b}" for b in CIFAR10_BATCHES}
 
     v = write_voc2012_tar(tmp_path / "v.tar")
     assert v == write_voc2012_tar(tmp_path / "w.tar")
@@ -91,7 +94,7 @@ def test_cifar10_pixels_are_the_record_bytes(cifar, tmp_path):
     cifar10_binary_to_folder(cifar, out)
     raw = (cifar / "cifar-10-batches-bin" / "data_batch_2.bin").read_bytes()
     for index in (0, 7, PER_BATCH - 1):
-        record = raw[index * 3073:(index + 1) * 3073]
+        record = raw[index * 3073 : (index + 1) * 3073]
         with Image.open(out / CIFAR10_NAMES[record[0]] / f"data_batch_2_{index:05d}.png") as im:
             assert im.mode == "RGB" and im.size == (32, 32)
             pixels = np.asarray(im)
@@ -179,11 +182,16 @@ def test_voc_image_set_and_no_object(voc, tmp_path):
     root = voc / "VOCdevkit" / "VOC2012"
     xml = root / "Annotations" / "2012_000002.xml"
     text = xml.read_text()
-    xml.write_text(text[:text.index("\t<object>")] + "</annotation>\n")
+    xml.write_text(text[: text.index("\t<object>")] + "</annotation>\n")
     summary = voc_to_folder(voc, tmp_path / "out", image_set="train")
     assert summary["images"] == 5 and summary["skipped_no_object"] == 1
     assert sorted(p.stem for p in (tmp_path / "out").rglob("*.jpg")) == [
-        "2012_000001", "2012_000003", "2012_000004", "2012_000005", "2012_000006"]
+        "2012_000001",
+        "2012_000003",
+        "2012_000004",
+        "2012_000005",
+        "2012_000006",
+    ]
 
 
 def _voc_error(voc: Path, tmp_path: Path, **kwargs) -> str:

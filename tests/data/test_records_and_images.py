@@ -52,7 +52,8 @@ def test_encode_example_equals_tensorflows_deterministic_serialization(seed):
         "a": -5,
     }
     tf_features = {
-        k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) if isinstance(v, bytes)
+        k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+        if isinstance(v, bytes)
         else tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
         for k, v in features.items()
     }

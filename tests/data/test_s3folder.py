@@ -61,12 +61,19 @@ def test_many_objects_come_down_byte_identical(s3_env, tmp_path, caplog):
     old = os.umask(0o022)
     try:
         with caplog.at_level(logging.INFO, logger="resnet_pipeline"):
-            folder = download(DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/many", s3_workers=8,
-                                             s3_endpoint_url=s3_env.endpoint_url), tmp_path / "raw")
+            folder = download(
+                DownloadConfig(
+                    dataset="imagefolder", path=f"s3://{bucket}/many", s3_workers=8, s3_endpoint_url=s3_env.endpoint_url
+                ),
+                tmp_path / "raw",
+            )
     finally:
         os.umask(old)
-    got = {f"many/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in folder.rglob("*") if p.is_file()
-           and p.name != ".complete"}
+    got = {
+        f"many/{p.relative_to(folder).as_posix()}": p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != ".complete"
+    }
     assert got == files
     assert not list(folder.glob(".s3-parts-*"))  # the temporary names are gone
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in folder.rglob("*.jpg"))
@@ -129,8 +136,12 @@ def _double_folder(server: LoopbackHTTPServer, objects: dict[str, int]) -> s3fol
     from botocore.config import Config
 
     client = boto3.session.Session().client(
-        "s3", endpoint_url=server.url(""), aws_access_key_id="AKIDTEST", aws_secret_access_key=SECRET,
-        region_name="us-east-1", config=Config(signature_version="s3v4"),
+        "s3",
+        endpoint_url=server.url(""),
+        aws_access_key_id="AKIDTEST",
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4"),
     )
     return s3folder.S3Folder("s3://b/set", "b", "set/", objects, {"c0": len(objects)}, client, None)
 
@@ -171,13 +182,19 @@ def test_a_proxy_or_client_certificate_sends_everything_through_get_object(monke
 
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
     monkeypatch.setenv("NO_PROXY", "storage.internal")
-    client = boto3.session.Session().client("s3", region_name="us-east-1", aws_access_key_id="a",
-                                            aws_secret_access_key="b")
+    client = boto3.session.Session().client(
+        "s3", region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b"
+    )
     assert s3get.plain_get_refused(client, "http://127.0.0.1:9000/b/k") == "a proxy is configured"
     assert s3get.plain_get_refused(client, "http://storage.internal/b/k") is None
     assert s3get.plain_get_refused(client, "https://127.0.0.1:9000/b/k") is None  # no HTTPS proxy
-    with_cert = boto3.session.Session().client("s3", region_name="us-east-1", aws_access_key_id="a",
-                                               aws_secret_access_key="b", config=Config(client_cert="/c.pem"))
+    with_cert = boto3.session.Session().client(
+        "s3",
+        region_name="us-east-1",
+        aws_access_key_id="a",
+        aws_secret_access_key="b",
+        config=Config(client_cert="/c.pem"),
+    )
     assert s3get.plain_get_refused(with_cert, "https://s3.example/b/k") == "a client certificate is configured"
 
 
@@ -224,15 +241,22 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return folder / "cert.pem", folder / "key.pem"
 
 
@@ -263,9 +287,13 @@ def _one_object_server(body: bytes, headers: dict[str, str] | None = None, tls: 
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         client = boto3.session.Session().client(
-            "s3", endpoint_url=f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}",
-            aws_access_key_id="AKIDTEST", aws_secret_access_key=SECRET, region_name="us-east-1",
-            config=Config(signature_version="s3v4"))
+            "s3",
+            endpoint_url=f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}",
+            aws_access_key_id="AKIDTEST",
+            aws_secret_access_key=SECRET,
+            region_name="us-east-1",
+            config=Config(signature_version="s3v4"),
+        )
         yield s3folder.S3Folder("s3://b/set", "b", "set/", {"set/c0/a.jpg": len(body)}, {"c0": 1}, client, None)
     finally:
         httpd.shutdown()
@@ -294,8 +322,11 @@ def test_the_stored_checksum_is_checked_like_get_object_does(tmp_path, caplog):
     with _one_object_server(body, {"x-amz-checksum-crc32": right}) as folder:
         assert s3folder.fetch_folder(folder, tmp_path / "ok", 1) == 1
     with _one_object_server(body, {"x-amz-checksum-crc32": "AAAAAA=="}) as folder:
-        with pytest.raises(DownloadError, match=rf"^s3://b/set/c0/a.jpg: giving up after 2 attempts: crc32 checksum "
-                                                rf"{re.escape(right)} received, the object's is AAAAAA=="):
+        with pytest.raises(
+            DownloadError,
+            match=rf"^s3://b/set/c0/a.jpg: giving up after 2 attempts: crc32 checksum "
+            rf"{re.escape(right)} received, the object's is AAAAAA==",
+        ):
             s3folder.fetch_folder(folder, tmp_path / "bad", 1, retries=1, backoff=0.01)
     assert not (tmp_path / "bad" / "c0" / "a.jpg").exists()
     sha = base64.b64encode(hashlib.sha256(body).digest()).decode()

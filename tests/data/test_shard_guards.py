@@ -58,17 +58,21 @@ def _shards_before(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (root / "shards").iterdir()}
 
 
-@pytest.mark.parametrize("changes, expected", [
-    ({"path": "/etc/passwd"}, "path '/etc/passwd': absolute path"),
-    ({"path": "../outside.png"}, "path '../outside.png': '..', '.' or empty component"),
-    ({"path": "pets/cat/../../../outside.png"}, "'..', '.' or empty component"),
-    ({"label": -1}, "label -1: expected an integer in 0..1"),
-    ({"label": 2}, "label 2: expected an integer in 0..1"),
-    ({"label_name": "zebra"}, "label_name 'zebra': labels.json names class"),
-    ({"split": "holdout"}, "split 'holdout'"),
-    ({"status": "fine, trust me"}, "status 'fine, trust me'"),
-    ({"sha256": "0" * 10}, "sha256 '0000000000'"),
-], ids=["absolute", "dotdot", "dotdot-inside", "label-1", "label-n", "label_name", "split", "status", "sha256"])
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"path": "/etc/passwd"}, "path '/etc/passwd': absolute path"),
+        ({"path": "../outside.png"}, "path '../outside.png': '..', '.' or empty component"),
+        ({"path": "pets/cat/../../../outside.png"}, "'..', '.' or empty component"),
+        ({"label": -1}, "label -1: expected an integer in 0..1"),
+        ({"label": 2}, "label 2: expected an integer in 0..1"),
+        ({"label_name": "zebra"}, "label_name 'zebra': labels.json names class"),
+        ({"split": "holdout"}, "split 'holdout'"),
+        ({"status": "fine, trust me"}, "status 'fine, trust me'"),
+        ({"sha256": "0" * 10}, "sha256 '0000000000'"),
+    ],
+    ids=["absolute", "dotdot", "dotdot-inside", "label-1", "label-n", "label_name", "split", "status", "sha256"],
+)
 def test_tampered_manifest_row_is_refused_naming_the_row(staged, changes, expected):
     # a readable image outside raw/ with the row's own sha256: it would be sharded if it were read
     outside = staged / "outside.png"
@@ -88,8 +92,7 @@ def test_a_link_inside_raw_pointing_out_is_refused_when_read(staged):
     outside = staged / "outside.png"
     outside.write_bytes(_png(np.random.default_rng(99)))
     os.symlink(outside, staged / "raw" / "pets" / "cat" / "innocent.png")
-    original = _tamper(staged, path="pets/cat/innocent.png", sha256=sha256_bytes(outside.read_bytes()),
-                       status="ok")
+    original = _tamper(staged, path="pets/cat/innocent.png", sha256=sha256_bytes(outside.read_bytes()), status="ok")
     assert original["status"] == "ok"
     with pytest.raises(ValueError, match=r"innocent.png: resolves to .*outside.png, outside"):
         shard(ShardConfig(workers=1), staged / "manifest.parquet", staged / "raw", staged / "shards")
@@ -105,13 +108,16 @@ def _index(root: Path) -> dict:
     return json.loads((root / "shards" / "index.json").read_text())
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("file", "../../manifest.parquet", "expected a shard name"),
-    ("file", "train-00009-of-00009.tfrecord", "is missing"),
-    ("records", -5, "records -5"),
-    ("split", "val", "differs from the shard name"),
-    ("sha256", "f" * 64, "sha256 differs from index.json's"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("file", "../../manifest.parquet", "expected a shard name"),
+        ("file", "train-00009-of-00009.tfrecord", "is missing"),
+        ("records", -5, "records -5"),
+        ("split", "val", "differs from the shard name"),
+        ("sha256", "f" * 64, "sha256 differs from index.json's"),
+    ],
+)
 def test_train_checks_index_json_against_the_files(staged, field, value, expected):
     from resnet_pipeline.data.pipeline import shard_files
 

@@ -96,8 +96,12 @@ def test_voc2012_labels_by_the_largest_object(tmp_path, drop_multiclass):
     data = write_voc2012_tar(tmp_path / "voc.tar")
     expected = voc_expected()
     with LoopbackHTTPServer({"/VOCtrainval_11-May-2012.tar": data}) as server:
-        cfg = DownloadConfig(dataset="voc2012", url=server.url("/VOCtrainval_11-May-2012.tar"), md5=md5(data),
-                             voc_drop_multiclass=drop_multiclass)
+        cfg = DownloadConfig(
+            dataset="voc2012",
+            url=server.url("/VOCtrainval_11-May-2012.tar"),
+            md5=md5(data),
+            voc_drop_multiclass=drop_multiclass,
+        )
         folder = download(cfg, tmp_path / "raw", tmp_path / "downloads")
     got = {f.stem: f.parent.name for f in folder.rglob("*.jpg")}
     keep = {i: label for i, (label, multi) in expected.items() if not (drop_multiclass and multi)}
@@ -138,8 +142,9 @@ def test_changed_download_params_replace_the_dataset(tmp_path):
     a, b = tar_gz(folder_files()), tar_gz({k: v for k, v in folder_files().items() if not k.startswith("fox")})
     with LoopbackHTTPServer({"/a.tar.gz": a, "/b.tar.gz": b}) as server:
         download(DownloadConfig(dataset="archive", url=server.url("/a.tar.gz"), sha256=sha256(a)), tmp_path / "raw")
-        folder = download(DownloadConfig(dataset="archive", url=server.url("/b.tar.gz"), sha256=sha256(b)),
-                          tmp_path / "raw")
+        folder = download(
+            DownloadConfig(dataset="archive", url=server.url("/b.tar.gz"), sha256=sha256(b)), tmp_path / "raw"
+        )
     assert set(classes_of(folder)) == {"cat", "dog"}
 
 
@@ -165,20 +170,32 @@ def test_imagefolder_from_s3(tmp_path, s3_server, monkeypatch):
     for name, content in files.items():
         client.put_object(Bucket=bucket, Key=f"datasets/pets/{name}", Body=content)
     client.put_object(Bucket=bucket, Key="datasets/other/cat/x.jpg", Body=jpeg(5))  # outside the prefix
-    cfg = DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/datasets/pets",
-                         s3_endpoint_url=s3_server.endpoint_url)
+    cfg = DownloadConfig(
+        dataset="imagefolder", path=f"s3://{bucket}/datasets/pets", s3_endpoint_url=s3_server.endpoint_url
+    )
     folder = download(cfg, tmp_path / "raw")
     assert classes_of(folder) == {"cat": 4, "dog": 4, "fox": 4}
     assert (folder / "fox" / "fox_1.jpg").read_bytes() == files["fox/fox_1.jpg"]
     with pytest.raises(FileNotFoundError, match="no objects under"):
-        download(DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/empty",
-                                s3_endpoint_url=s3_server.endpoint_url), tmp_path / "raw2")
+        download(
+            DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/empty", s3_endpoint_url=s3_server.endpoint_url),
+            tmp_path / "raw2",
+        )
 
 
 def test_cli_refuses_a_source_without_its_keys(tmp_path, repo_root, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = cli.main(["download", "--params", str(repo_root / "params.yaml"), "--set", "download.dataset=archive",
-                     "--set", "download.url=http://127.0.0.1:9/x.tar"])
+    code = cli.main(
+        [
+            "download",
+            "--params",
+            str(repo_root / "params.yaml"),
+            "--set",
+            "download.dataset=archive",
+            "--set",
+            "download.url=http://127.0.0.1:9/x.tar",
+        ]
+    )
     assert code == 2
     assert "download.sha256: required for dataset 'archive'" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
@@ -193,14 +210,20 @@ def test_imagefolder_from_s3_in_parallel_refuses_empty_classes_and_escaping_keys
     files = {f"c{i % 3}/img_{i:02d}.jpg": jpeg(i) for i in range(40)}
     for name, content in files.items():
         client.put_object(Bucket=bucket, Key=f"many/{name}", Body=content)
-    folder = download(DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/many", s3_workers=8,
-                                     s3_endpoint_url=s3_server.endpoint_url), tmp_path / "raw")
+    folder = download(
+        DownloadConfig(
+            dataset="imagefolder", path=f"s3://{bucket}/many", s3_workers=8, s3_endpoint_url=s3_server.endpoint_url
+        ),
+        tmp_path / "raw",
+    )
     assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.jpg")} == files
 
     client.put_object(Bucket=bucket, Key="many/zebra/", Body=b"")  # a 'folder' with nothing in it
     with pytest.raises(ValueError, match=r"class folder\(s\) \['zebra'\] under s3://images-parallel/many"):
-        download(DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/many",
-                                s3_endpoint_url=s3_server.endpoint_url), tmp_path / "raw2")
+        download(
+            DownloadConfig(dataset="imagefolder", path=f"s3://{bucket}/many", s3_endpoint_url=s3_server.endpoint_url),
+            tmp_path / "raw2",
+        )
     assert not (tmp_path / "raw2" / "imagefolder").exists()
 
 

@@ -88,8 +88,11 @@ def _mutants(seed: int = 0) -> list[tuple[str, bytes]]:
     bases = []
     for i in range(6):
         w, h = r.randint(8, 40), r.randint(8, 40)
-        bases += [_png(rng, w, h, "RGB" if i % 2 else "L"), _jpeg(rng, w, h, quality=80),
-                  _jpeg(rng, w, h, progressive=True)]
+        bases += [
+            _png(rng, w, h, "RGB" if i % 2 else "L"),
+            _jpeg(rng, w, h, quality=80),
+            _jpeg(rng, w, h, progressive=True),
+        ]
     cases = []
     for data in bases:
         n = len(data)
@@ -101,7 +104,7 @@ def _mutants(seed: int = 0) -> list[tuple[str, bytes]]:
         for _ in range(3):
             d = bytearray(data)
             i = r.randrange(n)
-            d[i:i + 8] = bytes(r.randrange(256) for _ in range(8))
+            d[i : i + 8] = bytes(r.randrange(256) for _ in range(8))
             cases.append(("burst", bytes(d)))
         cases += [("trailing text", data + b"garbage"), ("trailing zeros", data + bytes(64))]
     return cases
@@ -192,8 +195,11 @@ def test_delayed_link_archive_through_the_download_stage_lands_nothing(tmp_path)
             info = tarfile.TarInfo(name)
             info.size = len(content)
             tar.addfile(info, io.BytesIO(content))
-        for name, target in (("pets/cat/leak.png", "p0/p1/../../../../../secret.png"),
-                             ("pets/cat/p0", "."), ("pets/cat/p0/p1", ".")):
+        for name, target in (
+            ("pets/cat/leak.png", "p0/p1/../../../../../secret.png"),
+            ("pets/cat/p0", "."),
+            ("pets/cat/p0/p1", "."),
+        ):
             info = tarfile.TarInfo(name)
             info.type, info.linkname = tarfile.SYMTYPE, target
             tar.addfile(info)

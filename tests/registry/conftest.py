@@ -41,12 +41,17 @@ def location(request, tmp_path) -> str:
     return str(tmp_path / "registry")
 
 
-def make_files(folder: Path, *, model_bytes: bytes = b"PK\x03\x04 model " + bytes(range(256)) * 64,
-               top1: float = 0.5) -> dict[str, Path]:
+def make_files(
+    folder: Path, *, model_bytes: bytes = b"PK\x03\x04 model " + bytes(range(256)) * 64, top1: float = 0.5
+) -> dict[str, Path]:
     """Small stand-ins for the files of a version (the registry does not read model.keras)."""
     folder.mkdir(parents=True, exist_ok=True)
-    contents = {"model.keras": model_bytes, "params.yaml": b"train:\n  epochs: 3\n",
-                "labels.json": b'{"classes": ["0", "1"]}\n', "metrics.json": json.dumps({"test": {"top1": top1}}).encode()}
+    contents = {
+        "model.keras": model_bytes,
+        "params.yaml": b"train:\n  epochs: 3\n",
+        "labels.json": b'{"classes": ["0", "1"]}\n',
+        "metrics.json": json.dumps({"test": {"top1": top1}}).encode(),
+    }
     out = {}
     for name, data in contents.items():
         (folder / name).write_bytes(data)
@@ -54,8 +59,9 @@ def make_files(folder: Path, *, model_bytes: bytes = b"PK\x03\x04 model " + byte
     return out
 
 
-def make_run(folder: Path, *, top1: float, loss: float = 1.0, split: bytes = b"split A",
-             saved_model: bool = True) -> dict[str, Path]:
+def make_run(
+    folder: Path, *, top1: float, loss: float = 1.0, split: bytes = b"split A", saved_model: bool = True
+) -> dict[str, Path]:
     """A train + evaluate output: model_dir (model.keras, params.yaml, labels.json, saved_model/),
     eval_dir (metrics.json) and a data manifest whose sha256 names the test split."""
     model_dir, eval_dir = folder / "model", folder / "eval"
@@ -68,5 +74,9 @@ def make_run(folder: Path, *, top1: float, loss: float = 1.0, split: bytes = b"s
     eval_dir.mkdir(parents=True)
     (eval_dir / "metrics.json").write_text(json.dumps({"test": {"top1": top1, "loss": loss, "examples": 10}}))
     (folder / "manifest.parquet").write_bytes(split)
-    return {"model_dir": model_dir, "eval_dir": eval_dir, "data_manifest": folder / "manifest.parquet",
-            "out": folder / "registered.json"}
+    return {
+        "model_dir": model_dir,
+        "eval_dir": eval_dir,
+        "data_manifest": folder / "manifest.parquet",
+        "out": folder / "registered.json",
+    }

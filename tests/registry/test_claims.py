@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from resnet_pipeline.registry import CLAIM, HEARTBEAT, MANIFEST, Registry, RegistryError, open_registry
-from resnet_pipeline.registry import claims
+from resnet_pipeline.registry import CLAIM, HEARTBEAT, MANIFEST, Registry, RegistryError, claims, open_registry
 from resnet_pipeline.registry.storage import Conflict
 from tests.registry.conftest import NAME, make_files, make_run
 
@@ -66,8 +65,10 @@ def _complete_versions(reg) -> dict[int, bool]:
     out = {}
     for version in reg.versions(NAME):
         files = reg.manifest(f"{NAME}:{version}")["files"]
-        out[version] = all((info := reg.storage.head(f"models/{NAME}/versions/{version}/{t}")) is not None
-                           and info.size == e["bytes"] for t, e in files.items())
+        out[version] = all(
+            (info := reg.storage.head(f"models/{NAME}/versions/{version}/{t}")) is not None and info.size == e["bytes"]
+            for t, e in files.items()
+        )
     return out
 
 
@@ -118,7 +119,7 @@ def test_a_registration_frozen_past_gc_age_is_collected_and_then_refuses_to_comm
     assert "no longer holds its claim" in outcome.get("error", ""), outcome
     assert collector.versions(NAME) == []
     # what it uploaded after the collection is an abandoned leftover: collected once old enough
-    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1, seconds=1)  # a clock a day ahead
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1, seconds=1)  # a clock a day ahead
     assert collector.gc(NAME) == []  # the default age is a day
     assert [r["version"] for r in collector.gc(NAME, now=later)] == [1]
     assert collector.storage.list(f"models/{NAME}/versions/") == []
@@ -129,7 +130,7 @@ def test_gc_cleans_a_stale_abandoned_claim_and_keeps_committed_versions(location
     reg.register(NAME, make_files(tmp_path / "src"), {})
     reg.storage.put(f"models/{NAME}/versions/2/{CLAIM}", b'{"token": "crashed-run-token"}')
     reg.storage.put(f"models/{NAME}/versions/2/model.keras", b"half a model")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     assert reg.gc(now=now + dt.timedelta(hours=23)) == []
     removed = reg.gc(now=now + dt.timedelta(days=1, minutes=1))
     assert [(r["version"], sorted(r["objects"])) for r in removed] == [(2, [f"2/{CLAIM}", "2/model.keras"])]
@@ -152,8 +153,11 @@ class _LostResponse(_Wrapper):
         return etag
 
 
-@pytest.mark.parametrize("error", [RegistryError("connection reset by peer"), Conflict("manifest.json")],
-                         ids=["connection-reset", "retry-got-412"])
+@pytest.mark.parametrize(
+    "error",
+    [RegistryError("connection reset by peer"), Conflict("manifest.json")],
+    ids=["connection-reset", "retry-got-412"],
+)
 def test_a_commit_whose_response_was_lost_is_one_registered_version(location, tmp_path, error):
     storage = _LostResponse(open_registry(location).storage, error)
     reg = Registry(storage)
@@ -184,7 +188,9 @@ def test_a_retried_register_stage_after_a_crash_gives_one_version(location, tmp_
     reg = Registry(_CrashOnce(open_registry(location).storage, "metrics.json"))
     with pytest.raises(RegistryError, match="connection lost"):
         register_model(reg, NAME, run["model_dir"], run["eval_dir"], run["out"], data_manifest=run["data_manifest"])
-    record = register_model(reg, NAME, run["model_dir"], run["eval_dir"], run["out"], data_manifest=run["data_manifest"])
+    record = register_model(
+        reg, NAME, run["model_dir"], run["eval_dir"], run["out"], data_manifest=run["data_manifest"]
+    )
     assert record["version"] == 1 and record["promotion"]["promoted"]
     again = register_model(reg, NAME, run["model_dir"], run["eval_dir"], run["out"], data_manifest=run["data_manifest"])
     assert again["version"] == 1 and again["promotion"]["promoted"] and again["gate"] == record["gate"]
@@ -218,8 +224,14 @@ def test_a_prefect_retry_of_register_after_a_crash_gives_one_version(tmp_path, m
 
     @task(retries=pipeline.register.retries, retry_delay_seconds=0, persist_result=False)
     def register():
-        record = register_model(str(tmp_path / "registry"), NAME, run["model_dir"], run["eval_dir"], run["out"],
-                                data_manifest=run["data_manifest"])
+        record = register_model(
+            str(tmp_path / "registry"),
+            NAME,
+            run["model_dir"],
+            run["eval_dir"],
+            run["out"],
+            data_manifest=run["data_manifest"],
+        )
         return record["version"]
 
     @flow(persist_result=False)

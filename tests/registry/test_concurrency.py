@@ -52,8 +52,13 @@ def _register_in_process(location: str, folder: str, writer: int, barrier, queue
     try:
         reg = open_registry(location, max_attempts=3)
         barrier.wait(timeout=120)
-        queue.put((writer, reg.register(NAME, make_files(Path(folder), model_bytes=bytes([writer]) * 50_000),
-                                         {"writer": writer}), None))
+        queue.put(
+            (
+                writer,
+                reg.register(NAME, make_files(Path(folder), model_bytes=bytes([writer]) * 50_000), {"writer": writer}),
+                None,
+            )
+        )
     except BaseException as err:  # noqa: BLE001 - sent back to the test
         queue.put((writer, None, repr(err)))
 
@@ -65,8 +70,10 @@ def test_32_processes_registering_at_once_get_versions_1_to_32(s3_location, tmp_
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["boto3", "resnet_pipeline.registry", "tests.registry.conftest"])
     barrier, queue = ctx.Barrier(PROCESSES), ctx.Queue()
-    procs = [ctx.Process(target=_register_in_process, args=(s3_location, str(tmp_path / f"src{i}"), i, barrier, queue))
-             for i in range(PROCESSES)]
+    procs = [
+        ctx.Process(target=_register_in_process, args=(s3_location, str(tmp_path / f"src{i}"), i, barrier, queue))
+        for i in range(PROCESSES)
+    ]
     for p in procs:
         p.start()
     outcomes = [queue.get(timeout=300) for _ in range(PROCESSES)]
@@ -118,4 +125,5 @@ def test_8_racing_promotions_have_one_winner_and_8_history_records(s3_location, 
     history = reg.history(NAME, "champion")
     assert len(history) == N
     assert sorted((h["outcome"], h["version"]) for h in history) == sorted(
-        ("won" if v == winner else "lost", v) for v in versions)
+        ("won" if v == winner else "lost", v) for v in versions
+    )

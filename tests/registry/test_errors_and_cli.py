@@ -12,11 +12,20 @@ from resnet_pipeline.registry.spec import is_spec
 from tests.registry.conftest import NAME, make_files
 
 
-@pytest.mark.parametrize("spec, words", [
-    ("", "empty"), ("Resnet", "'Resnet'"), ("resnet:", "version ''"), ("resnet:abc", "version 'abc'"),
-    ("resnet:0", "version '0'"), ("resnet@", "alias ''"), ("resnet@Champion", "alias 'Champion'"),
-    ("resnet:1@champion", "not both"), ("a/b", "'a/b'"),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("", "empty"),
+        ("Resnet", "'Resnet'"),
+        ("resnet:", "version ''"),
+        ("resnet:abc", "version 'abc'"),
+        ("resnet:0", "version '0'"),
+        ("resnet@", "alias ''"),
+        ("resnet@Champion", "alias 'Champion'"),
+        ("resnet:1@champion", "not both"),
+        ("a/b", "'a/b'"),
+    ],
+)
 def test_bad_specs_are_refused_naming_the_part(spec, words):
     with pytest.raises(RegistryError) as err:
         parse_spec(spec)
@@ -32,8 +41,11 @@ def test_good_specs_are_specs_for_predict_too(spec):
 def test_unknown_version_alias_and_model(location, tmp_path):
     reg = open_registry(location)
     reg.register(NAME, make_files(tmp_path / "src"), {})
-    for spec, words in ((f"{NAME}@staging", f"{NAME}@staging: no alias 'staging'"),
-                        (f"{NAME}:9", f"{NAME}:9: no such version"), ("other", "'other': no registered version")):
+    for spec, words in (
+        (f"{NAME}@staging", f"{NAME}@staging: no alias 'staging'"),
+        (f"{NAME}:9", f"{NAME}:9: no such version"),
+        ("other", "'other': no registered version"),
+    ):
         with pytest.raises(RegistryError) as err:
             reg.resolve(spec)
         assert words in str(err.value)
@@ -74,7 +86,9 @@ def test_registry_commands(location, tmp_path, capsys):
     assert f"{NAME}@champion -> version 1 (was None)" in capsys.readouterr().out
     assert main(["registry", "list", *run]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"{NAME}:1 ") and "[@champion]" in lines[0] and "top1 0.7" in lines[1]
+    assert (
+        len(lines) == 2 and lines[0].startswith(f"{NAME}:1 ") and "[@champion]" in lines[0] and "top1 0.7" in lines[1]
+    )
     assert main(["registry", "show", f"{NAME}@champion", "--json", *run]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == 1
     assert main(["registry", "show", f"{NAME}@champion", "--history", *run]) == 0
@@ -89,11 +103,13 @@ def test_registry_commands(location, tmp_path, capsys):
     assert main(["registry", "gc", NAME, "--older-than", "0", *run]) == 0
     assert f"removed uncommitted {NAME}:3 (1 objects" in capsys.readouterr().out
 
-    for argv, words in ((["registry", "show", "Bad:spec"], "'Bad:spec'"),
-                        (["registry", "show", f"{NAME}:1", "--history"], "names no alias"),
-                        (["registry", "pull", f"{NAME}@staging", str(tmp_path / "x")], f"{NAME}@staging"),
-                        (["registry", "gc", "--older-than", "-1"], "--older-than"),
-                        (["registry", "gc", "--older-than", "nan"], "--older-than: received nan")):
+    for argv, words in (
+        (["registry", "show", "Bad:spec"], "'Bad:spec'"),
+        (["registry", "show", f"{NAME}:1", "--history"], "names no alias"),
+        (["registry", "pull", f"{NAME}@staging", str(tmp_path / "x")], f"{NAME}@staging"),
+        (["registry", "gc", "--older-than", "-1"], "--older-than"),
+        (["registry", "gc", "--older-than", "nan"], "--older-than: received nan"),
+    ):
         assert main([*argv, *run]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
@@ -120,8 +136,27 @@ def test_fetch_model_pulls_once_and_repairs_the_cache(location, tmp_path):
 @pytest.mark.s3
 def test_benchmark_pull_prints_both_figures(s3_location, capsys, tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["benchmark", "pull", "--registry", s3_location, "--size-mb", "2", "--rounds", "2",
-                 "--part-mb", "0.5", "--connections", "2", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "benchmark",
+                "pull",
+                "--registry",
+                s3_location,
+                "--size-mb",
+                "2",
+                "--rounds",
+                "2",
+                "--part-mb",
+                "0.5",
+                "--connections",
+                "2",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "registry pull (0.5 MB parts, 2 connections" in text and "plain GET" in text and "ratio" in text
     result = json.loads(out.read_text())

@@ -22,8 +22,13 @@ def test_server_stopped_mid_upload_leaves_no_version_and_gc_removes_the_rest(s3_
     server.start()
     try:
         server.make_bucket("faults")
-        options = dict(endpoint_url=server.endpoint_url, region=server.region, access_key=server.access_key,
-                       secret_key=server.secret_key, max_attempts=1)
+        options = dict(
+            endpoint_url=server.endpoint_url,
+            region=server.region,
+            access_key=server.access_key,
+            secret_key=server.secret_key,
+            max_attempts=1,
+        )
         reg = open_registry("s3://faults/registry", **options)
         files = make_files(tmp_path / "src")
         stopped = []
@@ -51,8 +56,14 @@ def test_server_stopped_mid_upload_leaves_no_version_and_gc_removes_the_rest(s3_
         assert reg.versions(NAME) == [2]
         assert reg.gc(NAME, older_than=3600) == []  # the leftover claim is younger than an hour
         removed = reg.gc(older_than=0)
-        assert removed == [{"name": NAME, "version": 1, "age_seconds": removed[0]["age_seconds"],
-                            "objects": ["1/" + CLAIM, "1/" + HEARTBEAT, "1/labels.json"]}]
+        assert removed == [
+            {
+                "name": NAME,
+                "version": 1,
+                "age_seconds": removed[0]["age_seconds"],
+                "objects": ["1/" + CLAIM, "1/" + HEARTBEAT, "1/labels.json"],
+            }
+        ]
         assert reg.storage.list(f"models/{NAME}/versions/1/") == []
         assert reg.versions(NAME) == [2]
         reg.pull(NAME, tmp_path / "pulled")
@@ -65,7 +76,7 @@ def test_pull_refuses_an_object_altered_on_the_server(s3_server, s3_location, tm
     reg = open_registry(s3_location)
     files = make_files(tmp_path / "src")
     version = reg.register(NAME, files, {})
-    bucket, prefix = s3_location[len("s3://"):].split("/", 1)
+    bucket, prefix = s3_location[len("s3://") :].split("/", 1)
     key = f"{prefix}/models/{NAME}/versions/{version}/model.keras"
     s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"not the registered model")
 
@@ -118,4 +129,6 @@ def test_racing_promotions_have_one_winner_and_both_are_recorded(location, tmp_p
     assert [h["outcome"] for h in history[:1]] == ["won"] and history[0]["version"] == v1
     races = sorted(history[1:], key=lambda h: h["outcome"])
     assert [(h["outcome"], h["version"], h["expected_previous"], h["actual_previous"]) for h in races] == [
-        ("lost", loser, v1, winner), ("won", winner, v1, v1)]
+        ("lost", loser, v1, winner),
+        ("won", winner, v1, v1),
+    ]

@@ -49,16 +49,31 @@ def hostile_cases(outside: Path) -> dict[str, tuple[dict, dict, str]]:
     """case -> (objects, manifest files, what the error must name)."""
     big = b"x" * 5000
     return {
-        "absolute": ({"model.keras": GOOD}, {"model.keras": _entry(GOOD), str(outside / ".bashrc"): _entry(b"pwned")},
-                     str(outside / ".bashrc")),
-        "dotdot": ({"model.keras": GOOD}, {"model.keras": _entry(GOOD), "../../escaped.txt": _entry(b"pwned")},
-                   "../../escaped.txt"),
-        "backslash": ({"model.keras": GOOD}, {"model.keras": _entry(GOOD), "..\\..\\escaped.txt": _entry(b"pwned")},
-                      "escaped.txt"),
-        "nul": ({"model.keras": GOOD}, {"model.keras": _entry(GOOD), "model\x00.keras": _entry(b"pwned")},
-                "'model\\x00.keras'"),
-        "file-and-folder": ({"model.keras": GOOD}, {"model.keras": _entry(GOOD), "model.keras/x": _entry(b"pwned")},
-                            "'model.keras' is both a file and the folder"),
+        "absolute": (
+            {"model.keras": GOOD},
+            {"model.keras": _entry(GOOD), str(outside / ".bashrc"): _entry(b"pwned")},
+            str(outside / ".bashrc"),
+        ),
+        "dotdot": (
+            {"model.keras": GOOD},
+            {"model.keras": _entry(GOOD), "../../escaped.txt": _entry(b"pwned")},
+            "../../escaped.txt",
+        ),
+        "backslash": (
+            {"model.keras": GOOD},
+            {"model.keras": _entry(GOOD), "..\\..\\escaped.txt": _entry(b"pwned")},
+            "escaped.txt",
+        ),
+        "nul": (
+            {"model.keras": GOOD},
+            {"model.keras": _entry(GOOD), "model\x00.keras": _entry(b"pwned")},
+            "'model\\x00.keras'",
+        ),
+        "file-and-folder": (
+            {"model.keras": GOOD},
+            {"model.keras": _entry(GOOD), "model.keras/x": _entry(b"pwned")},
+            "'model.keras' is both a file and the folder",
+        ),
         "size-lies": ({"model.keras": big}, {"model.keras": _entry(big, size=10)}, "model.keras fails verification"),
     }
 

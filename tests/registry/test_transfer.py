@@ -21,11 +21,14 @@ KB = 1024
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("size, part, connections", [
-    (5 * 1024 * KB + 123, 1024 * KB, 3),  # 6 parts over 3 connections
-    (700 * KB, 1024 * KB, 4),  # one part: a single stream
-    (0, 1024 * KB, 2),  # an empty object has no byte 0 to ask for
-])
+@pytest.mark.parametrize(
+    "size, part, connections",
+    [
+        (5 * 1024 * KB + 123, 1024 * KB, 3),  # 6 parts over 3 connections
+        (700 * KB, 1024 * KB, 4),  # one part: a single stream
+        (0, 1024 * KB, 2),  # an empty object has no byte 0 to ask for
+    ],
+)
 def test_s3_download_writes_the_object_and_its_sha256(s3_location, tmp_path, size, part, connections):
     storage = open_registry(s3_location).storage
     storage.download_part_size, storage.download_concurrency = part, connections
@@ -59,7 +62,7 @@ class _Flaky:
         body = self.data[start:stop]
         if self.breaks > 0:
             self.breaks -= 1
-            body = body[:self.break_after]  # the connection closes early
+            body = body[: self.break_after]  # the connection closes early
         return Opened(io.BytesIO(body), start, len(self.data), '"etag"')
 
 
