@@ -48,6 +48,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from resnet_pipeline.benchmark.s3 import endpoint_client
 from resnet_pipeline.ports import free_ports
 
 __all__ = ["PORT_FLAGS", "SeaweedS3", "SeaweedS3Error", "find_weed"]
@@ -227,9 +228,6 @@ class SeaweedS3:
         Extra keyword arguments go to `botocore.config.Config` (e.g. `retries`). botocore's default
         checksum behaviour is kept on purpose: SeaweedFS 4.48 accepts it.
         """
-        import boto3
-        from botocore.config import Config
-
         options: dict[str, Any] = {
             "signature_version": "s3v4",
             "s3": {"addressing_style": "path"},
@@ -238,14 +236,7 @@ class SeaweedS3:
             "read_timeout": 60,
         }
         options.update(config)
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-            config=Config(**options),
-        )
+        return endpoint_client(self.endpoint_url, self.access_key, self.secret_key, self.region, **options)
 
     def make_bucket(self, name: str) -> str:
         """Create bucket `name` (3-63 chars, lowercase, S3 rules) and return its name."""

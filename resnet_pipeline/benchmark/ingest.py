@@ -113,30 +113,25 @@ def growth(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def _listed_targets(client, bucket: str, prefix: str, dest: Path) -> list[tuple[str, Path]]:
+    """Every key under `prefix` and its file under `dest` (its folder made)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    pairs = [(o["Key"], dest / o["Key"][len(prefix) :]) for page in pages for o in page.get("Contents", [])]
+    for _, target in pairs:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    return pairs
+
+
 def _sequential_download_file(client, bucket: str, prefix: str, dest: Path) -> None:
     """The download stage's S3 loop before it went parallel: list, then download_file one by one."""
-    keys = [
-        o["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for o in page.get("Contents", [])
-    ]
-    for key in keys:
-        target = dest / key[len(prefix) :]
-        target.parent.mkdir(parents=True, exist_ok=True)
+    for key, target in _listed_targets(client, bucket, prefix, dest):
         client.download_file(bucket, key, str(target))
 
 
 def _sequential_get_object(client, bucket: str, prefix: str, dest: Path) -> None:
     """One boto3 get_object at a time, written to its file: the stage's download with 1 worker
     before it fetched through presigned URLs."""
-    keys = [
-        o["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for o in page.get("Contents", [])
-    ]
-    for key in keys:
-        target = dest / key[len(prefix) :]
-        target.parent.mkdir(parents=True, exist_ok=True)
+    for key, target in _listed_targets(client, bucket, prefix, dest):
         body = client.get_object(Bucket=bucket, Key=key)["Body"]
         with open(target, "xb") as f:
             for block in body.iter_chunks(1 << 20):

@@ -26,6 +26,23 @@ log = logging.getLogger(__name__)
 DEV_SERVER = Path(resnet_pipeline.__file__).resolve().parent.parent / "infra" / "devs3.py"
 
 
+def endpoint_client(endpoint_url: str, access_key: str | None, secret_key: str | None, region: str, **config: Any):
+    """A boto3 S3 client for `endpoint_url`, path-style; `config` goes to botocore's Config (it may
+    override the addressing style). Used by the benchmarks and by infra/devs3.py."""
+    import boto3
+    from botocore.config import Config
+
+    options: dict[str, Any] = {"s3": {"addressing_style": "path"}, **config}
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=region,
+        config=Config(**options),
+    )
+
+
 class S3ServerError(RuntimeError):
     """No S3 server to run a benchmark against."""
 
@@ -77,18 +94,7 @@ class Endpoint:
 
     def client(self, **config: Any):
         """A boto3 S3 client for the endpoint (path-style addressing; `config` goes to botocore's Config)."""
-        import boto3
-        from botocore.config import Config
-
-        options: dict[str, Any] = {"s3": {"addressing_style": "path"}, **config}
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-            config=Config(**options),
-        )
+        return endpoint_client(self.endpoint_url, self.access_key, self.secret_key, self.region, **config)
 
     def make_bucket(self, name: str) -> str:
         """Create bucket `name`; `stop()` deletes it again with everything in it."""
