@@ -14,7 +14,7 @@ has none):
   Keras' own loop.
 
 Each figure leaves out its first chunk of steps (tracing), the same number of images for all, and
-the tracing of validation (the stage does it at start-up; Keras' test step is traced by an
+the first run of validation (the stage traces and runs it at start-up; Keras' test step gets an
 `evaluate` before `fit`).
 Printed as images/s and as ratios stage / bare step and stage / model.fit; beside them the same
 ratios in the process's CPU time per image, which other load on the machine moves less.
@@ -148,7 +148,7 @@ def _fit(cfg: Config, paths: Paths, skip_images: int) -> dict:
             self.end, self.cpu = time.perf_counter(), time.process_time() - self.cpu
 
     clock = Clock()
-    model.evaluate(val_ds, verbose=0)  # traces Keras' test step first, as the stage traces its validation at start-up
+    model.evaluate(val_ds, verbose=0)  # Keras' test step traced and run first, as the stage's at start-up
     # the stage's cadence: every validate_every_epochs epochs, and after the last
     validated = sorted({e for e in range(1, t.epochs + 1) if e % t.validate_every_epochs == 0} | {t.epochs})
     model.fit(

@@ -188,11 +188,12 @@ class Trainer:
         return loss, correct
 
     def hold_validation(self, dataset: tf.data.Dataset) -> None:
-        """Decode the val split into memory now (start-up, as the train split) and trace its loop:
-        every later `validate` is the model's forward pass alone, with no input pipeline to start."""
+        """Decode the val split into memory now (start-up, as the train split), trace its loop and
+        run it once: every later `validate` is the model's forward pass alone."""
         batches = list(dataset)
         self._val_tensors = tuple(tf.concat([b[i] for b in batches], 0) for i in (0, 1))
-        self._validate_tensors.get_concrete_function()
+        # traced and run once: TensorFlow optimises a graph at its first run, not when it is traced
+        self._validate_tensors(*self._val_tensors)
 
     def validate(self, dataset: tf.data.Dataset) -> tuple[float, float]:
         """(summed loss, correct predictions) of the weights that are exported (the EMA's if on),
