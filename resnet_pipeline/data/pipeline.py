@@ -353,6 +353,8 @@ def train_epochs(
     last steps, its validation and its checkpoint run, instead of a new pipeline starting empty at
     every epoch. Each epoch holds exactly the batches a per-epoch pipeline would give.
     """
+    if not 0 <= first_epoch < epochs:
+        raise ValueError(f"train_epochs: first_epoch {first_epoch} is not an epoch of 0 .. {epochs - 1}")
     ctx = input_context
     local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines if ctx else 1
 

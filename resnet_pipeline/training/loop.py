@@ -199,7 +199,8 @@ def train(
     timing: dict[str, float] = {"first": -1.0, "first_images": 0, "loop": 0.0, "validation": 0.0, "checkpoints": 0.0}
     try:
         with _SigtermWatcher() as sigterm, writer.as_default():
-            iterator = _train_iterator(strategy, train_files, in_memory, prep, cfg, seed, step, steps_per_epoch)
+            if step < total_steps:  # (a run restored at its last step trains nothing)
+                iterator = _train_iterator(strategy, train_files, in_memory, prep, cfg, seed, step, steps_per_epoch)
             while step < total_steps:
                 epoch = step // steps_per_epoch
                 trainer.enter_epoch(epoch)  # the head phase of fine-tuning ends at an epoch boundary

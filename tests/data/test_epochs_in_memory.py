@@ -115,3 +115,10 @@ def test_validation_in_memory_equals_validation_over_the_dataset(digits_data):
         held_loss, held_correct = trainer.validate(ds)
         assert held_correct == correct
         assert held_loss == pytest.approx(loss, rel=1e-5)
+
+
+def test_no_epoch_left_is_an_error_not_an_endless_recursion(many_shards):
+    files, n = many_shards
+    for first in (4, 5, -1):
+        with pytest.raises(ValueError, match="is not an epoch of 0 .. 3"):
+            train_epochs(files, BATCH, PREP, seed=1, first_epoch=first, epochs=4, steps_per_epoch=n // BATCH)

@@ -473,10 +473,9 @@ def test_train_params_choose_the_builder_options():
     cfg = from_dict(
         {
             "train": {
-                "variant": "v1",
+                "variant": "v1.5",
                 "depth": 50,
                 "image_size": 64,
-                "stride_in_1x1": True,
                 "use_bias": True,
                 "zero_init_residual": True,
                 "bn_momentum": 0.99,
@@ -485,8 +484,8 @@ def test_train_params_choose_the_builder_options():
         }
     )
     model = build_resnet(**model_arguments(cfg.train, num_classes=7))
-    conv = model.get_layer("conv3_block1_1_conv")
-    assert conv.strides == (2, 2) and conv.use_bias
+    first, middle = model.get_layer("conv3_block1_1_conv"), model.get_layer("conv3_block1_2_conv")
+    assert (first.strides, middle.strides) == ((1, 1), (2, 2)) and first.use_bias  # v1.5: the 3x3 strides
     bn = model.get_layer("conv2_block1_3_bn")
     assert (bn.momentum, bn.epsilon) == (0.99, 1.001e-5)
     assert np.all(keras.ops.convert_to_numpy(bn.gamma) == 0)

@@ -115,3 +115,17 @@ def test_linear_and_onecycle_schedules_end_at_zero(kind):
         assert all(a <= b for a, b in zip(lrs[: peak // 50], lrs[1 : peak // 50 + 1]))
     else:
         assert float(schedule(550)) == pytest.approx(0.2, rel=1e-3)  # halfway after the warmup
+
+
+def test_a_run_restored_at_its_last_step_exports_again_without_training(digits_data, tmp_path):
+    """The last step is checkpointed: a rerun of a finished run (its model folder gone) trains no
+    step and exports the same weights."""
+    import shutil
+
+    _, first = _train(digits_data, tmp_path / "again", checkpoint_every_steps=1000)
+    before = _weights(tmp_path / "again/model")
+    shutil.rmtree(tmp_path / "again/model")
+    _, second = _train(digits_data, tmp_path / "again", checkpoint_every_steps=1000)
+    assert second["steps"] == first["steps"] and second["loop_seconds"] < first["loop_seconds"]
+    for a, b in zip(before, _weights(tmp_path / "again/model")):
+        np.testing.assert_array_equal(a, b)
