@@ -21,6 +21,7 @@ copy over by name. A strided convolution wider than 1x1 is an explicit symmetric
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 
 import keras
@@ -41,6 +42,9 @@ from resnet_pipeline.models.specs import (  # noqa: F401 - the table and its che
     model_arguments,
     total_stride,
 )
+
+# the names `_check_arguments` takes, all of them arguments of `build_resnet` too
+CHECKED_ARGUMENTS = tuple(inspect.signature(_check_arguments).parameters)
 
 
 @keras.saving.register_keras_serializable(package="resnet_pipeline")
@@ -253,22 +257,8 @@ def build_resnet(
     from a .keras file, do so under `recursion_limit(DEEP_RECURSION_LIMIT)` too.
     """
     shortcut = shortcut or default_shortcut(variant)
-    spec = _check_arguments(
-        depth,
-        variant,
-        input_shape=input_shape,
-        num_classes=num_classes,
-        shortcut=shortcut,
-        pooling=pooling,
-        include_top=include_top,
-        stride_in_1x1=stride_in_1x1,
-        v2_stride_last=v2_stride_last,
-        use_bias=use_bias,
-        zero_init_residual=zero_init_residual,
-        weight_decay=weight_decay,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
-    )
+    arguments = locals()  # build_resnet's arguments, checked by name before any layer is made
+    spec = _check_arguments(**{name: arguments[name] for name in CHECKED_ARGUMENTS})
     b = _Builder(
         spec,
         shortcut=shortcut,

@@ -25,22 +25,22 @@ class Spec(NamedTuple):
         )
 
 
+def _checked(value: str, pattern: re.Pattern, what: str, expected: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise RegistryError(f"{what} {value!r}: expected {expected}")
+    return value
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise RegistryError(
-            f"model name {name!r}: expected lowercase letters, digits, '.', '_' or '-' "
-            "(starting with a letter or digit, at most 128)"
-        )
-    return name
+    """`name` if it is a model name, else a RegistryError saying what one is."""
+    expected = "lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit, at most 128)"
+    return _checked(name, NAME_RE, "model name", expected)
 
 
 def check_alias(alias: str) -> str:
-    if not isinstance(alias, str) or not ALIAS_RE.match(alias):
-        raise RegistryError(
-            f"alias {alias!r}: expected a lowercase letter, then letters, digits, '_' or '-' "
-            "(at most 64), such as champion or staging"
-        )
-    return alias
+    """`alias` if it is an alias name, else a RegistryError saying what one is."""
+    expected = "a lowercase letter, then letters, digits, '_' or '-' (at most 64), such as champion or staging"
+    return _checked(alias, ALIAS_RE, "alias", expected)
 
 
 def parse_spec(spec: str) -> Spec:
