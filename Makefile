@@ -38,6 +38,9 @@ run: $(STAMP)
 
 # ruff (lint, then format check) and mypy, configured in pyproject.toml; seconds, before the long suite.
 lint: $(STAMP)
+	@if [ -d .git ] && git ls-files -s | grep -q '^120000'; then \
+	  echo "git tracks symbolic links (a clone elsewhere would get them broken):"; \
+	  git ls-files -s | awk '$$1 == "120000" {print "  " $$4}'; exit 1; fi
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
