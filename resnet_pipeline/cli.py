@@ -37,7 +37,8 @@ def run_stage_command(args: argparse.Namespace) -> int:
     if args.command == "train" and args.workers:
         from resnet_pipeline.training.launch import launch
 
-        return launch(args.workers, ["--params", args.params, *(f"--set={item}" for item in args.set)])
+        train_args = ["--params", args.params, *(f"--set={item}" for item in args.set)]
+        return launch(args.workers, train_args, verbose=args.verbose)
     paths = Paths.from_config(cfg)
     with stages.stage_lock(args.command, paths):
         result = stages.run_stage(args.command, cfg, paths)

@@ -265,7 +265,9 @@ def _input_parser(bench_sub) -> None:
 def _run_parsers(bench_sub) -> None:
     """`train` and `accuracy`: runs of the pipeline with the params."""
     p = bench_sub.add_parser("train", help=ABOUT["train"])
-    p.add_argument("--epochs", type=positive_int, default=5, help="epochs of the run (default: 5)")
+    p.add_argument(
+        "--epochs", type=positive_int, default=None, help="epochs of the run (default: the params' train.epochs)"
+    )
     p.add_argument(
         "--rounds", type=positive_int, default=3, help="rounds of the three arms; medians are printed (default: 3)"
     )

@@ -1,14 +1,14 @@
 """The train stage's throughput over a whole short run, against its own bare step and Keras `model.fit`.
 
-    resnet-pipeline benchmark train [--epochs 5] [--rounds 3] [--set train.global_batch_size=128 ...]
+    resnet-pipeline benchmark train [--epochs N] [--rounds 3] [--set train.global_batch_size=128 ...]
 
 In one run, on the data of the params (the digits are made in a temporary folder if the project
 has none):
 
-- **stage**: `resnet-pipeline train`'s loop over `--epochs` epochs, validation and checkpoints
-  included, model export excluded;
+- **stage**: `resnet-pipeline train`'s loop over `--epochs` epochs (the params' `train.epochs`
+  by default), validation and checkpoints included, model export excluded;
 - **bare step**: the same trainer's compiled steps on one batch held in memory (no input pipeline,
-  no validation, no checkpoints): the most the stage could do;
+  no validation, no checkpoints), as many as the stage's figure covers: the most the stage could do;
 - **model.fit**: the same model, optimizer, schedule and `tf.data` input (the stage's: all epochs
   in one dataset, decoded once when it fits in memory), validated on the stage's cadence, through
   Keras' own loop.
@@ -175,11 +175,9 @@ def _figures(images: int, seconds: float, cpu_seconds: float) -> dict:
 def _round(cfg: Config, paths: Paths, work: Path) -> dict:
     """Stage, bare step and model.fit, in that order, and their ratios."""
     stage = _stage(cfg, paths, work)
+    # as many steps as the stage's figure covers, after as many warm-up steps as it leaves out
     bare = _bare(
-        cfg,
-        paths,
-        steps=max(stage["images"] // cfg.train.global_batch_size // 2, 20),
-        skip_images=stage["first_chunk_images"],
+        cfg, paths, steps=stage["images"] // cfg.train.global_batch_size, skip_images=stage["first_chunk_images"]
     )
     fit = _fit(cfg, paths, skip_images=stage["first_chunk_images"])
     return {
@@ -194,10 +192,12 @@ def _round(cfg: Config, paths: Paths, work: Path) -> dict:
     }
 
 
-def run(cfg: Config, epochs: int, rounds: int = 1) -> dict:
-    """`rounds` rounds of stage, bare step and model.fit on the same data and settings; each
-    figure is the median over the rounds, each ratio the median of the rounds' own ratios (the
-    three arms of a round run back to back, so they saw about the same load)."""
+def run(cfg: Config, epochs: int | None = None, rounds: int = 1) -> dict:
+    """`rounds` rounds of stage, bare step and model.fit on the same data and settings (`epochs`
+    epochs, the params' own when None); each figure is the median over the rounds, each ratio the
+    median of the rounds' own ratios (the three arms of a round run back to back, so they saw about
+    the same load)."""
+    epochs = epochs or cfg.train.epochs
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
     with tempfile.TemporaryDirectory(prefix="resnet-bench-train-") as tmp:
         work = Path(tmp)

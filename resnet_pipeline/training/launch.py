@@ -41,12 +41,28 @@ def _forward(stream, prefix: str, out) -> None:
     stream.close()
 
 
-def launch(workers: int, train_args: list[str], grace: float = GRACE_SECONDS) -> int:
-    """Run `resnet-pipeline train *train_args` as `workers` local workers; return the exit code."""
+def worker_command(train_args: list[str], verbose: bool = False) -> list[str]:
+    """One worker's command line: this interpreter's `resnet-pipeline [-v] train`, multi-worker."""
+    verbosity = ["-v"] if verbose else []
+    return [
+        sys.executable,
+        "-m",
+        "resnet_pipeline",
+        *verbosity,
+        "train",
+        *train_args,
+        "--set",
+        "train.strategy=multi_worker",
+    ]
+
+
+def launch(workers: int, train_args: list[str], grace: float = GRACE_SECONDS, verbose: bool = False) -> int:
+    """Run `resnet-pipeline train *train_args` as `workers` local workers (with `-v` when
+    `verbose`); return the exit code."""
     if workers < 1:
         raise ValueError(f"--workers: received {workers}; allowed: 1 or more")
     ports = free_ports(workers)
-    args = [sys.executable, "-m", "resnet_pipeline", "train", *train_args, "--set", "train.strategy=multi_worker"]
+    args = worker_command(train_args, verbose)
     procs, threads = [], []
     log.info("train: launching %d workers on 127.0.0.1 ports %s", workers, ", ".join(map(str, ports)))
     for index in range(workers):

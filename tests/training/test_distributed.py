@@ -48,8 +48,8 @@ def _env(**extra) -> dict:
     return env
 
 
-def _cmd(sets: list[str], workers: int = 0) -> list[str]:
-    cmd = [str(BIN / "resnet-pipeline"), "train"]
+def _cmd(sets: list[str], workers: int = 0, verbose: bool = False) -> list[str]:
+    cmd = [str(BIN / "resnet-pipeline"), *(["-v"] if verbose else []), "train"]
     if workers:
         cmd += ["--workers", str(workers)]
     for item in sets:
@@ -57,8 +57,12 @@ def _cmd(sets: list[str], workers: int = 0) -> list[str]:
     return cmd
 
 
-def _train(work: Path, sets: list[str], workers: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_cmd(sets, workers), cwd=work, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _train(
+    work: Path, sets: list[str], workers: int = 0, timeout: int = 600, verbose: bool = False
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        _cmd(sets, workers, verbose), cwd=work, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, (
         f"train {sets} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     )
@@ -214,9 +218,12 @@ def test_a_dead_worker_fails_the_run_in_bounded_time_and_a_restart_resumes(work)
     assert elapsed < 120, f"the run took {elapsed:.0f} s to fail"
     assert "worker1 exited with code -9" in stderr
     assert not (work / "artifacts/model").exists()
+    assert "Sharding callback" not in stdout, "the workers are quiet about the frameworks by default"
 
-    resumed = _train(work, common, workers=2)
+    resumed = _train(work, common, workers=2, verbose=True)
     assert "resuming from" in resumed.stdout
+    # -v reaches the workers: their checkpoints' absl INFO lines come through the launcher
+    assert any(line.startswith("[worker0]") and "Sharding callback" in line for line in resumed.stdout.splitlines())
     summary = json.loads((work / "artifacts/model/train.json").read_text())
     assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["workers"] == 2
     assert _steps(work / "artifacts/model")[0]["step"] == 1
