@@ -13,6 +13,7 @@ has none):
   in one dataset, decoded once when it fits in memory), validated on the stage's cadence, through
   Keras' own loop.
 
+The arms' order rotates from round to round (each runs first, second and third equally often).
 Each figure leaves out its first chunk of steps (tracing), the same number of images for all, and
 the first run of validation (the stage traces and runs it at start-up; Keras' test step gets an
 `evaluate` before `fit`).
@@ -96,8 +97,9 @@ def _bare(cfg: Config, paths: Paths, steps: int, skip_images: int) -> dict:
         trainer.train_steps(iterator, chunk, False)
     start, cpu, done = time.perf_counter(), time.process_time(), 0
     while done < steps:
-        trainer.train_steps(iterator, chunk, False)
-        done += chunk
+        n = min(chunk, steps - done)
+        trainer.train_steps(iterator, n, False)
+        done += n
     return _figures(done * gbs, time.perf_counter() - start, time.process_time() - cpu)
 
 
@@ -172,15 +174,35 @@ def _figures(images: int, seconds: float, cpu_seconds: float) -> dict:
     }
 
 
-def _round(cfg: Config, paths: Paths, work: Path) -> dict:
-    """Stage, bare step and model.fit, in that order, and their ratios."""
-    stage = _stage(cfg, paths, work)
-    # as many steps as the stage's figure covers, after as many warm-up steps as it leaves out
-    bare = _bare(
-        cfg, paths, steps=stage["images"] // cfg.train.global_batch_size, skip_images=stage["first_chunk_images"]
-    )
-    fit = _fit(cfg, paths, skip_images=stage["first_chunk_images"])
+ARMS = ("stage", "bare_step", "model_fit")
+
+
+def _round(cfg: Config, paths: Paths, work: Path, index: int) -> dict:
+    """Stage, bare step and model.fit, in an order that rotates with the round's `index` (each arm
+    runs first, second and third equally often: what one arm leaves behind, the next one pays),
+    and their ratios."""
+    from resnet_pipeline.data.pipeline import shard_files
+    from resnet_pipeline.training.run import _steps_to_next_stop
+
+    t = cfg.train
+    steps_per_epoch = shard_files(paths.shards, "train")[1] // t.global_batch_size
+    # the stage's first chunk (tracing) is left out of every arm, the same number of images for all
+    first = _steps_to_next_stop(0, steps_per_epoch, t) * t.global_batch_size
+    steps = t.epochs * steps_per_epoch - first // t.global_batch_size
+    timed = {
+        "stage": lambda: _stage(cfg, paths, work),
+        "bare_step": lambda: _bare(cfg, paths, steps=steps, skip_images=first),
+        "model_fit": lambda: _fit(cfg, paths, skip_images=first),
+    }
+    order = ARMS[index % 3 :] + ARMS[: index % 3]
+    arms = {name: timed[name]() for name in order}
+    if arms["stage"]["first_chunk_images"] != first:
+        raise RuntimeError(
+            f"benchmark train: the stage's first chunk held {arms['stage']['first_chunk_images']} images, not {first}"
+        )
+    stage, bare, fit = (arms[name] for name in ARMS)
     return {
+        "order": list(order),
         "stage": stage,
         "bare_step": bare,
         "model_fit": fit,
@@ -204,7 +226,7 @@ def run(cfg: Config, epochs: int | None = None, rounds: int = 1) -> dict:
         paths = ensure_data(cfg, work / "project")
         results = []
         for index in range(rounds):
-            results.append(_round(cfg, paths, work / f"round-{index}"))
+            results.append(_round(cfg, paths, work / f"round-{index}", index))
             log.info("benchmark train: round %d of %d: %s", index + 1, rounds, format_ratios(results[-1]))
     median = {
         key: {
@@ -214,7 +236,7 @@ def run(cfg: Config, epochs: int | None = None, rounds: int = 1) -> dict:
         }
         for key in ("stage", "bare_step", "model_fit")
     }
-    ratios = {key: round(statistics.median(r[key] for r in results), 3) for key in results[0] if key not in median}
+    ratios = {key: round(statistics.median(r[key] for r in results), 3) for key in results[0] if "_vs_" in key}
     return {
         "model": f"ResNet-{cfg.train.depth} ({cfg.train.variant})",
         "epochs": epochs,
@@ -252,7 +274,7 @@ def format_result(result: dict) -> str:
     )
     rounds = result["rounds"]
     if len(rounds) > 1:
-        lines += [f"round {i + 1}: {format_ratios(r)}" for i, r in enumerate(rounds)]
+        lines += [f"round {i + 1} ({', '.join(r['order'])}): {format_ratios(r)}" for i, r in enumerate(rounds)]
         lines.append(f"medians over {len(rounds)} rounds:")
     lines.append(format_ratios(result))
     return "\n".join(lines)

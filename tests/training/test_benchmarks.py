@@ -38,6 +38,11 @@ def test_benchmark_train_times_stage_bare_step_and_model_fit(tmp_path, monkeypat
     for key in ("stage", "bare_step", "model_fit"):
         assert result[key]["images"] > 0 and result[key]["images_per_sec"] > 0
     assert len(result["rounds"]) == 2
+    assert [r["order"] for r in result["rounds"]] == [
+        ["stage", "bare_step", "model_fit"],
+        ["bare_step", "model_fit", "stage"],
+    ], "the arms' order rotates"
+    assert result["rounds"][0]["bare_step"]["images"] == result["rounds"][0]["stage"]["images"]
     for r in result["rounds"]:
         assert r["stage_vs_bare_step"] == round(r["stage"]["images_per_sec"] / r["bare_step"]["images_per_sec"], 3)
         assert r["stage"]["cpu_ms_per_image"] > 0 and r["stage"]["validation_seconds"] > 0
