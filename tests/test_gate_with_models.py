@@ -3,8 +3,8 @@ compared image by image (no mocked predictions).
 
 - intervals and per-image predictions of the evaluate stage;
 - a first model below `min_value` is registered, not promoted, and the decision says why;
-- the paired bootstrap refuses a 2-epoch model against a 12-epoch champion in each of 5 seeded
-  trials (16-pixel inputs keep its epochs short); a retrain of the champion's recipe on another
+- the paired bootstrap refuses a 2-epoch model against a 30-epoch champion in each of 5 seeded
+  trials (16-pixel inputs keep the 30 epochs short); a retrain of the champion's recipe on another
   seed is promoted only if its interval clears the bar; a model worse on one class only is refused naming that class.
 """
 
@@ -23,7 +23,7 @@ from resnet_pipeline.evaluation import evaluate, wilson_interval
 from resnet_pipeline.registry import open_registry, register_model
 from resnet_pipeline.registry.gate import decide, read_predictions
 
-CHAMPION_EPOCHS = 12
+CHAMPION_EPOCHS = 30
 SHORT_EPOCHS = 2
 IMAGE_SIZE = 16  # the digits are 8x8: 16 pixels keep their detail at a quarter of 32's cost
 
