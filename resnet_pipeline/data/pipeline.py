@@ -179,14 +179,29 @@ def _signed_unit(bits: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) / float(2**23) - 1.0
 
 
-def _crop_batch(images: tf.Tensor, pad: int, key: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
-    """Pad each image by `pad` pixels (zeros) and crop back at its own random offset."""
+def _crop_and_flip(images: tf.Tensor, pad: int, flip: bool, key: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+    """Pad each image by `pad` pixels (zeros) and crop back at its own random offset; with `flip`,
+    mirror it with probability 1/2. One gather of rows and one of columns (the flip is the columns'
+    order), whatever is asked."""
     size = images.shape[1]
-    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    if pad:
+        images = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    top = tf.cast(_bits(key, positions, 1) % (2 * pad + 1), tf.int32) if pad else tf.zeros_like(positions, tf.int32)
+    left = tf.cast(_bits(key, positions, 2) % (2 * pad + 1), tf.int32) if pad else top
+    mirrored = tf.bitwise.right_shift(_bits(key, positions, 8), 31) > 0 if flip else None
+    if images.shape[0] == 1:  # one image (the shards' path, large images): a slice and a conditional mirror
+        if pad:
+            images = tf.slice(images, tf.stack([0, top[0], left[0], 0]), [1, size, size, images.shape[3]])
+        if mirrored is not None:
+            images = tf.cond(mirrored[0], lambda: tf.reverse(images, [2]), lambda: images)
+        return images
     span = tf.range(size)[None]
-    rows = tf.cast(_bits(key, positions, 1) % (2 * pad + 1), tf.int32)[:, None] + span
-    cols = tf.cast(_bits(key, positions, 2) % (2 * pad + 1), tf.int32)[:, None] + span
-    return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+    cols = left[:, None] + span
+    if mirrored is not None:
+        cols = tf.where(mirrored[:, None], left[:, None] + size - 1 - span, cols)
+    if pad:
+        images = tf.gather(images, top[:, None] + span, axis=1, batch_dims=1)
+    return tf.gather(images, cols, axis=2, batch_dims=1)
 
 
 def _shift_shear_zoom(images: tf.Tensor, key: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
@@ -235,13 +250,12 @@ def augment_key(seed: tf.Tensor) -> tf.Tensor:
 def augment_batch(images: tf.Tensor, positions: tf.Tensor, key: tf.Tensor, prep: Preprocess) -> tf.Tensor:
     """The random part of a batch of training images ([B, size, size, 3] after `_train_base`),
     normalised: each image's crop offsets, transform and flip come from its own `position`."""
-    if prep.augment == "cifar" and prep.pad_crop > 0:
-        images = _crop_batch(images, prep.pad_crop, key, positions)
-    elif prep.augment == "shift_shear_zoom":
+    pad = prep.pad_crop if prep.augment == "cifar" else 0
+    if prep.augment == "shift_shear_zoom":
         images = _shift_shear_zoom(images, key, positions)
-    if prep.random_flip and prep.augment != "none":
-        flip = tf.bitwise.right_shift(_bits(key, positions, 8), 31) > 0
-        images = tf.where(flip[:, None, None, None], tf.reverse(images, [2]), images)
+    flip = prep.random_flip and prep.augment != "none"
+    if pad or flip:
+        images = _crop_and_flip(images, pad, flip, key, positions)
     return _normalize(tf.clip_by_value(images, 0.0, 255.0), prep)
 
 
@@ -370,25 +384,24 @@ def make_dataset(
     if skip_batches:
         ds = ds.skip(skip_batches * local)
     base = tf.constant([seed, pipeline_id if by_worker else 0], tf.int64)
-    if memory is not None:  # batches of record indices: gathering and augmenting are one op per batch
+    key = augment_key(base)
+    if memory is not None:  # batches of record indices: gathering and augmenting are a few ops per batch
         ds = ds.batch(batch_size, drop_remainder=True)
 
         def memory_fn(positions, records):
             images = tf.gather(memory.images, records)
-            return augment_batch(images, positions, augment_key(base), prep), tf.gather(memory.labels, records)
+            return augment_batch(images, positions, key, prep), tf.gather(memory.labels, records)
 
         return ds.map(memory_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
-    def decode_fn(i, record):  # per image: what depends on its size (decoding, resizing, imagenet's crop)
+    def train_fn(i, record):
+        # per image from the shards: decoding dominates and the image stays in cache while augmented
         encoded, label = parse_example(record)
-        return i, _train_base(encoded, prep, _seed(base, tf.cast(i, tf.int32))), label
+        image = _train_base(encoded, prep, _seed(base, tf.cast(i, tf.int32)))
+        return augment_batch(image[None], i[None], key, prep)[0], label
 
-    def augment_fn(positions, images, labels):  # per batch: crops, transforms, flips, normalisation
-        return augment_batch(images, positions, augment_key(base), prep), labels
-
-    ds = ds.map(decode_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(train_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def train_epochs(
