@@ -166,12 +166,16 @@ def _lowbias32(x: tf.Tensor) -> tf.Tensor:
     return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
 
 
+DRAWS = 9  # the random choices of an image: 1, 2 crop offsets; 3-7 shift/shear/zoom; 8 flip
+
+
 def _bits(key: tf.Tensor, positions: tf.Tensor, draw: int) -> tf.Tensor:
-    """32 random bits per position for random choice `draw`: a counter-based hash of (key, position,
-    draw), so a batch draws its images' numbers in one vectorised op, each a function of the image's
-    position alone (whatever the batch, the replica or the worker that holds it)."""
-    stream = _lowbias32(key[0] ^ tf.constant((draw * 0x9E3779B9) & 0xFFFFFFFF, tf.uint32))
-    return _lowbias32(_lowbias32(tf.cast(positions, tf.uint32) ^ stream) ^ key[1])
+    """32 random bits per position for random choice `draw`: a counter-based hash of the position
+    under the draw's own key word, so a batch draws its images' numbers in one vectorised op, each a
+    function of the image's position alone (whatever the batch, the replica or the worker that
+    holds it). A handful of ops: the pipeline runs it per image too."""
+    spread = tf.cast(positions, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32)  # a Weyl step: bits spread
+    return _lowbias32(spread ^ key[draw])
 
 
 def _signed_unit(bits: tf.Tensor) -> tf.Tensor:
@@ -243,8 +247,9 @@ def _train_base(encoded: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Ten
 
 
 def augment_key(seed: tf.Tensor) -> tf.Tensor:
-    """The two uint32 words that key every image's random numbers, from a shape-[2] int seed."""
-    return tf.random.stateless_uniform([2], seed, minval=None, maxval=None, dtype=tf.uint32)
+    """The uint32 key word of each random choice (`DRAWS` of them), from a shape-[2] int seed:
+    drawn once per pipeline, not per image."""
+    return tf.random.stateless_uniform([DRAWS], seed, minval=None, maxval=None, dtype=tf.uint32)
 
 
 def augment_batch(images: tf.Tensor, positions: tf.Tensor, key: tf.Tensor, prep: Preprocess) -> tf.Tensor:
