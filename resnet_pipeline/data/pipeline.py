@@ -14,12 +14,9 @@ Normalisation (`Preprocess.mode`, params `train.preprocess`): `scale` puts pixel
 normalises with the per-channel `mean` and `std`; `caffe` is keras.applications' ResNet v1 input
 (channels RGB -> BGR, 0..255 minus the ImageNet means); `tf` is ResNetV2's ([-1, 1]).
 
-Every random choice is a function of (seed, position of the record in the epoch), so an epoch's
-images are a function of the seed alone, whatever the parallelism, the batching or the replica
-that holds them, and a resumed run sees exactly the batches the interrupted one would have.
-Decoding and imagenet's crop run per image (a stateless op seeded by the position); the crops,
-transforms and flips of the other augmentations run per batch, their numbers drawn by a
-counter-based hash of the position in one vectorised op (`augment_batch`).
+Every random choice is a stateless op seeded by (seed, position of the record in the epoch), so
+an epoch's images are a function of the seed alone, whatever the parallelism, and a resumed run
+sees exactly the batches the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -159,75 +156,27 @@ def _random_resized_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.T
     return tf.image.resize(image, [size, size], method="bilinear")
 
 
-def _lowbias32(x: tf.Tensor) -> tf.Tensor:
-    """A bijective mixer of uint32 (C. Wellons' lowbias32): every output bit depends on every input bit."""
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16)) * tf.constant(0x7FEB352D, tf.uint32)
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15)) * tf.constant(0x846CA68B, tf.uint32)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-
-
-DRAWS = 9  # the random choices of an image: 1, 2 crop offsets; 3-7 shift/shear/zoom; 8 flip
-
-
-def _bits(key: tf.Tensor, positions: tf.Tensor, draw: int) -> tf.Tensor:
-    """32 random bits per position for random choice `draw`: a counter-based hash of the position
-    under the draw's own key word, so a batch draws its images' numbers in one vectorised op, each a
-    function of the image's position alone (whatever the batch, the replica or the worker that
-    holds it). A handful of ops: the pipeline runs it per image too."""
-    spread = tf.cast(positions, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32)  # a Weyl step: bits spread
-    return _lowbias32(spread ^ key[draw])
-
-
-def _signed_unit(bits: tf.Tensor) -> tf.Tensor:
-    """Uniform in [-1, 1) from 32 random bits (their top 24)."""
-    return tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) / float(2**23) - 1.0
-
-
-def _crop_and_flip(images: tf.Tensor, pad: int, flip: bool, key: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
-    """Pad each image by `pad` pixels (zeros) and crop back at its own random offset; with `flip`,
-    mirror it with probability 1/2. One gather of rows and one of columns (the flip is the columns'
-    order), whatever is asked."""
-    size = images.shape[1]
-    if pad:
-        images = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    top = tf.cast(_bits(key, positions, 1) % (2 * pad + 1), tf.int32) if pad else tf.zeros_like(positions, tf.int32)
-    left = tf.cast(_bits(key, positions, 2) % (2 * pad + 1), tf.int32) if pad else top
-    mirrored = tf.bitwise.right_shift(_bits(key, positions, 8), 31) > 0 if flip else None
-    if images.shape[0] == 1:  # one image (the shards' path, large images): a slice and a conditional mirror
-        if pad:
-            images = tf.slice(images, tf.stack([0, top[0], left[0], 0]), [1, size, size, images.shape[3]])
-        if mirrored is not None:
-            images = tf.cond(mirrored[0], lambda: tf.reverse(images, [2]), lambda: images)
-        return images
-    span = tf.range(size)[None]
-    cols = left[:, None] + span
-    if mirrored is not None:
-        cols = tf.where(mirrored[:, None], left[:, None] + size - 1 - span, cols)
-    if pad:
-        images = tf.gather(images, top[:, None] + span, axis=1, batch_dims=1)
-    return tf.gather(images, cols, axis=2, batch_dims=1)
-
-
-def _shift_shear_zoom(images: tf.Tensor, key: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+def _shift_shear_zoom(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """ImageDataGenerator(width/height_shift_range=0.2, shear_range=0.2, zoom_range=0.2), nearest fill."""
-    size = float(images.shape[1])
-    u = [_signed_unit(_bits(key, positions, 3 + k)) for k in range(5)]
+    size = tf.cast(tf.shape(image)[0], tf.float32)
+    u = tf.random.stateless_uniform([5], seed, -1.0, 1.0)
     tx, ty = u[0] * 0.2 * size, u[1] * 0.2 * size
     shear = u[2] * 0.2 * math.pi / 180.0  # degrees, as ImageDataGenerator takes it
     zx, zy = 1.0 + 0.2 * u[3], 1.0 + 0.2 * u[4]
-    c, zero = size / 2.0, tf.zeros_like(zx)
+    c = size / 2.0
     # output -> input map about the centre: x_in = A (x_out - c) + c + t
     a0, a1 = zx, -tf.sin(shear) * zy
-    b0, b1 = zero, tf.cos(shear) * zy
-    transforms = tf.stack([a0, a1, c - a0 * c - a1 * c + tx, b0, b1, c - b0 * c - b1 * c + ty, zero, zero], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images,
-        transforms=transforms,
-        output_shape=tf.shape(images)[1:3],
+    b0, b1 = 0.0 * zx, tf.cos(shear) * zy
+    transform = tf.stack([a0, a1, c - a0 * c - a1 * c + tx, b0, b1, c - b0 * c - b1 * c + ty, 0.0, 0.0])
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform[None],
+        output_shape=tf.shape(image)[:2],
         interpolation="BILINEAR",
         fill_mode="NEAREST",
         fill_value=0.0,
     )
+    return out[0]
 
 
 def _base_image(encoded: tf.Tensor, prep: Preprocess) -> tf.Tensor:
@@ -235,41 +184,26 @@ def _base_image(encoded: tf.Tensor, prep: Preprocess) -> tf.Tensor:
     return _resize_and_centre_crop(_decode(encoded), prep.image_size, prep.eval_crop)
 
 
-def _train_base(encoded: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Tensor:
-    """The per-image part of a training image: imagenet's random-resized crop (decoding only the
-    window), or the decoded, resized, centre-cropped image for the others."""
+def _augment(image: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Tensor:
+    """The random part of a training image (after `_base_image`, or after imagenet's crop), normalised."""
+    size = prep.image_size
+    if prep.augment == "cifar" and prep.pad_crop > 0:
+        padded = size + 2 * prep.pad_crop
+        image = tf.image.pad_to_bounding_box(image, prep.pad_crop, prep.pad_crop, padded, padded)
+        image = tf.image.stateless_random_crop(image, [size, size, 3], _seed(seed, 1))
+    elif prep.augment == "shift_shear_zoom":
+        image = _shift_shear_zoom(image, _seed(seed, 2))
+    if prep.random_flip and prep.augment != "none":
+        image = tf.image.stateless_random_flip_left_right(image, _seed(seed, 3))
+    image.set_shape([size, size, 3])
+    return _normalize(tf.clip_by_value(image, 0.0, 255.0), prep)
+
+
+def train_image(encoded: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Tensor:
+    """One augmented training image; `seed` is a shape-[2] int tensor (stateless ops)."""
     if prep.augment == "imagenet":
-        image = _random_resized_crop(encoded, prep.image_size, _seed(seed, 0))
-    else:
-        image = _base_image(encoded, prep)
-    image.set_shape([prep.image_size, prep.image_size, 3])
-    return image
-
-
-def augment_key(seed: tf.Tensor) -> tf.Tensor:
-    """The uint32 key word of each random choice (`DRAWS` of them), from a shape-[2] int seed:
-    drawn once per pipeline, not per image."""
-    return tf.random.stateless_uniform([DRAWS], seed, minval=None, maxval=None, dtype=tf.uint32)
-
-
-def augment_batch(images: tf.Tensor, positions: tf.Tensor, key: tf.Tensor, prep: Preprocess) -> tf.Tensor:
-    """The random part of a batch of training images ([B, size, size, 3] after `_train_base`),
-    normalised: each image's crop offsets, transform and flip come from its own `position`."""
-    pad = prep.pad_crop if prep.augment == "cifar" else 0
-    if prep.augment == "shift_shear_zoom":
-        images = _shift_shear_zoom(images, key, positions)
-    flip = prep.random_flip and prep.augment != "none"
-    if pad or flip:
-        images = _crop_and_flip(images, pad, flip, key, positions)
-    return _normalize(tf.clip_by_value(images, 0.0, 255.0), prep)
-
-
-def train_image(encoded: tf.Tensor, prep: Preprocess, seed: tf.Tensor, position: int = 0) -> tf.Tensor:
-    """One augmented training image, as the pipeline makes the image at `position` of an epoch
-    whose pipeline seed is `seed` (a shape-[2] int tensor)."""
-    at = tf.constant([position], tf.int64)
-    image = _train_base(encoded, prep, _seed(seed, tf.constant(position, tf.int32)))
-    return augment_batch(image[None], at, augment_key(seed), prep)[0]
+        return _augment(_random_resized_crop(encoded, prep.image_size, _seed(seed, 0)), prep, seed)
+    return _augment(_base_image(encoded, prep), prep, seed)
 
 
 @dataclass(frozen=True)
@@ -359,12 +293,8 @@ def make_dataset(
         ds = ds.shard(pipelines, pipeline_id)
     if training:
         ds = ds.shuffle(len(files), seed=seed)
-    # (record indices need no parallel reads: interleaved in this thread, in the same order)
     ds = ds.interleave(
-        per_file,
-        cycle_length=min(4, len(files)),
-        deterministic=True,
-        num_parallel_calls=tf.data.AUTOTUNE if memory is None else None,
+        per_file, cycle_length=min(4, len(files)), deterministic=True, num_parallel_calls=tf.data.AUTOTUNE
     )
     if by_worker and pipelines > len(files):
         ds = ds.shard(pipelines, pipeline_id)
@@ -389,21 +319,13 @@ def make_dataset(
     if skip_batches:
         ds = ds.skip(skip_batches * local)
     base = tf.constant([seed, pipeline_id if by_worker else 0], tf.int64)
-    key = augment_key(base)
-    if memory is not None:  # batches of record indices: gathering and augmenting are a few ops per batch
-        ds = ds.batch(batch_size, drop_remainder=True)
-
-        def memory_fn(positions, records):
-            images = tf.gather(memory.images, records)
-            return augment_batch(images, positions, key, prep), tf.gather(memory.labels, records)
-
-        return ds.map(memory_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
     def train_fn(i, record):
-        # per image from the shards: decoding dominates and the image stays in cache while augmented
+        seed_i = _seed(base, tf.cast(i, tf.int32))
+        if memory is not None:
+            return _augment(tf.gather(memory.images, record), prep, seed_i), tf.gather(memory.labels, record)
         encoded, label = parse_example(record)
-        image = _train_base(encoded, prep, _seed(base, tf.cast(i, tf.int32)))
-        return augment_batch(image[None], i[None], key, prep)[0], label
+        return train_image(encoded, prep, seed_i), label
 
     ds = ds.map(train_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
