@@ -18,7 +18,10 @@ Each figure leaves out its first chunk of steps (tracing), the same number of im
 the first run of validation (the stage traces and runs it at start-up; Keras' test step gets an
 `evaluate` before `fit`).
 Printed as images/s and as ratios stage / bare step and stage / model.fit; beside them the same
-ratios in the process's CPU time per image, which other load on the machine moves less.
+ratios in the process's CPU time per image, which other load on the machine moves less. The
+stage's time is split into its compiled steps (on its own input: their images/s against the bare
+step's is what the input costs the steps), validation, checkpoints and the rest (the host's
+figures, progress and records between chunks).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def _stage(cfg: Config, paths: Paths, work: Path) -> dict:
         "images_per_sec": round(images / seconds, 2),
         "cpu_ms_per_image": round(cpu / images * 1e3, 4),
         "first_chunk_images": summary["first_chunk_images"],
+        "steps_seconds": summary["steps_seconds"],
+        "steps_images_per_sec": round(images / summary["steps_seconds"], 2),
         "validation_seconds": summary["validation_seconds"],
         "checkpoint_seconds": summary["checkpoint_seconds"],
     }
@@ -267,10 +272,13 @@ def format_result(result: dict) -> str:
             f"{r['cpu_ms_per_image']:>13.3f}"
         )
     stage = result["stage"]
+    total, steps = stage["seconds"], stage["steps_seconds"]
     val, ckpt = stage["validation_seconds"], stage["checkpoint_seconds"]
     lines.append(
-        f"stage's validation: {val:.2f} s ({val / stage['seconds']:.1%}), "
-        f"checkpoints: {ckpt:.2f} s ({ckpt / stage['seconds']:.1%})"
+        f"stage's time: in its steps {steps:.2f} s ({steps / total:.1%}; {stage['steps_images_per_sec']:.1f} "
+        f"images/s, {stage['steps_images_per_sec'] / result['bare_step']['images_per_sec']:.3f}x the bare step), "
+        f"validation {val:.2f} s ({val / total:.1%}), checkpoints {ckpt:.2f} s ({ckpt / total:.1%}), "
+        f"the rest {total - steps - val - ckpt:.2f} s ({(total - steps - val - ckpt) / total:.1%})"
     )
     rounds = result["rounds"]
     if len(rounds) > 1:

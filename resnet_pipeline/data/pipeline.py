@@ -14,9 +14,10 @@ Normalisation (`Preprocess.mode`, params `train.preprocess`): `scale` puts pixel
 normalises with the per-channel `mean` and `std`; `caffe` is keras.applications' ResNet v1 input
 (channels RGB -> BGR, 0..255 minus the ImageNet means); `tf` is ResNetV2's ([-1, 1]).
 
-Every random choice is a stateless op seeded by (seed, position of the record in the epoch), so
-an epoch's images are a function of the seed alone, whatever the parallelism, and a resumed run
-sees exactly the batches the interrupted one would have.
+Every random choice is a stateless op seeded by (seed, position of the record in the epoch), or,
+for a train split held in memory (augmented many images at a time), by (seed, global step of the
+epoch), so an epoch's images are a function of the seed alone, whatever the parallelism, and a
+resumed run sees exactly the batches the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ FEATURES = {
 MODES = ("scale", "caffe", "tf")
 CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)  # keras.applications.imagenet_utils, mode="caffe"
 IN_MEMORY_BYTES = 512 * 2**20  # a train split whose decoded float32 images fit is decoded only once
+DRAWS = 8  # uniform numbers per image of a split in memory: crop top and left, mirror, 5 of shift/shear/zoom
+GROUP_STEPS = 8  # global steps of a split in memory augmented together
 
 
 @dataclass(frozen=True)
@@ -156,27 +159,35 @@ def _random_resized_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.T
     return tf.image.resize(image, [size, size], method="bilinear")
 
 
-def _shift_shear_zoom(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """ImageDataGenerator(width/height_shift_range=0.2, shear_range=0.2, zoom_range=0.2), nearest fill."""
-    size = tf.cast(tf.shape(image)[0], tf.float32)
-    u = tf.random.stateless_uniform([5], seed, -1.0, 1.0)
-    tx, ty = u[0] * 0.2 * size, u[1] * 0.2 * size
-    shear = u[2] * 0.2 * math.pi / 180.0  # degrees, as ImageDataGenerator takes it
-    zx, zy = 1.0 + 0.2 * u[3], 1.0 + 0.2 * u[4]
-    c = size / 2.0
+def _shift_shear_zoom_transforms(u: tf.Tensor, size: float) -> tf.Tensor:
+    """ImageDataGenerator(width/height_shift_range=0.2, shear_range=0.2, zoom_range=0.2) as the
+    projective transforms ([n, 8]) of `u` ([n, 5], uniform in [-1, 1]: shifts, shear, zooms)."""
+    tx, ty = u[:, 0] * 0.2 * size, u[:, 1] * 0.2 * size
+    shear = u[:, 2] * 0.2 * math.pi / 180.0  # degrees, as ImageDataGenerator takes it
+    zx, zy = 1.0 + 0.2 * u[:, 3], 1.0 + 0.2 * u[:, 4]
+    c, zero = size / 2.0, tf.zeros_like(zx)
     # output -> input map about the centre: x_in = A (x_out - c) + c + t
     a0, a1 = zx, -tf.sin(shear) * zy
-    b0, b1 = 0.0 * zx, tf.cos(shear) * zy
-    transform = tf.stack([a0, a1, c - a0 * c - a1 * c + tx, b0, b1, c - b0 * c - b1 * c + ty, 0.0, 0.0])
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None],
-        transforms=transform[None],
-        output_shape=tf.shape(image)[:2],
+    b0, b1 = zero, tf.cos(shear) * zy
+    return tf.stack([a0, a1, c - a0 * c - a1 * c + tx, b0, b1, c - b0 * c - b1 * c + ty, zero, zero], axis=1)
+
+
+def _transform(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+    """Each of `images` ([n, h, w, 3]) through its projective transform, bilinear, nearest fill."""
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=tf.shape(images)[1:3],
         interpolation="BILINEAR",
         fill_mode="NEAREST",
         fill_value=0.0,
     )
-    return out[0]
+
+
+def _shift_shear_zoom(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """The seed's shift, shear and zoom of one image, nearest fill."""
+    u = tf.random.stateless_uniform([1, 5], seed, -1.0, 1.0)
+    return _transform(image[None], _shift_shear_zoom_transforms(u, tf.cast(tf.shape(image)[0], tf.float32)))[0]
 
 
 def _base_image(encoded: tf.Tensor, prep: Preprocess) -> tf.Tensor:
@@ -204,6 +215,30 @@ def train_image(encoded: tf.Tensor, prep: Preprocess, seed: tf.Tensor) -> tf.Ten
     if prep.augment == "imagenet":
         return _augment(_random_resized_crop(encoded, prep.image_size, _seed(seed, 0)), prep, seed)
     return _augment(_base_image(encoded, prep), prep, seed)
+
+
+def augment_batch(images: tf.Tensor, u: tf.Tensor, prep: Preprocess) -> tf.Tensor:
+    """The random part of many training images at once ([n, size, size, 3] float32 after
+    `_base_image`), normalised, from `u` ([n, DRAWS] uniform in [0, 1), one row per image): the
+    augmentation of `_augment` with the same distribution, in a handful of batched ops (one gather
+    of rows and one of columns for crop and mirror, one transform for shift/shear/zoom)."""
+    size = prep.image_size
+    if prep.augment == "shift_shear_zoom":
+        images = _transform(images, _shift_shear_zoom_transforms(2.0 * u[:, 3:8] - 1.0, float(size)))
+    pad = prep.pad_crop if prep.augment == "cifar" else 0
+    mirror = prep.random_flip and prep.augment != "none"
+    if pad or mirror:
+        span = tf.range(size)[None]
+        top, left = (tf.minimum(tf.cast(u[:, k] * (2 * pad + 1), tf.int32), 2 * pad)[:, None] for k in (0, 1))
+        cols = left + span
+        if mirror:  # the columns in reverse order: the image mirrored
+            cols = tf.where(u[:, 2:3] < 0.5, left + size - 1 - span, cols)
+        if pad:
+            images = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+            images = tf.gather(images, top + span, axis=1, batch_dims=1)
+        images = tf.gather(images, cols, axis=2, batch_dims=1)
+    images.set_shape([None, size, size, 3])
+    return _normalize(tf.clip_by_value(images, 0.0, 255.0), prep)
 
 
 @dataclass(frozen=True)
@@ -272,9 +307,10 @@ def make_dataset(
     in the same order instead and keeps its replicas' slice of each global batch, so that the
     replicas together see exactly the global batches, and the augmentations, of one device.
 
-    With `in_memory` (training), the
-    same order is drawn over record indices into its decoded images, and each image is only
-    augmented: the batches are those of the shards, number for number.
+    With `in_memory` (training), the same order is drawn over record indices into its decoded
+    images: the batches hold the shards' images and labels in the shards' order, each image only
+    augmented, many at once (`_memory_batches`), with the same distribution of crops, mirrors and
+    transforms as the shards' path but numbers of their own.
     """
     ctx = input_context
     pipelines = ctx.num_input_pipelines if ctx else 1
@@ -310,25 +346,65 @@ def make_dataset(
     ds = ds.shuffle(4096, seed=seed + 1)
     if by_worker:
         ds = ds.repeat()
-    ds = ds.enumerate()  # the record's position in the epoch seeds its augmentation
     local = batch_size * local_replicas  # records this pipeline feeds per global step
+    start = pipeline_id * local if split else 0
+    base = tf.constant([seed, pipeline_id if by_worker else 0], tf.int64)
+    if memory is not None:
+        step_records = batch_size * ctx.num_replicas_in_sync if split and ctx else local
+        return _memory_batches(ds, memory, prep, batch_size, base, step_records, start, local, skip_batches)
+    ds = ds.enumerate()  # the record's position in the epoch seeds its augmentation
     if split and ctx is not None:
-        start = pipeline_id * local
         ds = ds.batch(batch_size * ctx.num_replicas_in_sync, drop_remainder=True)
         ds = ds.map(lambda i, r: (i[start : start + local], r[start : start + local])).unbatch()
     if skip_batches:
         ds = ds.skip(skip_batches * local)
-    base = tf.constant([seed, pipeline_id if by_worker else 0], tf.int64)
 
     def train_fn(i, record):
-        seed_i = _seed(base, tf.cast(i, tf.int32))
-        if memory is not None:
-            return _augment(tf.gather(memory.images, record), prep, seed_i), tf.gather(memory.labels, record)
         encoded, label = parse_example(record)
-        return train_image(encoded, prep, seed_i), label
+        return train_image(encoded, prep, _seed(base, tf.cast(i, tf.int32))), label
 
     ds = ds.map(train_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _memory_batches(
+    ds: tf.data.Dataset,
+    memory: InMemory,
+    prep: Preprocess,
+    batch_size: int,
+    key: tf.Tensor,
+    step_records: int,
+    start: int,
+    local: int,
+    skip_steps: int,
+) -> tf.data.Dataset:
+    """Per-replica batches of a split held in memory, from `ds`, the epoch's record indices in order.
+
+    The indices are cut into global steps of `step_records` (the whole global batch when the
+    pipelines split it, of which this one keeps `local` from `start`). Each step draws its images'
+    uniform numbers at once, from (`key`, step), so a step's augmentation depends on the seed and
+    its place in the epoch alone (a resumed run skips `skip_steps` and sees the same images).
+    `GROUP_STEPS` steps are gathered and augmented together (`augment_batch`): a few batched ops
+    per group instead of a dozen per image."""
+    ds = ds.batch(step_records, drop_remainder=True).enumerate()
+    if skip_steps:
+        ds = ds.skip(skip_steps)
+
+    def draw(step, records):
+        u = tf.random.stateless_uniform([step_records, DRAWS], _seed(key, tf.cast(step, tf.int32)))
+        return records[start : start + local], u[start : start + local]
+
+    def augment(records, u):
+        flat = tf.reshape(records, [-1])
+        images = augment_batch(tf.gather(memory.images, flat), tf.reshape(u, [-1, DRAWS]), prep)
+        size = prep.image_size
+        return (
+            tf.reshape(images, [-1, batch_size, size, size, 3]),
+            tf.reshape(tf.gather(memory.labels, flat), [-1, batch_size]),
+        )
+
+    ds = ds.map(draw).batch(GROUP_STEPS).map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.unbatch().prefetch(tf.data.AUTOTUNE)
 
 
 def train_epochs(

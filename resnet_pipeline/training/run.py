@@ -111,7 +111,7 @@ class Run:
         self.step_rows: list[dict] = []
         # the first chunk traces the step; the seconds of the loop spent validating and checkpointing
         self.timing: dict[str, float] = {"first": -1.0, "first_images": 0, "loop": 0.0, "validation": 0.0}
-        self.timing["checkpoints"] = 0.0
+        self.timing["checkpoints"] = self.timing["steps"] = 0.0
 
     # ------------------------------------------------------------------------------ before the loop
 
@@ -236,9 +236,12 @@ class Run:
         cfg, gbs = self.cfg, self.cfg.global_batch_size
         n = _steps_to_next_stop(self.step, self.steps_per_epoch, cfg)
         lr = float(self.trainer.schedule(self.step))
+        began = time.perf_counter()
         loss, correct, stop = self.trainer.train_steps(iterator, n, sigterm.requested)
         self.step += n
         now = time.perf_counter()
+        if self.timing["first"] >= 0:  # the device's steps after the first chunk (tracing)
+            self.timing["steps"] += now - began
         images, seconds = n * gbs, now - self.clock
         for name, value in (
             ("epoch_loss", loss),
@@ -311,6 +314,7 @@ class Run:
             # the process's CPU seconds over the same spans: a figure that other load on the machine moves less
             "loop_cpu_seconds": round(timing.get("loop_cpu", 0.0), 3),
             "first_chunk_cpu_seconds": round(timing.get("first_cpu", 0.0), 3),
+            "steps_seconds": round(timing["steps"], 3),  # inside the compiled steps, after the first chunk
             "validation_seconds": round(timing["validation"], 3),
             "checkpoint_seconds": round(timing["checkpoints"], 3),
             "best_val_accuracy": best if best >= 0 else None,

@@ -1,6 +1,9 @@
-"""One iterator over all the epochs, and the train split decoded once in memory: both give the
-batches of a fresh per-epoch pipeline over the shards, number for number (resume skip, several
-input pipelines and split global batches included)."""
+"""One iterator over all the epochs, and the train split decoded once in memory.
+
+One iterator gives the batches of a fresh per-epoch pipeline, number for number. A split held in
+memory gives the shards' images and labels in the shards' order (resume skip, several input
+pipelines and split global batches included), augmented many at a time with numbers of its own:
+each image is one of the crops and mirrors of its own image, all of them about equally often."""
 
 from __future__ import annotations
 
@@ -10,7 +13,14 @@ import tensorflow as tf
 
 from resnet_pipeline.config import ShardConfig
 from resnet_pipeline.data import pipeline
-from resnet_pipeline.data.pipeline import Preprocess, decode_in_memory, make_dataset, shard_files, train_epochs
+from resnet_pipeline.data.pipeline import (
+    InMemory,
+    Preprocess,
+    decode_in_memory,
+    make_dataset,
+    shard_files,
+    train_epochs,
+)
 from resnet_pipeline.data.shard import shard
 
 PREP = Preprocess(32, augment="cifar", pad_crop=4)
@@ -45,23 +55,109 @@ class _Context:
         self.num_input_pipelines, self.input_pipeline_id, self.num_replicas_in_sync = pipelines, pipeline_id, replicas
 
 
-@pytest.mark.parametrize(
-    "ctx, split",
-    [
-        pytest.param(None, False, id="one-pipeline"),
-        pytest.param(_Context(2, 1, 2), False, id="by-worker"),
-        pytest.param(_Context(2, 0, 4), True, id="split-global-batch"),
-    ],
-)
-def test_in_memory_batches_are_those_of_the_shards(many_shards, ctx, split):
+CONTEXTS = [
+    pytest.param(None, False, id="one-pipeline"),
+    pytest.param(_Context(2, 1, 2), False, id="by-worker"),
+    pytest.param(_Context(2, 0, 4), True, id="split-global-batch"),
+]
+
+
+@pytest.mark.parametrize("ctx, split", CONTEXTS)
+def test_in_memory_batches_hold_the_shards_images_in_the_shards_order(many_shards, ctx, split):
     files, n = many_shards
-    memory = decode_in_memory(files, n, PREP)
+    plain = Preprocess(32, augment="none")
+    memory = decode_in_memory(files, n, plain)
     assert memory is not None and memory.images.shape == (n, 32, 32, 3)
     for skip in (0, 3):
         kwargs = dict(training=True, seed=5, input_context=ctx, skip_batches=skip, split_global_batch=split)
-        streamed = make_dataset(files, BATCH, PREP, **kwargs).take(20)
-        held = make_dataset(files, BATCH, PREP, in_memory=memory, **kwargs).take(20)
-        _assert_same(_batches(streamed), _batches(held))
+        streamed = _batches(make_dataset(files, BATCH, plain, **kwargs).take(20))
+        _assert_same(streamed, _batches(make_dataset(files, BATCH, plain, in_memory=memory, **kwargs).take(20)))
+        augmented = _batches(make_dataset(files, BATCH, PREP, in_memory=memory, **kwargs).take(20))
+        assert [y.tolist() for _, y in augmented] == [y.tolist() for _, y in streamed]
+        assert any(not np.array_equal(x, xs) for (x, _), (xs, _) in zip(augmented, streamed))
+
+
+def test_split_global_batches_in_memory_are_the_one_device_batches_cut_in_slices(many_shards):
+    """The pipelines of a split global batch, augmentation included, see exactly one device's batches."""
+    files, n = many_shards
+    memory = decode_in_memory(files, n, PREP)
+    one = _batches(make_dataset(files, 4 * BATCH, PREP, training=True, seed=5, in_memory=memory).take(6))
+    for pipeline_id in (0, 1):
+        ctx = _Context(2, pipeline_id, 4)
+        part = make_dataset(
+            files, BATCH, PREP, training=True, seed=5, input_context=ctx, split_global_batch=True, in_memory=memory
+        )
+        got = _batches(part.take(12))
+        for step, (x, y) in enumerate(one):
+            for k in range(2):
+                rows = slice((2 * pipeline_id + k) * BATCH, (2 * pipeline_id + k + 1) * BATCH)
+                np.testing.assert_array_equal(got[2 * step + k][0], x[rows])
+                np.testing.assert_array_equal(got[2 * step + k][1], y[rows])
+
+
+def test_a_resumed_epoch_in_memory_sees_the_images_the_interrupted_one_would_have(many_shards):
+    files, n = many_shards
+    memory = decode_in_memory(files, n, PREP)
+    whole = _batches(make_dataset(files, BATCH, PREP, training=True, seed=8, in_memory=memory))
+    for skip in (1, 7, 9):  # inside the first group of steps augmented together, at its end, past it
+        resumed = _batches(make_dataset(files, BATCH, PREP, training=True, seed=8, in_memory=memory, skip_batches=skip))
+        _assert_same(whole[skip:], resumed)
+    again = _batches(make_dataset(files, BATCH, PREP, training=True, seed=8, in_memory=memory))
+    _assert_same(whole, again)
+    other = _batches(make_dataset(files, BATCH, PREP, training=True, seed=9, in_memory=memory))
+    assert not np.array_equal(other[0][0], whole[0][0])
+
+
+def _coordinates(n: int, size: int) -> InMemory:
+    """Images whose pixels name their own row (red), column (green) and record (blue); labels 0..n-1."""
+    rows, cols = np.mgrid[0:size, 0:size]
+    images = np.stack(
+        [
+            np.broadcast_to((rows + 1) * 6, (n, size, size)),
+            np.broadcast_to((cols + 1) * 6, (n, size, size)),
+            np.broadcast_to((np.arange(n) % 251)[:, None, None], (n, size, size)),
+        ],
+        -1,
+    ).astype(np.float32)
+    return InMemory(tf.constant(images), tf.range(n, dtype=tf.int32), (0, n // 2), (n // 2, n))
+
+
+def test_each_image_in_memory_is_one_crop_and_mirror_of_its_own_all_about_equally_often():
+    size, pad, n = 32, 4, 1200
+    memory = _coordinates(n, size)
+    prep = Preprocess(size, augment="cifar", pad_crop=pad, random_flip=True)
+    counts, mirrored, seen = np.zeros((2 * pad + 1, 2 * pad + 1), int), 0, 0
+    for seed in range(3):
+        for x, y in make_dataset(["a", "b"], BATCH, prep, training=True, seed=seed, in_memory=memory):
+            for image, label in zip(x.numpy() * 255.0, y.numpy()):
+                centre = image[size // 2, size // 2]
+                np.testing.assert_allclose(centre[2], label % 251, atol=1e-3)  # the record's own image
+                mirror = image[size // 2, size // 2 + 1, 1] < centre[1]
+                top = round(centre[0] / 6) - 1 - size // 2 + pad
+                col = round(centre[1] / 6) - 1 + pad  # the padded image's column at the centre
+                left = col - (size - 1 - size // 2) if mirror else col - size // 2
+                padded = np.pad(memory.images[label].numpy(), [(pad, pad), (pad, pad), (0, 0)])
+                expected = padded[top : top + size, left : left + size]
+                np.testing.assert_allclose(image, expected[:, ::-1] if mirror else expected, atol=1e-3)
+                counts[top, left] += 1
+                mirrored += bool(mirror)
+                seen += 1
+    assert seen == 3 * (n // BATCH) * BATCH
+    expected = seen / counts.size
+    chi2 = ((counts - expected) ** 2 / expected).sum()  # 80 degrees of freedom: mean 80, P(> 150) < 1e-6
+    assert counts.min() > 0 and chi2 < 150, counts
+    assert 0.45 < mirrored / seen < 0.55
+
+
+def test_shift_shear_zoom_in_memory_moves_each_image_its_own_way():
+    size, n = 32, 64
+    memory = _coordinates(n, size)
+    prep = Preprocess(size, augment="shift_shear_zoom")
+    x, y = next(iter(make_dataset(["a", "b"], n // 2, prep, training=True, seed=1, in_memory=memory)))
+    plain = memory.images.numpy()[y.numpy()] / 255.0
+    moved = np.abs(x.numpy() - plain)[..., :2].mean(axis=(1, 2, 3))
+    assert (moved > 0).all() and (moved < 0.25).all(), moved
+    assert len({round(float(m), 5) for m in moved}) == len(moved), "every image its own transform"
 
 
 def test_one_iterator_over_the_epochs_gives_each_epochs_own_batches(many_shards):
@@ -85,7 +181,7 @@ def test_one_iterator_over_the_epochs_gives_each_epochs_own_batches(many_shards)
         expected = []
         for epoch in (1, 2, 3):
             skip = 2 if epoch == 1 else 0
-            ds = make_dataset(files, BATCH, PREP, training=True, seed=9 + epoch, skip_batches=skip)
+            ds = make_dataset(files, BATCH, PREP, training=True, seed=9 + epoch, skip_batches=skip, in_memory=in_memory)
             expected += _batches(ds.take(steps - skip))
         _assert_same(expected, run)
     assert len(run) == 3 * steps - 2

@@ -45,10 +45,15 @@ def test_benchmark_train_times_stage_bare_step_and_model_fit(tmp_path, monkeypat
     assert result["rounds"][0]["bare_step"]["images"] == result["rounds"][0]["stage"]["images"]
     for r in result["rounds"]:
         assert r["stage_vs_bare_step"] == round(r["stage"]["images_per_sec"] / r["bare_step"]["images_per_sec"], 3)
-        assert r["stage"]["cpu_ms_per_image"] > 0 and r["stage"]["validation_seconds"] > 0
+        stage = r["stage"]
+        assert stage["cpu_ms_per_image"] > 0 and stage["validation_seconds"] > 0
+        parts = stage["steps_seconds"] + stage["validation_seconds"] + stage["checkpoint_seconds"]
+        assert 0 < stage["steps_seconds"] and parts <= stage["seconds"] + 1e-3, "the parts lie within the stage's time"
+        assert stage["steps_images_per_sec"] >= stage["images_per_sec"]
     ratios = sorted(r["stage_vs_model_fit"] for r in result["rounds"])
     assert result["stage_vs_model_fit"] == round((ratios[0] + ratios[1]) / 2, 3)  # the median of two
     assert "stage / bare step:" in printed and "stage / model.fit:" in printed
+    assert "stage's time: in its steps" in printed and "the rest" in printed
     assert not (tmp_path / "data").exists()
 
 
