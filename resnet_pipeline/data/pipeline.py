@@ -243,12 +243,14 @@ def augment_batch(images: tf.Tensor, u: tf.Tensor, prep: Preprocess) -> tf.Tenso
 
 @dataclass(frozen=True)
 class InMemory:
-    """A split's images before augmentation, decoded once: `images[starts[f]:ends[f]]` are file f's."""
+    """A split's images before augmentation, decoded once, and their labels, in the shards' order."""
 
     images: tf.Tensor
     labels: tf.Tensor
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
+
+    @property
+    def records(self) -> int:
+        return int(self.labels.shape[0])
 
     @property
     def nbytes(self) -> int:
@@ -266,20 +268,11 @@ def decode_in_memory(files: list[str], records: int, prep: Preprocess) -> InMemo
         encoded, label = parse_example(record)
         return _base_image(encoded, prep), label
 
-    images: list[tf.Tensor] = []
-    labels: list[tf.Tensor] = []
-    starts: list[int] = []
-    ends: list[int] = []
-    for name in files:
-        count = 0
-        records_ds = tf.data.TFRecordDataset(name).map(base, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        for batch_images, batch_labels in records_ds.batch(4096):
-            images.append(batch_images)
-            labels.append(batch_labels)
-            count += int(batch_labels.shape[0])
-        starts.append(ends[-1] if ends else 0)
-        ends.append(starts[-1] + count)
-    return InMemory(tf.concat(images, 0), tf.concat(labels, 0), tuple(starts), tuple(ends))
+    ds = tf.data.TFRecordDataset(files).map(base, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = [(x, y) for x, y in ds.batch(4096)]
+    if not batches:
+        return None
+    return InMemory(tf.concat([x for x, _ in batches], 0), tf.concat([y for _, y in batches], 0))
 
 
 def make_dataset(
@@ -307,9 +300,9 @@ def make_dataset(
     in the same order instead and keeps its replicas' slice of each global batch, so that the
     replicas together see exactly the global batches, and the augmentations, of one device.
 
-    With `in_memory` (training), the same order is drawn over record indices into its decoded
-    images: the batches hold the shards' images and labels in the shards' order, each image only
-    augmented, many at once (`_memory_batches`), with the same distribution of crops, mirrors and
+    With `in_memory` (training), the epoch is one permutation of the decoded images instead, cut
+    into global steps of which each pipeline keeps its replicas' slice (`_memory_batches`): each
+    image only augmented, many at once, with the same distribution of crops, mirrors and
     transforms as the shards' path but numbers of their own.
     """
     ctx = input_context
@@ -318,13 +311,11 @@ def make_dataset(
     local_replicas = ctx.num_replicas_in_sync // pipelines if ctx else 1
     split = split_global_batch and pipelines > 1
     by_worker = pipelines > 1 and not split
-    memory = in_memory if training else None
-    if memory is None:
-        ds, per_file = tf.data.Dataset.from_tensor_slices(files), tf.data.TFRecordDataset
-    else:  # each file's record indices in place of its records: shuffles and interleave draw the same order
-        bounds = (tf.constant(memory.starts, tf.int64), tf.constant(memory.ends, tf.int64))
-        ds = tf.data.Dataset.from_tensor_slices(bounds)
-        per_file = lambda start, end: tf.data.Dataset.range(start, end)  # noqa: E731
+    if training and in_memory is not None:
+        return _memory_batches(
+            in_memory, prep, batch_size, ctx, seed=seed, first_epoch=0, epochs=1, skip_steps=skip_batches
+        )
+    ds, per_file = tf.data.Dataset.from_tensor_slices(files), tf.data.TFRecordDataset
     if by_worker and len(files) >= pipelines:
         ds = ds.shard(pipelines, pipeline_id)
     if training:
@@ -349,9 +340,6 @@ def make_dataset(
     local = batch_size * local_replicas  # records this pipeline feeds per global step
     start = pipeline_id * local if split else 0
     base = tf.constant([seed, pipeline_id if by_worker else 0], tf.int64)
-    if memory is not None:
-        step_records = batch_size * ctx.num_replicas_in_sync if split and ctx else local
-        return _memory_batches(ds, memory, prep, batch_size, base, step_records, start, local, skip_batches)
     ds = ds.enumerate()  # the record's position in the epoch seeds its augmentation
     if split and ctx is not None:
         ds = ds.batch(batch_size * ctx.num_replicas_in_sync, drop_remainder=True)
@@ -368,34 +356,56 @@ def make_dataset(
 
 
 def _memory_batches(
-    ds: tf.data.Dataset,
     memory: InMemory,
     prep: Preprocess,
     batch_size: int,
-    key: tf.Tensor,
-    step_records: int,
-    start: int,
-    local: int,
-    skip_steps: int,
+    ctx: tf.distribute.InputContext | None,
+    *,
+    seed: int,
+    first_epoch: int,
+    epochs: int,
+    skip_steps: int = 0,
+    steps_per_epoch: int | None = None,
 ) -> tf.data.Dataset:
-    """Per-replica batches of a split held in memory, from `ds`, the epoch's record indices in order.
+    """Per-replica batches of epochs `first_epoch` .. `epochs - 1` of a split held in memory, in
+    one dataset (the images are captured once, whatever the number of epochs).
 
-    The indices are cut into global steps of `step_records` (the whole global batch when the
-    pipelines split it, of which this one keeps `local` from `start`). Each step draws its images'
-    uniform numbers at once, from (`key`, step), so a step's augmentation depends on the seed and
-    its place in the epoch alone (a resumed run skips `skip_steps` and sees the same images).
-    `GROUP_STEPS` steps are gathered and augmented together (`augment_batch`): a few batched ops
-    per group instead of a dozen per image."""
-    ds = ds.batch(step_records, drop_remainder=True).enumerate()
-    if skip_steps:
-        ds = ds.skip(skip_steps)
+    Epoch e is one permutation of the records (`stateless_shuffle` keyed by `seed + e`), cut into
+    global steps of `batch_size` x replicas records (the last partial step dropped; at most
+    `steps_per_epoch` of them; the first epoch from `skip_steps` on, when resuming). Each step
+    draws its images' uniform numbers at once, keyed by (`seed + e`, step), and every input
+    pipeline keeps its replicas' slice of the step's records and numbers: the pipelines see
+    disjoint records, exactly balanced, and together the batches and augmentations of one device,
+    whether or not they split the global batch. `GROUP_STEPS` steps are gathered and augmented
+    together (`augment_batch`): a few batched ops per group instead of a dozen per image."""
+    pipelines = ctx.num_input_pipelines if ctx else 1
+    replicas = ctx.num_replicas_in_sync if ctx else 1
+    local = batch_size * (replicas // pipelines)  # records this pipeline feeds per global step
+    start = (ctx.input_pipeline_id if ctx else 0) * local
+    step_records = batch_size * replicas
+    records = memory.records
+    steps = records // step_records
+    if steps_per_epoch is not None:
+        steps = min(steps, steps_per_epoch)
+    if steps < 1:
+        raise ValueError(f"a split of {records} records in memory has no full global step of {step_records}")
 
-    def draw(step, records):
-        u = tf.random.stateless_uniform([step_records, DRAWS], _seed(key, tf.cast(step, tf.int32)))
-        return records[start : start + local], u[start : start + local]
+    def epoch_steps(epoch: tf.Tensor) -> tf.data.Dataset:
+        key = tf.stack([tf.constant(seed, tf.int64) + epoch, tf.constant(1, tf.int64)])
+        order = tf.random.experimental.stateless_shuffle(tf.range(records, dtype=tf.int32), key)
+        rows = tf.reshape(order[: steps * step_records], [steps, step_records])[:, start : start + local]
+        first = tf.where(epoch == first_epoch, tf.constant(skip_steps, tf.int64), 0)
+        draw_key = tf.stack([tf.constant(seed, tf.int64) + epoch, tf.constant(0, tf.int64)])
 
-    def augment(records, u):
-        flat = tf.reshape(records, [-1])
+        def draw(step, records_of_step):
+            u = tf.random.stateless_uniform([step_records, DRAWS], _seed(draw_key, tf.cast(step, tf.int32)))
+            return records_of_step, u[start : start + local]
+
+        indices = tf.data.Dataset.range(first, steps)
+        return tf.data.Dataset.zip(indices, tf.data.Dataset.from_tensor_slices(rows[first:])).map(draw)
+
+    def augment(records_of_steps, u):
+        flat = tf.reshape(records_of_steps, [-1])
         images = augment_batch(tf.gather(memory.images, flat), tf.reshape(u, [-1, DRAWS]), prep)
         size = prep.image_size
         return (
@@ -403,7 +413,8 @@ def _memory_batches(
             tf.reshape(tf.gather(memory.labels, flat), [-1, batch_size]),
         )
 
-    ds = ds.map(draw).batch(GROUP_STEPS).map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_steps)
+    ds = ds.batch(GROUP_STEPS).map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.unbatch().prefetch(tf.data.AUTOTUNE)
 
 
@@ -427,11 +438,25 @@ def train_epochs(
 
     One iterator serves the whole run: the next epoch's images are being prepared while this one's
     last steps, its validation and its checkpoint run, instead of a new pipeline starting empty at
-    every epoch. Each epoch holds exactly the batches a per-epoch pipeline would give.
+    every epoch. Each epoch holds exactly the batches a per-epoch pipeline would give. A split
+    held in memory is one stream of epochs (`_memory_batches`) that holds its images once: a
+    pipeline per epoch would capture a copy of them each (30 epochs of a 400 MB split, 12 GB).
     """
     if not 0 <= first_epoch < epochs:
         raise ValueError(f"train_epochs: first_epoch {first_epoch} is not an epoch of 0 .. {epochs - 1}")
     ctx = input_context
+    if in_memory is not None:
+        return _memory_batches(
+            in_memory,
+            prep,
+            batch_size,
+            ctx,
+            seed=seed,
+            first_epoch=first_epoch,
+            epochs=epochs,
+            skip_steps=skip_batches,
+            steps_per_epoch=steps_per_epoch,
+        )
     local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines if ctx else 1
 
     def epoch_batches(epoch: int) -> tf.data.Dataset:
@@ -445,7 +470,6 @@ def train_epochs(
             input_context=ctx,
             skip_batches=skip,
             split_global_batch=split_global_batch,
-            in_memory=in_memory,
         )
         return ds.take((steps_per_epoch - skip) * local_replicas)
 

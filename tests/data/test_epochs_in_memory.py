@@ -1,9 +1,10 @@
 """One iterator over all the epochs, and the train split decoded once in memory.
 
 One iterator gives the batches of a fresh per-epoch pipeline, number for number. A split held in
-memory gives the shards' images and labels in the shards' order (resume skip, several input
-pipelines and split global batches included), augmented many at a time with numbers of its own:
-each image is one of the crops and mirrors of its own image, all of them about equally often."""
+memory holds the shards' images and labels; each of its epochs is one permutation of them, cut in
+global steps that the input pipelines share out (resume skip, by-worker and split global batches
+included), augmented many at a time with numbers of its own: each image is one of the crops and
+mirrors of its own image, all of them about equally often. All the epochs hold the images once."""
 
 from __future__ import annotations
 
@@ -55,44 +56,77 @@ class _Context:
         self.num_input_pipelines, self.input_pipeline_id, self.num_replicas_in_sync = pipelines, pipeline_id, replicas
 
 
-CONTEXTS = [
-    pytest.param(None, False, id="one-pipeline"),
-    pytest.param(_Context(2, 1, 2), False, id="by-worker"),
-    pytest.param(_Context(2, 0, 4), True, id="split-global-batch"),
-]
-
-
-@pytest.mark.parametrize("ctx, split", CONTEXTS)
-def test_in_memory_batches_hold_the_shards_images_in_the_shards_order(many_shards, ctx, split):
+def test_in_memory_holds_the_shards_records_and_each_epoch_is_one_permutation_of_them(many_shards):
     files, n = many_shards
     plain = Preprocess(32, augment="none")
     memory = decode_in_memory(files, n, plain)
-    assert memory is not None and memory.images.shape == (n, 32, 32, 3)
-    for skip in (0, 3):
-        kwargs = dict(training=True, seed=5, input_context=ctx, skip_batches=skip, split_global_batch=split)
-        streamed = _batches(make_dataset(files, BATCH, plain, **kwargs).take(20))
-        _assert_same(streamed, _batches(make_dataset(files, BATCH, plain, in_memory=memory, **kwargs).take(20)))
-        augmented = _batches(make_dataset(files, BATCH, PREP, in_memory=memory, **kwargs).take(20))
-        assert [y.tolist() for _, y in augmented] == [y.tolist() for _, y in streamed]
-        assert any(not np.array_equal(x, xs) for (x, _), (xs, _) in zip(augmented, streamed))
+    assert memory is not None and memory.images.shape == (n, 32, 32, 3) and memory.records == n
+    records = tf.data.TFRecordDataset(files).map(pipeline.parse_example)
+    shards = [(pipeline.eval_image(encoded, plain).numpy(), int(label)) for encoded, label in records]
+    np.testing.assert_allclose(memory.images.numpy() / 255.0, np.stack([x for x, _ in shards]), atol=1e-6)
+    assert memory.labels.numpy().tolist() == [y for _, y in shards]
+
+    index = InMemory(memory.images, tf.range(n, dtype=tf.int32))  # labels that name their record
+    orders = []
+    for seed in (5, 6):
+        epoch = _batches(make_dataset(files, BATCH, plain, training=True, seed=seed, in_memory=index))
+        order = np.concatenate([y for _, y in epoch])
+        assert len(epoch) == n // BATCH and len(set(order.tolist())) == len(order)  # no record twice
+        for x, y in epoch:  # each record's own image, unaugmented
+            np.testing.assert_allclose(x, memory.images.numpy()[y] / 255.0, atol=1e-6)
+        orders.append(order)
+        resumed = _batches(make_dataset(files, BATCH, plain, training=True, seed=seed, skip_batches=3, in_memory=index))
+        _assert_same(epoch[3:], resumed)
+    assert not np.array_equal(orders[0], orders[1])
 
 
-def test_split_global_batches_in_memory_are_the_one_device_batches_cut_in_slices(many_shards):
-    """The pipelines of a split global batch, augmentation included, see exactly one device's batches."""
+@pytest.mark.parametrize("split", [True, False], ids=["split-global-batch", "by-worker"])
+def test_the_pipelines_in_memory_see_the_one_device_batches_cut_in_slices(many_shards, split):
+    """The pipelines of several workers, augmentation included, see exactly one device's batches
+    between them (disjoint records, equal counts), whether they split the global batch or not."""
     files, n = many_shards
     memory = decode_in_memory(files, n, PREP)
-    one = _batches(make_dataset(files, 4 * BATCH, PREP, training=True, seed=5, in_memory=memory).take(6))
+    one = _batches(make_dataset(files, 4 * BATCH, PREP, training=True, seed=5, in_memory=memory))
     for pipeline_id in (0, 1):
         ctx = _Context(2, pipeline_id, 4)
         part = make_dataset(
-            files, BATCH, PREP, training=True, seed=5, input_context=ctx, split_global_batch=True, in_memory=memory
+            files, BATCH, PREP, training=True, seed=5, input_context=ctx, split_global_batch=split, in_memory=memory
         )
-        got = _batches(part.take(12))
+        got = _batches(part)
+        assert len(got) == 2 * len(one)
         for step, (x, y) in enumerate(one):
             for k in range(2):
                 rows = slice((2 * pipeline_id + k) * BATCH, (2 * pipeline_id + k + 1) * BATCH)
                 np.testing.assert_array_equal(got[2 * step + k][0], x[rows])
                 np.testing.assert_array_equal(got[2 * step + k][1], y[rows])
+        resumed = make_dataset(
+            files,
+            BATCH,
+            PREP,
+            training=True,
+            seed=5,
+            input_context=ctx,
+            skip_batches=2,
+            split_global_batch=split,
+            in_memory=memory,
+        )
+        _assert_same(got[2 * 2 :], _batches(resumed))
+
+
+def _graph_bytes(ds: tf.data.Dataset) -> int:
+    """The bytes of the dataset's serialized graph: constants it captures included."""
+    graph = tf.raw_ops.DatasetToGraphV2(input_dataset=ds._variant_tensor)  # noqa: SLF001
+    return len(graph.numpy())
+
+
+def test_all_the_epochs_of_a_split_in_memory_hold_its_images_once(many_shards):
+    """A pipeline per epoch would capture a copy of the images each: 20 epochs, 20 copies."""
+    files, n = many_shards
+    memory = decode_in_memory(files, n, PREP)
+    ds = train_epochs(
+        files, BATCH, PREP, seed=1, first_epoch=0, epochs=20, steps_per_epoch=n // BATCH, in_memory=memory
+    )
+    assert memory.nbytes <= _graph_bytes(ds) < 2 * memory.nbytes
 
 
 def test_a_resumed_epoch_in_memory_sees_the_images_the_interrupted_one_would_have(many_shards):
@@ -119,7 +153,7 @@ def _coordinates(n: int, size: int) -> InMemory:
         ],
         -1,
     ).astype(np.float32)
-    return InMemory(tf.constant(images), tf.range(n, dtype=tf.int32), (0, n // 2), (n // 2, n))
+    return InMemory(tf.constant(images), tf.range(n, dtype=tf.int32))
 
 
 def test_each_image_in_memory_is_one_crop_and_mirror_of_its_own_all_about_equally_often():
