@@ -13,7 +13,9 @@ has none):
   in one dataset, decoded once when it fits in memory), validated on the stage's cadence, through
   Keras' own loop.
 
-The arms' order rotates from round to round (each runs first, second and third equally often).
+Each arm runs in a fresh process of its own (spawned: no TensorFlow state, thread pools or
+allocator left behind by the arm before), and the arms' order rotates from round to round (each
+runs first, second and third equally often).
 Each figure leaves out its first chunk of steps (tracing), the same number of images for all, and
 the first run of validation (the stage traces and runs it at start-up; Keras' test step gets an
 `evaluate` before `fit`).
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -182,10 +186,33 @@ def _figures(images: int, seconds: float, cpu_seconds: float) -> dict:
 ARMS = ("stage", "bare_step", "model_fit")
 
 
+def arms_order(index: int) -> tuple[str, ...]:
+    """The arms of round `index`, rotated: over three rounds each runs first, second and third once."""
+    return ARMS[index % 3 :] + ARMS[: index % 3]
+
+
+def _arm(name: str, cfg: Config, paths: Paths, work: Path, steps: int, first: int) -> dict:
+    """One arm's figures, in the process that calls it; `pid` names that process."""
+    if name == "stage":
+        figures = _stage(cfg, paths, work)
+    elif name == "bare_step":
+        figures = _bare(cfg, paths, steps=steps, skip_images=first)
+    else:
+        figures = _fit(cfg, paths, skip_images=first)
+    return {**figures, "pid": os.getpid()}
+
+
+def _in_own_process(name: str, cfg: Config, paths: Paths, work: Path, steps: int, first: int) -> dict:
+    """`_arm` in a spawned process of its own, waited for; its error, if any, raised here."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_arm, name, cfg, paths, work, steps, first).result()
+
+
 def _round(cfg: Config, paths: Paths, work: Path, index: int) -> dict:
-    """Stage, bare step and model.fit, in an order that rotates with the round's `index` (each arm
-    runs first, second and third equally often: what one arm leaves behind, the next one pays),
-    and their ratios."""
+    """Stage, bare step and model.fit, each in a process of its own, in an order that rotates with
+    the round's `index` (`arms_order`), and their ratios."""
     from resnet_pipeline.data.pipeline import shard_files
     from resnet_pipeline.training.run import _steps_to_next_stop
 
@@ -194,13 +221,11 @@ def _round(cfg: Config, paths: Paths, work: Path, index: int) -> dict:
     # the stage's first chunk (tracing) is left out of every arm, the same number of images for all
     first = _steps_to_next_stop(0, steps_per_epoch, t) * t.global_batch_size
     steps = t.epochs * steps_per_epoch - first // t.global_batch_size
-    timed = {
-        "stage": lambda: _stage(cfg, paths, work),
-        "bare_step": lambda: _bare(cfg, paths, steps=steps, skip_images=first),
-        "model_fit": lambda: _fit(cfg, paths, skip_images=first),
-    }
-    order = ARMS[index % 3 :] + ARMS[: index % 3]
-    arms = {name: timed[name]() for name in order}
+    order = arms_order(index)
+    arms = {}
+    for name in order:
+        arms[name] = _in_own_process(name, cfg, paths, work, steps, first)
+        log.info("benchmark train: round %d, %s: %.1f images/s", index + 1, name, arms[name]["images_per_sec"])
     if arms["stage"]["first_chunk_images"] != first:
         raise RuntimeError(
             f"benchmark train: the stage's first chunk held {arms['stage']['first_chunk_images']} images, not {first}"
@@ -219,11 +244,25 @@ def _round(cfg: Config, paths: Paths, work: Path, index: int) -> dict:
     }
 
 
+def medians(results: list[dict]) -> dict:
+    """Each arm's figures as medians over the rounds, and each ratio as the median of the rounds'
+    own ratios (not the ratio of the medians: the three arms of a round ran back to back, so they
+    saw about the same load)."""
+    figures = {
+        key: {
+            name: round(statistics.median(r[key][name] for r in results), 4)
+            for name in results[0][key]
+            if isinstance(results[0][key][name], (int, float)) and name != "pid"
+        }
+        for key in ARMS
+    }
+    ratios = {key: round(statistics.median(r[key] for r in results), 3) for key in results[0] if "_vs_" in key}
+    return {**figures, **ratios}
+
+
 def run(cfg: Config, epochs: int | None = None, rounds: int = 1) -> dict:
     """`rounds` rounds of stage, bare step and model.fit on the same data and settings (`epochs`
-    epochs, the params' own when None); each figure is the median over the rounds, each ratio the
-    median of the rounds' own ratios (the three arms of a round run back to back, so they saw about
-    the same load)."""
+    epochs, the params' own when None), with their `medians`."""
     epochs = epochs or cfg.train.epochs
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
     with tempfile.TemporaryDirectory(prefix="resnet-bench-train-") as tmp:
@@ -233,22 +272,12 @@ def run(cfg: Config, epochs: int | None = None, rounds: int = 1) -> dict:
         for index in range(rounds):
             results.append(_round(cfg, paths, work / f"round-{index}", index))
             log.info("benchmark train: round %d of %d: %s", index + 1, rounds, format_ratios(results[-1]))
-    median = {
-        key: {
-            name: round(statistics.median(r[key][name] for r in results), 4)
-            for name in results[0][key]
-            if isinstance(results[0][key][name], (int, float))
-        }
-        for key in ("stage", "bare_step", "model_fit")
-    }
-    ratios = {key: round(statistics.median(r[key] for r in results), 3) for key in results[0] if "_vs_" in key}
     return {
         "model": f"ResNet-{cfg.train.depth} ({cfg.train.variant})",
         "epochs": epochs,
         "global_batch_size": cfg.train.global_batch_size,
         "rounds": results,
-        **median,
-        **ratios,
+        **medians(results),
     }
 
 

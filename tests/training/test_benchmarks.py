@@ -4,10 +4,12 @@ from running them by hand: see the README)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from resnet_pipeline import cli
+from resnet_pipeline.benchmark.train import ARMS, arms_order, medians
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,45 +18,47 @@ def test_benchmark_train_times_stage_bare_step_and_model_fit(tmp_path, monkeypat
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)  # no data/ here: the digits are made in a temporary folder
     out = tmp_path / "train.json"
-    assert (
-        cli.main(
-            [
-                "benchmark",
-                "train",
-                "--epochs",
-                "1",
-                "--rounds",
-                "2",
-                "--set",
-                "train.global_batch_size=128",
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    args = ["benchmark", "train", "--epochs", "1", "--rounds", "1", "--output", str(out)]
+    assert cli.main([*args, "--set", "train.global_batch_size=128", "--set", "train.image_size=16"]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
-    for key in ("stage", "bare_step", "model_fit"):
+    for key in ARMS:
         assert result[key]["images"] > 0 and result[key]["images_per_sec"] > 0
-    assert len(result["rounds"]) == 2
-    assert [r["order"] for r in result["rounds"]] == [
-        ["stage", "bare_step", "model_fit"],
-        ["bare_step", "model_fit", "stage"],
-    ], "the arms' order rotates"
-    assert result["rounds"][0]["bare_step"]["images"] == result["rounds"][0]["stage"]["images"]
-    for r in result["rounds"]:
-        assert r["stage_vs_bare_step"] == round(r["stage"]["images_per_sec"] / r["bare_step"]["images_per_sec"], 3)
-        stage = r["stage"]
-        assert stage["cpu_ms_per_image"] > 0 and stage["validation_seconds"] > 0
-        parts = stage["steps_seconds"] + stage["validation_seconds"] + stage["checkpoint_seconds"]
-        assert 0 < stage["steps_seconds"] and parts <= stage["seconds"] + 1e-3, "the parts lie within the stage's time"
-        assert stage["steps_images_per_sec"] >= stage["images_per_sec"]
-    ratios = sorted(r["stage_vs_model_fit"] for r in result["rounds"])
-    assert result["stage_vs_model_fit"] == round((ratios[0] + ratios[1]) / 2, 3)  # the median of two
+    (r,) = result["rounds"]
+    assert r["order"] == list(ARMS)
+    assert len({r[key]["pid"] for key in ARMS} | {os.getpid()}) == 4, "each arm in a process of its own"
+    assert r["bare_step"]["images"] == r["stage"]["images"]
+    assert r["stage_vs_bare_step"] == round(r["stage"]["images_per_sec"] / r["bare_step"]["images_per_sec"], 3)
+    stage = r["stage"]
+    assert stage["cpu_ms_per_image"] > 0 and stage["validation_seconds"] > 0
+    parts = stage["steps_seconds"] + stage["validation_seconds"] + stage["checkpoint_seconds"]
+    assert 0 < stage["steps_seconds"] and parts <= stage["seconds"] + 1e-3, "the parts lie within the stage's time"
+    assert stage["steps_images_per_sec"] >= stage["images_per_sec"]
     assert "stage / bare step:" in printed and "stage / model.fit:" in printed
     assert "stage's time: in its steps" in printed and "the rest" in printed
     assert not (tmp_path / "data").exists()
+
+
+def test_the_arms_order_rotates_so_each_runs_first_second_and_third():
+    orders = [arms_order(index) for index in range(3)]
+    assert orders[0] == ARMS and arms_order(3) == ARMS
+    for position in range(3):
+        assert sorted(order[position] for order in orders) == sorted(ARMS)
+
+
+def test_a_ratio_is_the_median_of_the_rounds_own_ratios_not_the_ratio_of_the_medians():
+    def arm(images_per_sec):
+        return {"images": 100, "images_per_sec": images_per_sec, "cpu_ms_per_image": 1.0, "pid": 7}
+
+    rounds = []
+    for stage, fit in ((80, 100), (60, 50), (99, 110)):
+        rounds.append(
+            {"stage": arm(stage), "bare_step": arm(100), "model_fit": arm(fit), "stage_vs_model_fit": stage / fit}
+        )
+    result = medians(rounds)
+    assert result["stage_vs_model_fit"] == 0.9  # the rounds' 0.8, 1.2 and 0.9; the medians' 80 / 100 is 0.8
+    assert result["stage"]["images_per_sec"] == 80 and result["model_fit"]["images_per_sec"] == 100
+    assert "pid" not in result["stage"]
 
 
 def test_benchmark_accuracy_runs_each_seed_and_reports_the_mean_interval(tmp_path, monkeypatch, capsys):
