@@ -91,10 +91,15 @@ def test_wheel_with_cpu_extra_installs_into_a_new_venv_and_its_command_works(whe
     venv = tmp_path / "venv"
     _run([UV, "venv", "--quiet", "--python", sys.executable, venv], tmp_path)
     python = venv / "bin" / "python"
+    # The lock's packages first (`uv pip sync` needs only the cached wheels), then the wheel with `[cpu]` against
+    # them: after `make setup` uv's cache holds the wheels but not always their resolution metadata, and an
+    # offline resolve from it fails (seen on a fresh machine: "keras==3.15.1 needs to be downloaded").
+    _run([UV, "pip", "sync", "--offline", "--python", python, REPO / "requirements.lock"], tmp_path)
     _run(
         [UV, "pip", "install", "--offline", "--python", python, "-c", REPO / "requirements.lock", f"{wheel}[cpu]"],
         tmp_path,
     )
+    _run([UV, "pip", "check", "--python", python], tmp_path)  # every installed package's requirements met
     work = tmp_path / "work"  # no params.yaml, no sources: only what the wheel installed
     work.mkdir()
     where = _run([python, "-c", "import resnet_pipeline, tensorflow; print(resnet_pipeline.__file__)"], work)
