@@ -227,7 +227,9 @@ def _task_states(base: str, flow_run_id: str) -> dict[str, set[str]]:
 
 
 def _overrides(deployed: dict, **more) -> dict:
-    return {"train.epochs": 1, "register.registry": deployed["registry"], **more}
+    # the digits at their own 8x8 (the crop's padding in proportion): a sixteenth of 32 pixels' compute
+    small = {"train.epochs": 1, "train.image_size": 8, "train.pad_crop": 2}
+    return {**small, "register.registry": deployed["registry"], **more}
 
 
 def _registry(deployed: dict, s3_server):
@@ -383,7 +385,10 @@ def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, s3_serv
             deployed,
             {
                 "overrides": _overrides(
-                    deployed, **{"train.epochs": 2, "train.global_batch_size": 32, "train.label_smoothing": smoothing}
+                    deployed,
+                    **{"train.epochs": 2, "train.global_batch_size": 32, "train.label_smoothing": smoothing},
+                    # 32 pixels: the SIGTERM must land mid-epoch, which wants steps that take a while
+                    **{"train.image_size": 32, "train.pad_crop": 4},
                 )
             },
         ): smoothing

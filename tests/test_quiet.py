@@ -1,7 +1,7 @@
 """Quiet by default: a train stage (the one that checkpoints and exports, where absl and TensorFlow
 talk most) prints the pipeline's own lines and no framework INFO line; `-v` brings them back.
 
-Both runs are `resnet-pipeline train` in a subprocess, one epoch of ResNet-20 on the digits, with
+Both runs are `resnet-pipeline train` in a subprocess, one epoch of ResNet-20 on the digits (8x8), with
 TF_CPP_MIN_LOG_LEVEL unset (as a user's shell), so that the CLI's own logging setup is what is tested.
 """
 
@@ -38,7 +38,8 @@ def work(digits_data, tmp_path_factory) -> Path:
 
 def _train(work: Path, *flags: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_CONFIG")}
-    sets = ["train.epochs=1", "train.checkpoint_every_steps=10", f"base.artifacts_dir=run{len(flags)}"]
+    sets = ["train.epochs=1", "train.image_size=8", "train.pad_crop=2", "train.checkpoint_every_steps=10"]
+    sets.append(f"base.artifacts_dir=run{len(flags)}")
     cmd = [str(BIN / "resnet-pipeline"), *flags, "train", *(a for s in sets for a in ("--set", s))]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -49,6 +49,10 @@ def _digits_archive(raw_digits: Path, classes=("0", "1", "2"), per_class: int = 
     return buf.getvalue()
 
 
+# one epoch of the digits at their own 8x8 (the crop's padding in proportion)
+SMALL = {"epochs": 1, "image_size": 8, "pad_crop": 2, "checkpoint_every_steps": 1000}
+
+
 def _secret_params(root: Path, url: str, sha256: str, **train) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["download"].update(dataset="archive", url=url, sha256=sha256, retries=1)
@@ -99,7 +103,7 @@ def test_no_secret_of_a_dataset_url_is_written_by_a_flow_run(digits_data, tmp_pa
     root, home = tmp_path / "project", tmp_path / "prefect-home"
     with LoopbackHTTPServer({"/datasets/digits3.tar.gz": archive}) as server:
         secret_url = _with_secrets(server.url("/datasets/digits3.tar.gz"))
-        _secret_params(root, secret_url, hashlib.sha256(archive).hexdigest(), epochs=1, checkpoint_every_steps=1000)
+        _secret_params(root, secret_url, hashlib.sha256(archive).hexdigest(), **SMALL)
         env = {
             **os.environ,
             "PREFECT_HOME": str(home),

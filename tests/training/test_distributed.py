@@ -41,10 +41,11 @@ DETERMINISTIC = [
 ]  # a steps.csv row per step, to compare step by step
 
 
-# Inputs of 16 pixels (the digits are 8x8) for tests whose claim does not hang on the step's cost:
-# a quarter of 32's compute. Not for the tests that signal a run at a step: their timing wants
-# steps that take a while.
-SMALL = "train.image_size=16"
+# The digits at their own 8x8 (the crop's padding in proportion: 2 of 8 as 4 of 32) for tests whose
+# claim does not hang on the step's cost: a sixteenth of 32 pixels' compute (float16 convolutions,
+# emulated on a CPU, most of all). Not for the tests that signal a run at a step: their timing
+# wants steps that take a while.
+TINY = ["train.image_size=8", "train.pad_crop=2"]
 
 
 def _env(**extra) -> dict:
@@ -115,7 +116,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, ckpt_root: Path, step: int, tim
 
 
 def test_two_replicas_and_two_workers_match_one_device_step_by_step(work):
-    common = ["train.epochs=1", SMALL, *DETERMINISTIC]
+    common = ["train.epochs=1", "train.image_size=16", *DETERMINISTIC]
     _train(work, [*common, "train.strategy=one_device", "base.artifacts_dir=one"])
     _train(work, [*common, "train.strategy=mirrored", "train.cpu_devices=2", "base.artifacts_dir=mirrored"])
     launched = _train(work, [*common, "base.artifacts_dir=workers"], workers=2)
@@ -193,7 +194,7 @@ def test_sigterm_saves_at_the_step_and_resumes_with_no_lost_step(work):
     ],
 )
 def test_mixed_precision_and_xla_complete_an_epoch(work, sets):
-    _train(work, ["train.epochs=1", SMALL, *sets])
+    _train(work, ["train.epochs=1", *TINY, *sets])
     summary = json.loads((work / "artifacts/model/train.json").read_text())
     assert summary["steps"] == STEPS_PER_EPOCH
     losses = [r["loss"] for r in _steps(work / "artifacts/model")]
