@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make run    install (if needed) and run the whole pipeline with `dvc repro`
 #   make test   install (if needed), lint and type-check (seconds), then run the tests
+# and, for the inner loop, `make test-fast`: lint, then the tests that need no server and train no model.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup setup-gpu run lint fmt test flow lock clean
+.PHONY: setup setup-gpu run lint fmt test test-fast flow lock clean
 
 setup: $(STAMP)
 
@@ -51,8 +52,17 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# On TEST_WORKERS pytest-xdist workers, a test module to a worker (its module-scoped fixtures are built
+# once); TEST_WORKERS=0 runs in this process. (Not --dist loadgroup: pytest-xdist 3.8 names a test's
+# group by rewriting `item._nodeid`, which pytest 9 no longer reads, so groups are ignored.)
+TEST_WORKERS ?= 2
 test: lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The fast tier (markers in pyproject.toml): no Prefect or S3 server, no training run, no subprocess of
+# TensorFlow; minutes, for the inner loop. `make test` is the whole suite.
+test-fast: lint
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -q -m "not slow and not server" $(PYTEST_ARGS)
 
 flow: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) flows/pipeline.py

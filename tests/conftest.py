@@ -12,6 +12,22 @@ import pytest
 
 SEED = 42
 
+# A test that uses one of these needs a server process (`make test-fast` leaves it out) ...
+SERVER_FIXTURES = {"s3_server", "prefect_server"}
+# ... and one that uses these trains a model first
+SLOW_FIXTURES = {"tiny_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `server` and `slow` from the fixtures a test uses (the `s3` registry parameter gets its
+    server through `request.getfixturevalue`, so its mark counts too)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SERVER_FIXTURES or item.get_closest_marker("s3"):
+            item.add_marker(pytest.mark.server)
+        if fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
@@ -50,6 +66,22 @@ def s3_server(tmp_path_factory):
     from tests.s3server import SeaweedS3
 
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed-s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A `prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite),
+    shared by the session (tests/prefectserver.py; under `make test`, by the tests of one xdist
+    worker): the deployments, the flow runs and the register retry all talk to it.
+    `prefect_server.env` is a client's environment (PREFECT_API_URL, PREFECT_HOME). Do not stop it."""
+    from tests.prefectserver import PrefectServer
+
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
     server.start()
     try:
         yield server

@@ -18,3 +18,13 @@ def copy_project(dest: Path, names: list[str]) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
     return dest
+
+
+def train_project(dest: Path, digits) -> Path:
+    """A project folder for `resnet-pipeline train`: params.yaml and the digits' shards and labels
+    (`digits` is conftest's digits_data). A run holds its folder's lock: one folder per running run."""
+    (dest / "data").mkdir(parents=True)
+    shutil.copytree(digits.shards, dest / "data/shards")
+    shutil.copy(digits.labels, dest / "data/labels.json")
+    shutil.copy(REPO / "params.yaml", dest / "params.yaml")
+    return dest

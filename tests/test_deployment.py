@@ -4,9 +4,10 @@ registry on the session's SeaweedFS.
 
 The worker clones a git repository of the project (a local path stands in for the remote: the
 pull step is the real `git_clone`) into each deployment's own folder and runs the flow there. The
-tests run in file order on one server and worker: a digits run, an imagefolder run and a digits
-run again in the nightly checkout; a run refused by a held folder lock; two runs at once, one of
-them sent SIGTERM mid-epoch; the weekly deployment in its own folder; then the stored results.
+tests share the session's server (conftest `prefect_server`) and one worker, and pass in any
+order: `first_run`, the first digits run of nightly in a fresh checkout, is a fixture; every test
+leaves the nightly checkout holding the digits' data and checks versions relative to the ones it
+found.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resnet_pipeline.ports import free_ports
+from tests.prefectserver import api as _api
+from tests.prefectserver import flow_logs as _flow_logs
+from tests.prefectserver import stop_process
 from tests.project import copy_project
+
+pytestmark = pytest.mark.slow  # flow runs of the deployments
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,79 +51,10 @@ POOL = "resnet-gpu"
 DATA_TASKS = ("download", "split", "shard")
 
 
-def _api(base: str, method: str, path: str, body: dict | None = None):
-    data = None if body is None else json.dumps(body).encode()
-    for attempt in range(5):  # the SQLite-backed server answers 503 now and then on a busy machine
-        request = urllib.request.Request(
-            base + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                text = response.read()
-            return json.loads(text) if text else None
-        except urllib.error.HTTPError as err:
-            if err.code != 503 or attempt == 4:
-                raise
-            time.sleep(2)
-
-
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def _start_server(home: Path, port: int, env: dict) -> tuple[subprocess.Popen, object]:
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            _api(base, "GET", "/health")
-            return proc, log
-        except (urllib.error.URLError, ConnectionError, OSError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _stop(proc)
-                log.close()
-                pytest.fail(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A Prefect server on a free loopback port with its own PREFECT_HOME (SQLite)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    (port,) = free_ports(1)
-    env = dict(
-        os.environ,
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-    )
-    proc, log = _start_server(home, port, env)
-    try:
-        yield {"base": f"http://127.0.0.1:{port}/api", "env": env, "home": home}
-    finally:
-        _stop(proc)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +66,7 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("worker")
     bucket = s3_server.make_bucket(f"deploy-{uuid.uuid4().hex[:12]}")
     env = dict(
-        prefect_server["env"],
+        prefect_server.env,
         RESNET_PIPELINE_REPO=str(origin),
         RESNET_PIPELINE_WORKDIR=str(workdir),
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -158,7 +94,7 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
     )
     try:
         yield {
-            "base": prefect_server["base"],
+            "base": prefect_server.base,
             "registry": f"s3://{bucket}/registry",
             "workdir": workdir,
             "deploy_output": deploy.stdout,
@@ -166,8 +102,14 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
             "env": env,
         }
     finally:
-        _stop(worker)
+        stop_process(worker)
         worker_log.close()
+
+
+@pytest.fixture(scope="module")
+def first_run(deployed) -> dict:
+    """The first run of nightly: the digits in a fresh checkout, so every stage runs."""
+    return _trigger_and_wait(deployed, {"overrides": _overrides(deployed)})
 
 
 def _deployment(base: str, name: str) -> dict:
@@ -202,16 +144,6 @@ def _wait(deployed: dict, run_id: str, expect: str = "COMPLETED", timeout: float
 
 def _trigger_and_wait(deployed: dict, parameters: dict, name: str = "nightly") -> dict:
     return _wait(deployed, _trigger(deployed, parameters, name))
-
-
-def _flow_logs(base: str, flow_run_id: str) -> str:
-    logs = _api(
-        base,
-        "POST",
-        "/logs/filter",
-        {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "sort": "TIMESTAMP_ASC"},
-    )
-    return "\n".join(f"{entry['level']} {entry['message']}" for entry in logs)
 
 
 def _task_runs(base: str, flow_run_id: str) -> dict[str, list[dict]]:
@@ -271,18 +203,18 @@ def _labels(registry, spec: str) -> list[str]:
     return registry.manifest(spec)["labels"]
 
 
-def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, s3_server, tmp_path_factory):
+def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, first_run, s3_server, tmp_path_factory):
     from tests.data.test_data_stages import small_image_folder
 
-    base, registry = deployed["base"], _registry(deployed, s3_server)
-    first = _trigger_and_wait(deployed, {"overrides": _overrides(deployed)})
+    base, registry, first = deployed["base"], _registry(deployed, s3_server), first_run
     states = _task_states(base, first["id"])
     assert {t: states.get(t) for t in (*DATA_TASKS, "train", "evaluate", "register")} == {
         t: {"Completed"} for t in (*DATA_TASKS, "train", "evaluate", "register")
     }, states
     assert states.get("write-shard") == {"Completed"}, "the shard writing is mapped over tasks"
-    assert registry.versions("resnet-digits") == [1]
-    assert registry.aliases("resnet-digits") == {"champion": 1}
+    assert registry.versions("resnet-digits")[0] == 1
+    first_promotion = registry.history("resnet-digits", "champion")[0]
+    assert (first_promotion["version"], first_promotion["outcome"]) == (1, "won")
     logs = _flow_logs(base, first["id"])  # the resnet_pipeline loggers reach the run's log
     for line in (
         "download: wrote 1797 files of digits",
@@ -305,6 +237,7 @@ def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, s3_se
     assert len(json.loads(by_key["resnet-per-class"]["data"])) == 10  # ten digit classes
 
     pets = small_image_folder(tmp_path_factory.mktemp("pets"), per_class=30)
+    before = registry.versions("resnet-digits")
     other = _trigger_and_wait(
         deployed,
         {
@@ -327,9 +260,10 @@ def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, s3_se
         "split": {"Completed"},
         "shard": {"Completed"},
     }, states
-    assert registry.versions("resnet-digits") == [1, 2]
-    assert _labels(registry, "resnet-digits:2") == [str(d) for d in range(10)]
-    one, two = registry.manifest("resnet-digits:1"), registry.manifest("resnet-digits:2")
+    assert registry.versions("resnet-digits") == [*before, before[-1] + 1], "one version, the digits run's"
+    newest = f"resnet-digits:{before[-1] + 1}"
+    assert _labels(registry, newest) == [str(d) for d in range(10)]
+    one, two = registry.manifest("resnet-digits:1"), registry.manifest(newest)
     assert two["data"] == one["data"]  # the same data by content: manifest, shard index, stage keys
     assert set(two["data"]["stage_keys"]) == set(DATA_TASKS)
     assert registry.manifest("resnet-pets:1")["data"]["stage_keys"]["split"] != two["data"]["stage_keys"]["split"]
@@ -338,7 +272,7 @@ def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, s3_se
     assert labels == [str(d) for d in range(10)]
 
 
-def test_a_run_on_a_held_folder_fails_at_once_naming_the_holder(deployed):
+def test_a_run_on_a_held_folder_fails_at_once_naming_the_holder(deployed, first_run):
     from resnet_pipeline.runlock import folder_lock
 
     checkout = deployed["workdir"] / "nightly"
@@ -374,7 +308,7 @@ def _steps_trained(logs: str) -> int:
     return int(re.findall(r"epoch \d+: \{.*?'step': (\d+)", logs)[-1])
 
 
-def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, s3_server):
+def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, first_run, s3_server):
     """Two runs of nightly triggered together (one waits for the deployment's concurrency slot); the
     first to start training gets SIGTERM mid-epoch and resumes by itself from its checkpoint."""
     base, registry = deployed["base"], _registry(deployed, s3_server)
@@ -430,7 +364,9 @@ def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, s3_serv
     assert all(r["state"]["type"] == "COMPLETED" for r in finished.values())
 
 
-def test_the_weekly_deployment_registers_under_its_own_name_in_its_own_folder(deployed, s3_server, tmp_path_factory):
+def test_the_weekly_deployment_registers_under_its_own_name_in_its_own_folder(
+    deployed, first_run, s3_server, tmp_path_factory
+):
     from tests.data.test_data_stages import small_image_folder
 
     registry = _registry(deployed, s3_server)
@@ -457,7 +393,7 @@ def test_the_weekly_deployment_registers_under_its_own_name_in_its_own_folder(de
     assert (deployed["workdir"] / "nightly/data/shards/index.json").read_bytes() == nightly_index
 
 
-def test_no_persisted_result_is_a_pickle(deployed):
+def test_no_persisted_result_is_a_pickle(deployed, first_run):
     storage = Path(deployed["env"]["PREFECT_HOME"]) / "storage"
     files = [p for p in storage.iterdir() if p.is_file()]
     assert len(files) >= 6

@@ -1,4 +1,4 @@
-"""SavedModel export and `resnet-pipeline predict`, on a CIFAR ResNet-20 trained a few steps on the digits.
+"""SavedModel export and `resnet-pipeline predict`, on the session's CIFAR ResNet-20 trained a few steps on the digits.
 
 The SavedModel is loaded in a fresh Python process (no resnet_pipeline import, no custom layers),
 and must agree with `predict` on real test images: the digits' PNGs and a JPEG made from one.
@@ -27,31 +27,11 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": f"{BIN}{os.pathsep}{os
 
 
 @pytest.fixture(scope="module")
-def model_dir(digits_data, tmp_path_factory) -> Path:
-    """A model folder as the train stage writes it, with a model trained 30 steps and its SavedModel."""
-    import keras
-
-    from resnet_pipeline.data.pipeline import Preprocess, make_dataset, shard_files
-    from resnet_pipeline.export import export_saved_model
-    from resnet_pipeline.models.resnet import build_resnet
-
-    keras.utils.set_random_seed(0)
-    cfg = Config()
-    prep = Preprocess.from_train(cfg.train)
-    files, _ = shard_files(digits_data.shards, "train")
-    model = build_resnet(20, num_classes=10)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
-    model.fit(make_dataset(files, 32, prep, training=True, seed=0).take(30), verbose=0)
-    classes = json.loads(digits_data.labels.read_text())["classes"]
-    out = tmp_path_factory.mktemp("export") / "model"
-    out.mkdir()
-    model.save(out / "model.keras")
-    (out / "params.yaml").write_text(cfg.to_yaml())
-    (out / "labels.json").write_text(json.dumps({"classes": classes}))
-    export_saved_model(model, classes, prep, out / "saved_model", top_k=TOP_K)
-    return out
+def model_dir(tiny_model) -> Path:
+    """The session's tiny model (tests/tiny_model.py) in the train stage's layout: model.keras, its
+    SavedModel (top 3), params.yaml, labels.json. Shared: tests copy it, never change it."""
+    assert TOP_K == 3, "the tiny model's SavedModel gives the top 3"
+    return tiny_model.model_dir
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from resnet_pipeline.evaluation import evaluate, wilson_interval
 from resnet_pipeline.registry import open_registry, register_model
 from resnet_pipeline.registry.gate import decide, read_predictions
 
+pytestmark = pytest.mark.slow  # trains three models
+
 CHAMPION_EPOCHS = 30
 SHORT_EPOCHS = 2
 IMAGE_SIZE = 8  # the digits are 8x8: their own size, a sixteenth of 32 pixels' cost
@@ -47,7 +49,8 @@ def _train(digits_data, root: Path, *, epochs: int, seed: int) -> dict:
         ),
     )
     model_dir, eval_dir = root / "model", root / "eval"
-    train(cfg.train, cfg, digits_data.shards, digits_data.labels, model_dir, root / "checkpoints")
+    # evaluate and the gate read model.keras: no SavedModel
+    train(cfg.train, cfg, digits_data.shards, digits_data.labels, model_dir, root / "checkpoints", saved_model=False)
     metrics = evaluate(EvaluateConfig(), model_dir, digits_data.shards, eval_dir, manifest_sha256="m" * 64)
     return {"model_dir": model_dir, "eval_dir": eval_dir, "metrics": metrics, "root": root}
 

@@ -351,6 +351,7 @@ def test_dev_s3_script_shape():
     assert "infra/devs3.py" in DEV_S3.read_text()
 
 
+@pytest.mark.server
 @pytest.mark.timeout(240)
 def test_dev_s3_serves_until_sigterm(tmp_path):
     import boto3

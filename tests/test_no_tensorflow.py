@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
@@ -31,6 +33,7 @@ def _run(args: list[str], cwd: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_data_and_registry_commands_do_not_import_tensorflow(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     for stage in ("download", "split", "shard"):

@@ -18,6 +18,8 @@ import resnet_pipeline
 from resnet_pipeline.cli import main
 from tests.project import REPO, copy_project
 
+pytestmark = pytest.mark.slow  # builds the wheel and a virtual environment
+
 BIN = Path(sys.executable).parent
 UV = BIN / "uv"
 

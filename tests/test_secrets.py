@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -98,17 +99,18 @@ def _grep(root: Path, skip: set[Path] = frozenset()) -> list[str]:
 
 
 @pytest.mark.timeout(900)
-def test_no_secret_of_a_dataset_url_is_written_by_a_flow_run(digits_data, tmp_path):
+def test_no_secret_of_a_dataset_url_is_written_by_a_flow_run(digits_data, prefect_server, tmp_path):
+    """The flow runs against the session's Prefect server, and its PREFECT_HOME (the server's
+    SQLite database and the flow's result storage) is searched whole, every other test's runs
+    included."""
     archive = _digits_archive(digits_data.raw / "digits")
-    root, home = tmp_path / "project", tmp_path / "prefect-home"
+    root, home = tmp_path / "project", prefect_server.home
     with LoopbackHTTPServer({"/datasets/digits3.tar.gz": archive}) as server:
         secret_url = _with_secrets(server.url("/datasets/digits3.tar.gz"))
         _secret_params(root, secret_url, hashlib.sha256(archive).hexdigest(), **SMALL)
         env = {
-            **os.environ,
-            "PREFECT_HOME": str(home),
+            **prefect_server.env,
             "TF_CPP_MIN_LOG_LEVEL": "2",
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         proc = subprocess.run(
@@ -134,5 +136,8 @@ def test_no_secret_of_a_dataset_url_is_written_by_a_flow_run(digits_data, tmp_pa
     assert all(p.is_file() for p in written), [p for p in written if not p.is_file()]
     assert redact_url(secret_url) in (root / "artifacts/model/params.yaml").read_text()
     assert _grep(root, skip={root / "params.yaml"}) == []
-    assert _grep(home) == []  # Prefect's database (logs, artifacts, task runs) and result storage
-    assert any(home.rglob("*.db")), "the flow ran against this PREFECT_HOME"
+    assert _grep(home) == []  # Prefect's database (logs, artifacts, task runs, parameters) and result storage
+    assert any(home.rglob("*.db")), "the server keeps its database in this PREFECT_HOME"
+    runs = prefect_server.api("POST", "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 200})
+    flow_run_id = next(r["id"] for r in runs if str(root) in json.dumps(r["parameters"]))
+    assert "Finished in state Completed()" in log and flow_run_id, "the flow ran against this server"

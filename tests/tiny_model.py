@@ -1,7 +1,7 @@
-"""A tiny trained model in a local registry, shared by the serving and packaging tests.
+"""A tiny trained model in a local registry, shared by the export/predict, serving and packaging tests.
 
-A CIFAR ResNet-20 trained 20 steps on the digits (as tests/test_export_predict.py trains one), with its
-SavedModel, registered as version 1 of `digits` in a local registry; plus a few test-split images.
+A CIFAR ResNet-20 trained 20 steps on the digits, with its SavedModel (top 3), registered as version 1
+of `digits` in a local registry; plus a few test-split images.
 """
 
 from __future__ import annotations

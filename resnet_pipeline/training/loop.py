@@ -43,18 +43,21 @@ def train(
     strategy: tf.distribute.Strategy | None = None,
     cluster: Cluster | None = None,
     registry=None,
+    saved_model: bool = True,
 ) -> dict:
     """Train on the train shards, validate on val every `validate_every_epochs`, write `model_dir`;
     return the summary.
 
     Creates the strategy of `cfg.strategy` unless one is given (with its `cluster`); raises
     `Preempted` after saving when SIGTERM arrives, `WorkerFailed` when another worker dies.
-    `registry` is where a `train.init` registry spec is fetched from.
+    `registry` is where a `train.init` registry spec is fetched from. `saved_model=False` leaves
+    the SavedModel out of `model_dir` (model.keras and the records only), for a caller that does not
+    serve the model with TF Serving; the train stage always writes it.
     """
     run = Run(cfg, full_config, Path(shards_dir), Path(labels_path), strategy, cluster, registry)
     run.restore(Path(checkpoint_root), tensorboard_root)
     run.train()
     summary = run.summary()
     if run.cluster.is_chief:
-        run.export(Path(model_dir), summary)
+        run.export(Path(model_dir), summary, saved_model)
     return summary

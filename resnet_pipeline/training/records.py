@@ -41,23 +41,34 @@ def write_steps(path: Path, rows: list[dict]) -> None:
 
 
 def write_model_dir(
-    model, full_config: Config, history, summary, classes, model_dir: Path, step_rows=(), init=None
+    model,
+    full_config: Config,
+    history,
+    summary,
+    classes,
+    model_dir: Path,
+    step_rows=(),
+    init=None,
+    *,
+    saved_model: bool = True,
 ) -> None:
-    """model.keras, the SavedModel, the resolved config, history.csv, steps.csv, curves.png,
-    train.json and init.json (the starting weights and fine-tuning), swapped in as a whole."""
+    """model.keras, the SavedModel (unless `saved_model` is false), the resolved config, history.csv,
+    steps.csv, curves.png, train.json and init.json (the starting weights and fine-tuning), swapped in
+    as a whole."""
     with staged_dir(model_dir) as tmp:
         atomic_write_json(tmp / "init.json", init or {"init": None})
         with recursion_limit():  # ResNet-1202's graph is deeper than Python's default limit
             model.save(tmp / "model.keras")
-        from resnet_pipeline.export import export_saved_model  # the SavedModel for serving
+        if saved_model:
+            from resnet_pipeline.export import export_saved_model  # the SavedModel for serving
 
-        export_saved_model(
-            model,
-            classes,
-            Preprocess.from_train(full_config.train),
-            tmp / "saved_model",
-            top_k=full_config.evaluate.top_k,
-        )
+            export_saved_model(
+                model,
+                classes,
+                Preprocess.from_train(full_config.train),
+                tmp / "saved_model",
+                top_k=full_config.evaluate.top_k,
+            )
         (tmp / MODEL_PARAMS).write_text(full_config.to_yaml())
         atomic_write_json(tmp / "labels.json", {"classes": classes})
         atomic_write_json(tmp / "train.json", summary)

@@ -326,8 +326,9 @@ class Run:
             "data": trained_on(self.shards_dir),
         }
 
-    def export(self, model_dir: Path, summary: dict) -> None:
-        """The weights `train.export` names, written with the run's records into `model_dir`."""
+    def export(self, model_dir: Path, summary: dict, saved_model: bool = True) -> None:
+        """The weights `train.export` names, written with the run's records into `model_dir`
+        (with their SavedModel unless `saved_model` is false)."""
         self.trainer.finalize(self.run_dir)
         records.write_model_dir(
             self.trainer.model,
@@ -338,6 +339,7 @@ class Run:
             model_dir,
             self.step_rows,
             {"init": self.trainer.init_record, "finetune": self.trainer.tuner.describe()},
+            saved_model=saved_model,
         )
 
 

@@ -3,6 +3,8 @@ session's SeaweedFS, the figures consistent with what the stages wrote."""
 
 from __future__ import annotations
 
+import pytest
+
 from resnet_pipeline import cli
 from resnet_pipeline.benchmark.ingest import format_result, make_folder, run, subset
 
@@ -13,6 +15,7 @@ def test_subset_takes_the_first_images_of_each_class(tmp_path):
     assert sorted(p.name for p in part.glob("*/*.jpg")) == [f"img_{i:06d}.jpg" for i in range(8)]
 
 
+@pytest.mark.slow
 def test_benchmark_ingest_smoke(tmp_path, s3_server):
     result = run([60, 120], classes=3, s3_objects=30, s3_workers=4, work_dir=tmp_path, s3_server=s3_server)
     rows = {(r["stage"], r["images"]): r for r in result["stages"]}

@@ -108,6 +108,7 @@ def test_run_rows_and_ratios(folder):
     assert all(name in table for name in NAMES) and "1.00x" in table
 
 
+@pytest.mark.slow
 def test_run_without_ours_has_no_ratios_and_takes_the_median_of_repeats(folder):
     rows = run(folder, None, image_size=32, batch_size=16, n_images={GENERATOR: 16, DECODE_ONLY: 48}, repeats=3)
     assert [r["name"] for r in rows] == [GENERATOR, KERAS_DATASET, DECODE_ONLY]
@@ -120,6 +121,7 @@ def test_run_without_ours_has_no_ratios_and_takes_the_median_of_repeats(folder):
         run(folder, None, image_size=32, batch_size=16, n_images={"ImageDataGenerator": 16})
 
 
+@pytest.mark.slow
 def test_benchmark_commands_print_their_figures(capsys, tmp_path):
     from resnet_pipeline import cli
 

@@ -56,6 +56,7 @@ class _Context:
         self.num_input_pipelines, self.input_pipeline_id, self.num_replicas_in_sync = pipelines, pipeline_id, replicas
 
 
+@pytest.mark.slow
 def test_in_memory_holds_the_shards_records_and_each_epoch_is_one_permutation_of_them(many_shards):
     files, n = many_shards
     plain = Preprocess(32, augment="none")
@@ -156,6 +157,7 @@ def _coordinates(n: int, size: int) -> InMemory:
     return InMemory(tf.constant(images), tf.range(n, dtype=tf.int32))
 
 
+@pytest.mark.slow
 def test_each_image_in_memory_is_one_crop_and_mirror_of_its_own_all_about_equally_often():
     size, pad, n = 32, 4, 1200
     memory = _coordinates(n, size)
@@ -194,6 +196,7 @@ def test_shift_shear_zoom_in_memory_moves_each_image_its_own_way():
     assert len({round(float(m), 5) for m in moved}) == len(moved), "every image its own transform"
 
 
+@pytest.mark.slow
 def test_one_iterator_over_the_epochs_gives_each_epochs_own_batches(many_shards):
     files, n = many_shards
     steps = n // BATCH

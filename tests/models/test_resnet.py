@@ -51,6 +51,7 @@ TORCHVISION_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_54
 TORCHVISION_GMACS = {18: 1.81, 34: 3.66, 50: 4.09, 101: 7.80, 152: 11.51}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", sorted(TORCHVISION_PARAMS))
 def test_v1_resnet_matches_torchvision_parameter_count(depth):
     # torchvision (like the paper's ImageNet models from Table 3 on) projects the shortcut (option B)
@@ -228,6 +229,7 @@ KERAS_PARAMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, depth", sorted(KERAS_PARAMS))
 def test_keras_applications_setting_matches_its_parameter_count(variant, depth):
     model = build_resnet(depth, variant, input_shape=(224, 224, 3), num_classes=1000, **KERAS_SETTING[variant])
@@ -238,6 +240,7 @@ def test_keras_applications_setting_matches_its_parameter_count(variant, depth):
 PAPER_MULTIPLY_ADDS = {18: 1.8e9, 34: 3.6e9, 50: 3.8e9, 101: 7.6e9, 152: 11.3e9}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", sorted(PAPER_MULTIPLY_ADDS))
 def test_multiply_adds_match_table_1_of_the_paper(depth):
     bottleneck = SPECS["v1"][depth].block == "bottleneck"
@@ -275,6 +278,7 @@ def _copy_weights_by_name(source: keras.Model, target: keras.Model, renames: dic
     assert copied == set(targets), "every layer with weights has its namesake"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("application, variant", [("ResNet50", "v1"), ("ResNet50V2", "v2")])
 def test_keras_applications_weights_give_the_same_outputs(application, variant):
     shape, classes = (64, 64, 3), 10  # keras.applications accepts both with weights=None
@@ -311,6 +315,7 @@ def _train_one_step(model: keras.Model, x: np.ndarray, labels: np.ndarray) -> No
     assert sum(not np.array_equal(a, b) for a, b in zip(before, after)) == len(before), "every variable moved"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, depth", EVERY_MODEL, ids=[f"{v}-{d}" for v, d in EVERY_MODEL])
 def test_every_model_builds_runs_and_trains_a_step(variant, depth):
     model = build_resnet(depth, variant, input_shape=(32, 32, 3), num_classes=10, weight_decay=1e-4)
@@ -319,6 +324,7 @@ def test_every_model_builds_runs_and_trains_a_step(variant, depth):
     _train_one_step(model, x, np.array([1, 7]))
 
 
+@pytest.mark.slow
 def test_resnet_1202_trains_a_step_and_round_trips_under_the_raised_recursion_limit(tmp_path):
     model = build_resnet(1202, "cifar", input_shape=(32, 32, 3), num_classes=10)
     count = trainable_params(model)  # Table 6 of the paper: 19.4M parameters
@@ -343,6 +349,7 @@ SERIALIZED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, depth, kwargs", SERIALIZED, ids=[f"{v}-{d}" for v, d, _ in SERIALIZED])
 def test_every_variant_round_trips_through_config_and_keras_file(tmp_path, variant, depth, kwargs):
     model = build_resnet(depth, variant, input_shape=(32, 32, 3), num_classes=5, **kwargs)

@@ -39,6 +39,7 @@ def test_summary_of_resnet50_v1_prints_its_layers_parameters_and_multiply_adds(c
     assert conv[2] == "28x28x128"
 
 
+@pytest.mark.slow
 def test_summary_variant_names_and_inferred_variant(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _, v1, _ = _summary(capsys, "--depth", "50", "--variant", "v1", "--image-size", "64")
@@ -73,6 +74,7 @@ def test_summary_refuses_what_cannot_be_built(capsys, tmp_path, monkeypatch, arg
     assert fragment in err
 
 
+@pytest.mark.slow
 def test_benchmark_times_ours_and_keras_on_the_same_network(tmp_path):
     rows = benchmark_models("v1", [50], batch_size=2, image_size=32, steps=3, warmup=1, rounds=2)
     assert [(r["model"], r["phase"]) for r in rows] == [
@@ -90,6 +92,7 @@ def test_benchmark_times_ours_and_keras_on_the_same_network(tmp_path):
         assert "ratio_vs_keras" not in ref
 
 
+@pytest.mark.slow
 def test_benchmark_without_a_keras_counterpart_and_its_cli(capsys, tmp_path):
     out_file = tmp_path / "bench.json"
     code = cli.main(

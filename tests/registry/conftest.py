@@ -15,10 +15,6 @@ import pytest
 NAME = "resnet-digits"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "s3: runs against the session's SeaweedFS S3 server (fixture s3_server)")
-
-
 @pytest.fixture
 def s3_location(s3_server, monkeypatch) -> str:
     """`s3://<a new bucket>/registry`, with the server's credentials and endpoint in the environment."""

@@ -199,12 +199,12 @@ def test_a_retried_register_stage_after_a_crash_gives_one_version(location, tmp_
     assert len(fresh.history(NAME, "champion")) == 1
 
 
-def test_a_prefect_retry_of_register_after_a_crash_gives_one_version(tmp_path, monkeypatch):
+def test_a_prefect_retry_of_register_after_a_crash_gives_one_version(tmp_path, monkeypatch, prefect_server):
     """The register stage function as a Prefect task with the flow's own register retries, retried by
     Prefect after a crash in its first attempt (the flow's task also checks the data stages' records,
-    which this stand-in run has none of)."""
+    which this stand-in run has none of); on the session's Prefect server."""
     from prefect import flow, task
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     import flows.pipeline as pipeline
     from resnet_pipeline.registry import register_model
@@ -238,7 +238,7 @@ def test_a_prefect_retry_of_register_after_a_crash_gives_one_version(tmp_path, m
     def register_only():
         return register()
 
-    with prefect_test_harness(server_startup_timeout=180):
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.base}):
         assert register_only() == 1
     assert crashed and open_registry(tmp_path / "registry").versions(NAME) == [1]
 

@@ -63,6 +63,7 @@ def _register_in_process(location: str, folder: str, writer: int, barrier, queue
         queue.put((writer, None, repr(err)))
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_32_processes_registering_at_once_get_versions_1_to_32(s3_location, tmp_path):
     # a fresh server interpreter that imports boto3 and the registry once, then forks each writer:
@@ -102,6 +103,7 @@ def _promote_in_process(location: str, version: int, barrier, queue) -> None:
         queue.put((version, f"crashed: {err!r}"))
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_8_racing_promotions_have_one_winner_and_8_history_records(s3_location, tmp_path):
     reg = open_registry(s3_location)

@@ -8,18 +8,22 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from resnet_pipeline import cli
 from resnet_pipeline.benchmark.train import ARMS, arms_order, medians
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_benchmark_train_times_stage_bare_step_and_model_fit(tmp_path, monkeypatch, capsys):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)  # no data/ here: the digits are made in a temporary folder
     out = tmp_path / "train.json"
     args = ["benchmark", "train", "--epochs", "1", "--rounds", "1", "--output", str(out)]
-    assert cli.main([*args, "--set", "train.global_batch_size=128", "--set", "train.image_size=16"]) == 0
+    small = ["--set", "train.global_batch_size=128", "--set", "train.image_size=8", "--set", "train.pad_crop=2"]
+    assert cli.main([*args, *small]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     for key in ARMS:
@@ -61,18 +65,20 @@ def test_a_ratio_is_the_median_of_the_rounds_own_ratios_not_the_ratio_of_the_med
     assert "pid" not in result["stage"]
 
 
+@pytest.mark.slow
 def test_benchmark_accuracy_runs_each_seed_and_reports_the_mean_interval(tmp_path, monkeypatch, capsys):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "accuracy.json"
-    assert cli.main(["benchmark", "accuracy", "--seeds", "2", "--set", "train.epochs=1", "--output", str(out)]) == 0
+    small = ["--set", "train.epochs=1", "--set", "train.image_size=8", "--set", "train.pad_crop=2"]  # the digits' 8x8
+    assert cli.main(["benchmark", "accuracy", "--seeds", "2", *small, "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [r["seed"] for r in result["seeds"]] == [0, 1]
     tops = [r["top1"] for r in result["seeds"]]
     assert result["top1_mean"] == round(sum(tops) / 2, 6)
     low, high = result["top1_mean_ci95"]
     assert 0 <= low <= result["top1_mean"] <= high <= 1
-    assert result["recipe"] == {"epochs": 1}
+    assert result["recipe"] == {"epochs": 1, "image_size": 8, "pad_crop": 2}
     assert "95% CI of the mean" in capsys.readouterr().out
 
 

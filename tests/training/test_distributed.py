@@ -2,7 +2,8 @@
 
 Each run is `resnet-pipeline train` in a subprocess (logical CPU devices and
 MultiWorkerMirroredStrategy must be set up before TensorFlow starts, which a pytest process that
-already ran TensorFlow cannot do), on the digits shards: 1,419 training images, 22 steps of 64 per
+already ran TensorFlow cannot do), but for the one-device precision and XLA epochs, which train in
+the test process; on the digits shards: 1,419 training images, 22 steps of 64 per
 epoch.
 """
 
@@ -12,7 +13,6 @@ import csv
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.project import train_project
+
+pytestmark = pytest.mark.slow  # every test trains in subprocesses
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -64,27 +68,59 @@ def _cmd(sets: list[str], workers: int = 0, verbose: bool = False) -> list[str]:
     return cmd
 
 
+def _start(work: Path, sets: list[str], workers: int = 0, verbose: bool = False, **popen) -> subprocess.Popen:
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen(_cmd(sets, workers, verbose), cwd=work, env=_env(), **options)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def _train(
     work: Path, sets: list[str], workers: int = 0, timeout: int = 600, verbose: bool = False
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        _cmd(sets, workers, verbose), cwd=work, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, (
-        f"train {sets} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    )
-    return proc
+    return _finish(_start(work, sets, workers, verbose), timeout)
+
+
+def _train_together(runs: list[tuple[Path, list[str], int]]) -> list[subprocess.CompletedProcess]:
+    """Independent runs (project folder, sets, workers) at the same time, each in a folder of its own
+    (a run holds its folder's lock): TensorFlow's import and tracing take one core, and small steps
+    leave the other one mostly idle."""
+    return [_finish(proc) for proc in [_start(work, sets, workers) for work, sets, workers in runs]]
 
 
 @pytest.fixture
 def work(digits_data, tmp_path) -> Path:
-    """A project folder holding params.yaml and the digits shards and labels."""
-    folder = tmp_path / "work"
-    (folder / "data").mkdir(parents=True)
-    shutil.copytree(digits_data.shards, folder / "data/shards")
-    shutil.copy(digits_data.labels, folder / "data/labels.json")
-    shutil.copy(REPO / "params.yaml", folder / "params.yaml")
-    return folder
+    return train_project(tmp_path / "work", digits_data)
+
+
+# The reference of the SIGKILL and SIGTERM tests: the deterministic 2 epochs they resume to, trained
+# once. The checkpoint cadence is not in the run's numbers (the SIGTERM test saves every epoch and
+# matches this run's losses to 1e-5).
+RESUMED = ["train.epochs=2", *DETERMINISTIC]
+
+
+@pytest.fixture(scope="module")
+def reference(digits_data, tmp_path_factory):
+    """The reference run, started in the background when first asked for (it trains beside the
+    run the asking test kills); `reference()` waits for it and gives its model folder."""
+    work = train_project(tmp_path_factory.mktemp("reference"), digits_data)
+    proc = _start(work, [*RESUMED, "train.checkpoint_every_steps=3"])
+    done: list[Path] = []
+
+    def model_dir() -> Path:
+        if not done:
+            _finish(proc)
+            done.append(work / "artifacts/model")
+        return done[0]
+
+    yield model_dir
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def _steps(model_dir: Path) -> list[dict]:
@@ -115,35 +151,37 @@ def _wait_for_checkpoint(proc: subprocess.Popen, ckpt_root: Path, step: int, tim
     assert _checkpointed_step(ckpt_root) >= step, f"no checkpoint of step {step} within {timeout} s"
 
 
-def test_two_replicas_and_two_workers_match_one_device_step_by_step(work):
+def test_two_replicas_and_two_workers_match_one_device_step_by_step(digits_data, tmp_path):
     common = ["train.epochs=1", "train.image_size=16", *DETERMINISTIC]
-    _train(work, [*common, "train.strategy=one_device", "base.artifacts_dir=one"])
-    _train(work, [*common, "train.strategy=mirrored", "train.cpu_devices=2", "base.artifacts_dir=mirrored"])
-    launched = _train(work, [*common, "base.artifacts_dir=workers"], workers=2)
+    work = {name: train_project(tmp_path / name, digits_data) for name in ("one", "mirrored", "workers")}
+    *_, launched = _train_together(
+        [
+            (work["one"], [*common, "train.strategy=one_device"], 0),
+            (work["mirrored"], [*common, "train.strategy=mirrored", "train.cpu_devices=2"], 0),
+            (work["workers"], common, 2),
+        ]
+    )
     assert "[worker0]" in launched.stdout and "[worker1]" in launched.stdout
 
-    one = _steps(work / "one/model")
+    one = _steps(work["one"] / "artifacts/model")
     assert len(one) == STEPS_PER_EPOCH
     for name, replicas, strategy in (
         ("mirrored", 2, "MirroredStrategy"),
         ("workers", 2, "MultiWorkerMirroredStrategy"),
     ):
-        summary = json.loads((work / name / "model/train.json").read_text())
+        summary = json.loads((work[name] / "artifacts/model/train.json").read_text())
         assert (summary["replicas"], summary["strategy"]) == (replicas, strategy)
-        other = _steps(work / name / "model")
+        other = _steps(work[name] / "artifacts/model")
         assert [r["step"] for r in other] == [r["step"] for r in one]
         for a, b in zip(one[:20], other[:20]):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), f"{name}, step {a['step']:.0f}"
     # the chief alone writes the TensorBoard logs
-    assert len(list((work / "workers/tensorboard").glob("*/events.out.tfevents.*"))) == 1
+    assert len(list((work["workers"] / "artifacts/tensorboard").glob("*/events.out.tfevents.*"))) == 1
 
 
-def test_sigkill_at_a_random_step_resumes_to_the_same_weights(work):
-    common = ["train.epochs=2", "train.checkpoint_every_steps=3", *DETERMINISTIC]
-    _train(work, [*common, "base.artifacts_dir=reference"])
-    reference = _weights(work / "reference/model")
-
-    proc = subprocess.Popen(_cmd(common), cwd=work, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_sigkill_at_a_random_step_resumes_to_the_same_weights(work, reference):
+    common = [*RESUMED, "train.checkpoint_every_steps=3"]
+    proc = _start(work, common, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_checkpoint(proc, work / "artifacts/checkpoints", 3 * random.randint(2, 10))
     time.sleep(random.random())  # a random step after that checkpoint
     proc.send_signal(signal.SIGKILL)
@@ -152,22 +190,20 @@ def test_sigkill_at_a_random_step_resumes_to_the_same_weights(work):
 
     resumed = _train(work, common)
     assert "resuming from" in resumed.stderr
+    # every step of the 2 epochs trained once: no step lost to the kill, none trained twice
     summary = json.loads((work / "artifacts/model/train.json").read_text())
-    assert summary["steps"] == 2 * STEPS_PER_EPOCH
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * STEPS_PER_EPOCH == 2 * summary["steps_per_epoch"]
     assert [r["step"] for r in _steps(work / "artifacts/model")] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
-    for a, b in zip(reference, _weights(work / "artifacts/model")):
+    history = (work / "artifacts/model/history.csv").read_text().strip().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["0", "1"]
+    for a, b in zip(_weights(reference()), _weights(work / "artifacts/model")):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 
 
-def test_sigterm_saves_at_the_step_and_resumes_with_no_lost_step(work):
-    common = ["train.epochs=2", f"train.checkpoint_every_steps={STEPS_PER_EPOCH}", *DETERMINISTIC]
-    _train(work, [*common, "base.artifacts_dir=reference"])
-    reference_steps = _steps(work / "reference/model")
-
+def test_sigterm_saves_at_the_step_and_resumes_with_no_lost_step(work, reference):
+    common = [*RESUMED, f"train.checkpoint_every_steps={STEPS_PER_EPOCH}"]
     ckpt_root = work / "artifacts/checkpoints"
-    proc = subprocess.Popen(
-        _cmd(common), cwd=work, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    proc = _start(work, common, stdout=subprocess.DEVNULL)
     _wait_for_checkpoint(proc, ckpt_root, STEPS_PER_EPOCH)  # the end of epoch 1
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -178,28 +214,58 @@ def test_sigterm_saves_at_the_step_and_resumes_with_no_lost_step(work):
 
     resumed = _train(work, common)
     assert f"at step {stopped} of {2 * STEPS_PER_EPOCH}" in resumed.stderr
+    reference_steps = _steps(reference())
     steps = _steps(work / "artifacts/model")
     assert [r["step"] for r in steps] == [r["step"] for r in reference_steps]
     for a, b in zip(reference_steps, steps):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']:.0f}"
 
 
-@pytest.mark.parametrize(
-    "sets",
-    [
-        pytest.param(["train.precision=mixed_float16"], id="mixed_float16"),
-        pytest.param(["train.precision=mixed_bfloat16"], id="mixed_bfloat16"),
-        pytest.param(["train.jit_compile=true"], id="xla"),
-        pytest.param(["train.jit_compile=true", "train.strategy=mirrored", "train.cpu_devices=2"], id="xla-mirrored"),
-    ],
-)
-def test_mixed_precision_and_xla_complete_an_epoch(work, sets):
-    _train(work, ["train.epochs=1", *TINY, *sets])
-    summary = json.loads((work / "artifacts/model/train.json").read_text())
+GPU_PATHS = {
+    "mixed_float16": ["train.precision=mixed_float16"],
+    "mixed_bfloat16": ["train.precision=mixed_bfloat16"],
+    "xla": ["train.jit_compile=true"],
+    "xla-mirrored": ["train.jit_compile=true", "train.strategy=mirrored", "train.cpu_devices=2"],
+}
+
+
+SUBPROCESS_ONLY = {"xla-mirrored"}  # two logical CPU devices: set before TensorFlow starts
+
+
+@pytest.fixture(scope="module")
+def gpu_path_runs(digits_data, tmp_path_factory) -> dict[str, Path]:
+    """One epoch of each GPU code path; their model folders by name. xla-mirrored trains in a
+    subprocess, in the background, while the others train here, one after the other (nothing in
+    their claim needs a process of their own); the global dtype policy is float32 again after."""
+    import keras
+
+    from resnet_pipeline.config import load, parse_overrides
+    from resnet_pipeline.training.loop import train
+
+    base = tmp_path_factory.mktemp("gpu-paths")
+    work = {name: train_project(base / name, digits_data) for name in GPU_PATHS}
+    sets = {name: ["train.epochs=1", *TINY, *more] for name, more in GPU_PATHS.items()}
+    background = {name: _start(work[name], sets[name]) for name in SUBPROCESS_ONLY}
+    try:
+        for name in [name for name in GPU_PATHS if name not in SUBPROCESS_ONLY]:
+            cfg = load(work[name] / "params.yaml", parse_overrides(sets[name]))
+            paths = work[name] / "data", work[name] / "artifacts"
+            train(cfg.train, cfg, paths[0] / "shards", paths[0] / "labels.json", paths[1] / "model", paths[1] / "ckpt")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+        for proc in background.values():
+            _finish(proc)
+    return {name: work[name] / "artifacts/model" for name in GPU_PATHS}
+
+
+@pytest.mark.parametrize("name", list(GPU_PATHS))
+def test_mixed_precision_and_xla_complete_an_epoch(gpu_path_runs, name):
+    model_dir = gpu_path_runs[name]
+    summary = json.loads((model_dir / "train.json").read_text())
     assert summary["steps"] == STEPS_PER_EPOCH
-    losses = [r["loss"] for r in _steps(work / "artifacts/model")]
+    losses = [r["loss"] for r in _steps(model_dir)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert (work / "artifacts/model/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (model_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _children(pid: int) -> list[int]:
@@ -210,9 +276,7 @@ def _children(pid: int) -> list[int]:
 def test_a_dead_worker_fails_the_run_in_bounded_time_and_a_restart_resumes(work):
     common = ["train.epochs=2", "train.checkpoint_every_steps=4", "train.summary_every_steps=1"]
     ckpt_root = work / "artifacts/checkpoints"
-    launcher = subprocess.Popen(
-        _cmd(common, workers=2), cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    launcher = _start(work, common, workers=2)
     _wait_for_checkpoint(launcher, ckpt_root, 8)
     saved = _checkpointed_step(ckpt_root)
     workers = _children(launcher.pid)

@@ -13,11 +13,14 @@ import subprocess
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from resnet_pipeline.models.resnet import build_resnet, recursion_limit
 from resnet_pipeline.training.finetune import stage_of
 from tests.training.test_distributed import _cmd, _env, _train, _wait_for_checkpoint, work  # noqa: F401
+
+pytestmark = pytest.mark.slow  # every test trains
 
 BATCH = 128
 STEPS_PER_EPOCH = 1419 // BATCH  # 11
@@ -114,7 +117,12 @@ def test_warmstart_benchmark_smoke_registers_and_fine_tunes_from_the_version(tmp
     from resnet_pipeline.registry import open_registry, register_model
 
     result = run(
-        tmp_path, epochs=1, source_epochs=1, seeds=(1,), overrides={"global_batch_size": 128}, project_params_arm=False
+        tmp_path,
+        epochs=1,
+        source_epochs=1,
+        seeds=(1,),
+        overrides={"global_batch_size": 128, "image_size": 8, "pad_crop": 2},
+        project_params_arm=False,
     )
     row = result["rows"][0]
     assert 0 <= row["scratch"] <= 1 and 0 <= row["warm"] <= 1 and row["gain"] == row["warm"] - row["scratch"]

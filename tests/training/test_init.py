@@ -21,6 +21,8 @@ from resnet_pipeline.models.resnet import build_resnet, model_arguments
 from resnet_pipeline.training.init import InitError, imagenet_file, load_initial_weights
 from tests.httpserver import LoopbackHTTPServer
 
+pytestmark = pytest.mark.slow  # builds the six keras.applications models and loads their weights
+
 SIZE, CLASSES = 64, 10
 APPLICATIONS = [
     ("ResNet50", "v1", 50),

@@ -21,7 +21,9 @@ def _train(digits_data, root, **train):
     # the digits at their own 8x8 (the crop's padding in proportion): these claims do not hang on the step's cost
     small = {"epochs": 1, "image_size": 8, "pad_crop": 2}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{**small, **train}))
-    summary = run(cfg.train, cfg, digits_data.shards, digits_data.labels, root / "model", root / "checkpoints")
+    model, checkpoints = root / "model", root / "checkpoints"  # no test here reads the SavedModel
+    summary = run(cfg.train, cfg, digits_data.shards, digits_data.labels, model, checkpoints, saved_model=False)
+    assert (model / "model.keras").is_file() and not (model / "saved_model").exists()
     return cfg, summary
 
 
@@ -36,6 +38,7 @@ def _weights(model_dir):
 DETERMINISTIC = dict(deterministic=True, lr_schedule="constant", warmup_epochs=0, lr=0.01)
 
 
+@pytest.mark.slow
 def test_chunked_steps_train_the_same_weights_as_single_steps(digits_data, tmp_path):
     _, one = _train(digits_data, tmp_path / "one", summary_every_steps=1, **DETERMINISTIC)
     _, chunked = _train(digits_data, tmp_path / "chunked", summary_every_steps=8, **DETERMINISTIC)
@@ -46,6 +49,7 @@ def test_chunked_steps_train_the_same_weights_as_single_steps(digits_data, tmp_p
     assert [int(r.split(",")[0]) for r in rows] == [8, 16, one["steps"]]  # one row per chunk, the last cut short
 
 
+@pytest.mark.slow
 def test_ema_weights_are_validated_and_exported(digits_data, tmp_path):
     cfg, summary = _train(digits_data, tmp_path / "ema", epochs=2, ema_decay=0.9, checkpoint_every_steps=1000)
     history = json.loads((tmp_path / "ema/model/train.json").read_text())["final"]
@@ -67,6 +71,7 @@ def test_ema_weights_are_validated_and_exported(digits_data, tmp_path):
     assert any(not np.allclose(a, b) for a, b in zip(exported, raw))
 
 
+@pytest.mark.slow
 def test_export_best_exports_the_best_validated_epoch(digits_data, tmp_path):
     _, summary = _train(
         digits_data,
@@ -96,6 +101,7 @@ def test_export_best_exports_the_best_validated_epoch(digits_data, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_validation_every_n_epochs_and_always_the_last(digits_data, tmp_path):
     _train(digits_data, tmp_path / "cadence", epochs=3, validate_every_epochs=2, checkpoint_every_steps=1000)
     import csv
@@ -119,6 +125,7 @@ def test_linear_and_onecycle_schedules_end_at_zero(kind):
         assert float(schedule(550)) == pytest.approx(0.2, rel=1e-3)  # halfway after the warmup
 
 
+@pytest.mark.slow
 def test_a_run_restored_at_its_last_step_exports_again_without_training(digits_data, tmp_path):
     """The last step is checkpointed: a rerun of a finished run (its model folder gone) trains no
     step and exports the same weights."""
