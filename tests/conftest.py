@@ -65,12 +65,7 @@ def s3_server(tmp_path_factory):
     """
     from tests.s3server import SeaweedS3
 
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed-s3"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(SeaweedS3(tmp_path_factory.mktemp("seaweed-s3")))
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +76,11 @@ def prefect_server(tmp_path_factory):
     `prefect_server.env` is a client's environment (PREFECT_API_URL, PREFECT_HOME). Do not stop it."""
     from tests.prefectserver import PrefectServer
 
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
+    yield from _running(PrefectServer(tmp_path_factory.mktemp("prefect-home")))
+
+
+def _running(server):
+    """A session server's fixture body: started, handed to the tests, stopped at the end."""
     server.start()
     try:
         yield server
