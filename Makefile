@@ -37,7 +37,8 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/resnet-pipeline registry show $$($(PY) -c "import yaml; print(yaml.safe_load(open('params.yaml'))['register']['model_name'])")
 
-# ruff (lint, then format check) and mypy, configured in pyproject.toml; seconds, before the long suite.
+# ruff (lint, then format check), mypy (configured in pyproject.toml) and the design's import rules
+# (tests/architecture.py); seconds, before the long suite.
 lint: $(STAMP)
 	@if [ -d .git ] && git ls-files -s | grep -q '^120000'; then \
 	  echo "git tracks symbolic links (a clone elsewhere would get them broken):"; \
@@ -45,6 +46,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(PY) -m tests.architecture
 
 # The mechanical fixes: format the tree, apply ruff's safe autofixes, format what they touched.
 fmt: $(STAMP)
@@ -57,7 +59,7 @@ fmt: $(STAMP)
 # group by rewriting `item._nodeid`, which pytest 9 no longer reads, so groups are ignored.)
 TEST_WORKERS ?= 2
 test: lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The fast tier (markers in pyproject.toml): no Prefect or S3 server, no training run, no subprocess of
 # TensorFlow; minutes, for the inner loop. `make test` is the whole suite.

@@ -10,23 +10,33 @@ the flow on a schedule to a work pool (see the README). The stage logic lives in
 - The data tasks (download, split, shard) are cached like `dvc repro` skips stages, on the stage
   key (`resnet_pipeline.stagekeys`: the params and code dvc.yaml lists, and the keys of the stages
   it reads). A cached result is used only if the outputs on disk carry that same key; otherwise the
-  task runs and refreshes its cache entry.
+  task runs and refreshes its cache entry; so does it, in a DVC project, when dvc.lock records the
+  stage and DVC sees its files changed (an upstream output changed while its inputs did not).
+- DVC: in a DVC project (`root` has .dvc/ and dvc.yaml), each stage the flow runs, or finds cached,
+  is recorded in dvc.lock through DVC's API, as `dvc repro` records it (a `dvc-commit-<stage>` task),
+  and register pushes the data and model to the DVC remote before it registers; after a run
+  `dvc status` is clean. In a bare folder the run logs one line and goes on without DVC.
 - Retries: download and register on I/O errors; train when SIGTERM stopped it with a checkpoint
   (`Preempted`), at most PREEMPT_RETRIES times, resuming from that checkpoint.
 - Results are persisted as JSON (never pickle) in Prefect's result storage; the `resnet_pipeline`
   loggers go to the run's log in the Prefect UI.
 - Each run publishes a Markdown artifact (test metrics, the gate's decision with both figures, the
   registered version and how to pull it) and a table artifact (per-class precision, recall, F1).
+- Secrets never become flow-run parameters (Prefect stores those in its database as given): a value
+  with credentials or a signature comes from the environment (`RESNET_PIPELINE_SECRET_OVERRIDES`,
+  which `--set` here fills for such values) or from Prefect Secret blocks named in `secret_blocks`;
+  a run whose `overrides` hold one is refused, naming the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
-import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +52,8 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from resnet_pipeline import config as config_mod  # noqa: E402
 from resnet_pipeline import stages  # noqa: E402
 from resnet_pipeline.config import Config  # noqa: E402
-from resnet_pipeline.data import shard as shard_mod  # noqa: E402
-from resnet_pipeline.fileio import new_staging_dir, read_json, replace_dir  # noqa: E402
-from resnet_pipeline.paths import Paths  # noqa: E402
-from resnet_pipeline.runlock import folder_lock  # noqa: E402
-from resnet_pipeline.stagekeys import DATA_STAGES, is_current, record_key, require_current, stage_key  # noqa: E402
-from resnet_pipeline.training.preempt import Preempted  # noqa: E402
+from resnet_pipeline.redact import redact_values  # noqa: E402
+from resnet_pipeline.stages import DATA_STAGES, Paths, Preempted, folder_lock, is_current, stage_key  # noqa: E402
 
 logging.getLogger("resnet_pipeline").setLevel(logging.INFO)  # the stages' INFO lines reach the run's log
 
@@ -93,43 +99,36 @@ evaluate = _stage_task("evaluate", cache_policy=NO_CACHE, **RESULTS)
 register = _stage_task("register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, **RESULTS)
 
 
-@task(name="plan-shards", cache_policy=NO_CACHE, persist_result=False)
-def plan_shards(cfg: Config, paths: Paths) -> list[dict]:
-    return shard_mod.plan_shards(cfg.shard, paths.manifest)
+@task(name="dvc-commit", cache_policy=NO_CACHE, persist_result=False)
+def _dvc_commit(name: str, cfg: Config, root: Path) -> None:
+    stages.record_in_dvc(name, cfg, root)
+
+
+def record_in_dvc(name: str, cfg: Config, root: Path | None) -> None:
+    """Record stage `name` in dvc.lock as `dvc repro` would (a `dvc-commit` task), in a DVC project."""
+    if root is not None:
+        _dvc_commit.with_options(task_run_name=f"dvc-commit-{name}")(name, cfg, root)
 
 
 @task(name="write-shard", cache_policy=NO_CACHE, persist_result=False)
-def write_shard(plan: dict, cfg: Config, raw_dir: Path, staging: Path) -> dict:
-    return shard_mod.write_shard(plan, raw_dir, staging, cfg.shard)
+def write_shard(plan: dict, cfg: Config, paths: Paths, staging: Path) -> dict:
+    return stages.write_shard(plan, cfg, paths, staging)
 
 
 @task(name="shard", **_data_options)
 def shard(cfg: Config, paths: Paths) -> dict:
     """The shard stage with the writing of each shard a task of its own (`write_shard.map`), so a
     Dask or Ray task runner can spread it over machines; the shards replace the old ones at the end."""
-    require_current(("download", "split"), cfg, paths)
-    plans = plan_shards(cfg, paths)
-    staging = new_staging_dir(paths.shards)
+    plans, staging = stages.begin_shard(cfg, paths)
     try:
-        entries = write_shard.map(
-            plans, cfg=unmapped(cfg), raw_dir=unmapped(paths.raw), staging=unmapped(staging)
-        ).result()
-        index = shard_mod.write_index(entries, staging)
-        replace_dir(staging, paths.shards)
+        entries = write_shard.map(plans, cfg=unmapped(cfg), paths=unmapped(paths), staging=unmapped(staging)).result()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        stages.discard_shard(staging)
         raise
-    record_key("shard", cfg, paths)
-    return index["splits"]
+    return stages.end_shard(entries, cfg, paths, staging)
 
 
 # --------------------------------------------------------------------------- artifacts
-
-
-def _registry_link(registry: str, name: str, version: int) -> str:
-    if registry.startswith("s3://"):
-        return f"{registry.rstrip('/')}/models/{name}/versions/{version}/"
-    return Path(registry, "models", name, "versions", str(version)).resolve().as_uri() + "/"
 
 
 def _beside(figure: dict | None) -> str:
@@ -151,7 +150,7 @@ def report_markdown(cfg: Config, record: dict) -> str:
         if promoted["error"]
         else "not promoted"
     )
-    link = _registry_link(record["registry"], name, version)
+    link = stages.version_link(record["registry"], name, version)
     return (
         f"# {name}:{version} — ResNet-{cfg.train.depth} ({cfg.train.variant}) on {cfg.download.dataset}\n\n"
         f"Registered as **[{name}:{version}]({link})** in `{record['registry']}`.\n\n"
@@ -181,6 +180,7 @@ def resnet_pipeline_flow(
     depth: int | None = None,
     epochs: int | None = None,
     lock_wait_seconds: float = 0,
+    secret_blocks: dict[str, str] | None = None,
 ) -> dict:
     """download -> split -> shard -> train -> evaluate -> register, holding the lock of `root`.
 
@@ -188,8 +188,14 @@ def resnet_pipeline_flow(
     `--set`; `dataset`, `depth` and `epochs` are shortcuts for `download.dataset`, `train.depth` and
     `train.epochs`. Everything is checked like params.yaml before any stage runs. If another run
     holds `root`, wait up to `lock_wait_seconds`, then fail naming it.
+
+    Secrets (a URL with `user:pass@` or a signed query) are not parameters: `secret_blocks` maps
+    `group.key` to the name of a Prefect Secret block read at run time, and the environment variable
+    `RESNET_PIPELINE_SECRET_OVERRIDES` (a JSON object like `overrides`) adds more.
     """
-    cfg = load_config(params, root, overrides, dataset=dataset, depth=depth, epochs=epochs)
+    refuse_secret_overrides(overrides)
+    merged = {**(overrides or {}), **secret_overrides(secret_blocks)}
+    cfg = load_config(params, root, merged, dataset=dataset, depth=depth, epochs=epochs)
     paths = Paths.from_config(cfg, root)
     owner = {
         "flow_run_id": runtime.flow_run.id,
@@ -197,12 +203,18 @@ def resnet_pipeline_flow(
         "deployment": runtime.deployment.name,
     }
     with folder_lock(paths.root, owner, wait=lock_wait_seconds):
+        dvc = stages.dvc_root(paths)  # each stage recorded in dvc.lock after it ran (or was cached)
         for stage_task, name in zip((download, split, shard), DATA_STAGES):
-            stage_task.with_options(refresh_cache=not is_current(name, cfg, paths))(cfg, paths)
+            stale = not is_current(name, cfg, paths) or stages.stale_in_dvc(name, dvc)
+            stage_task.with_options(refresh_cache=stale)(cfg, paths)
+            record_in_dvc(name, cfg, dvc)
         train(cfg, paths)
+        record_in_dvc("train", cfg, dvc)
         evaluate(cfg, paths)
-        print(register(cfg, paths))
-        record = read_json(paths.registered, "registration record")
+        record_in_dvc("evaluate", cfg, dvc)
+        print(register(cfg, paths))  # pushes the data and model to the DVC remote, then registers
+        record_in_dvc("register", cfg, dvc)
+        record = stages.registration(paths)
         per_class = per_class_table(paths.eval_dir)
     create_markdown_artifact(
         report_markdown(cfg, record),
@@ -221,6 +233,51 @@ def resnet_pipeline_flow(
     }
 
 
+SECRET_ENV = "RESNET_PIPELINE_SECRET_OVERRIDES"
+
+
+def has_secret(value: Any) -> bool:
+    """Whether `value` (or a string inside it) holds a URL's credentials, query or fragment."""
+    return redact_values(value) != value
+
+
+def refuse_secret_overrides(overrides: dict[str, Any] | None) -> None:
+    """A ValueError naming the first key of `overrides` whose value holds a secret: Prefect has
+    stored the run's parameters, so the run stops before the secret reaches anything else."""
+    for key, value in (overrides or {}).items():
+        if has_secret(value):
+            raise ValueError(
+                f"overrides[{key!r}] holds credentials or a signature ({redact_values(value)} with them): flow-run "
+                f"parameters are stored in Prefect's database as given. Give it through a Prefect Secret block "
+                f"(secret_blocks={{{key!r}: BLOCK_NAME}}) or the worker's {SECRET_ENV} environment variable"
+            )
+
+
+def secret_overrides(secret_blocks: dict[str, str] | None = None, environ: Mapping[str, str] | None = None) -> dict:
+    """`{"group.key": value}` from the RESNET_PIPELINE_SECRET_OVERRIDES variable (a JSON object) and
+    from the Prefect Secret blocks `secret_blocks` names. Errors name the variable or the block,
+    never a value."""
+    raw = (os.environ if environ is None else environ).get(SECRET_ENV)
+    found: Any = {}
+    if raw:
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            found = None
+        if not isinstance(found, dict):
+            raise ValueError(f'{SECRET_ENV}: expected a JSON object of {{"group.key": value}}')
+    for key, block in (secret_blocks or {}).items():
+        if not isinstance(block, str) or not block:
+            raise ValueError(f"secret_blocks[{key!r}]: expected the name of a Prefect Secret block")
+        from prefect.blocks.system import Secret
+
+        try:
+            found[key] = Secret.load(block).get()
+        except ValueError as err:
+            raise ValueError(f"secret_blocks[{key!r}]: cannot read the Secret block {block!r} ({err})") from None
+    return found
+
+
 def load_config(params: str, root: str, overrides: dict[str, Any] | None = None, **shortcuts: Any) -> Config:
     """The flow's parameters as a validated Config (a ConfigError names the bad key or value)."""
     merged = dict(overrides or {})
@@ -237,7 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".")
     parser.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE")
     args = parser.parse_args(argv)
-    resnet_pipeline_flow(params=args.params, root=args.root, overrides=config_mod.parse_overrides(args.set))
+    overrides = config_mod.parse_overrides(args.set)
+    # a secret `--set` value reaches the run through this process's environment, not its parameters
+    secret = {key: value for key, value in overrides.items() if has_secret(value)}
+    if secret:
+        os.environ[SECRET_ENV] = json.dumps({**secret_overrides(), **secret})
+    plain = {key: value for key, value in overrides.items() if key not in secret}
+    resnet_pipeline_flow(params=args.params, root=args.root, overrides=plain)
     return 0
 
 

@@ -3,7 +3,10 @@
     resnet-pipeline download|split|shard|train|evaluate|register [--params params.yaml] [--set train.epochs=3]
     resnet-pipeline registry list|show|pull|promote|gc ... [--registry FOLDER|s3://BUCKET/PREFIX]
     resnet-pipeline registry pull SPEC DEST [--layout registry|tf-serving]
+    resnet-pipeline registry restore SPEC DIR [--repo URL] [--remote URL]
     resnet-pipeline predict --model MODEL_DIR|NAME[:VERSION|@ALIAS] IMAGE... [--top-k K] [--json]
+                            [--format onnx|litert|litert-int8]
+    resnet-pipeline export --format onnx|litert|litert-int8 [--model MODEL_DIR|NAME[:VERSION|@ALIAS]] OUT
     resnet-pipeline model summary [--depth 50] [--variant v1|v1.5|v2|cifar] [--image-size 224]
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10]
     resnet-pipeline benchmark ingest [--sizes 10000,40000,160000] [--classes 100] [--s3-objects 2000] [--no-s3]
@@ -14,7 +17,7 @@
 
 Each stage subcommand reads params once, validates them, and runs the stage with `stages.run_stage`
 on the typed config and the paths of `resnet_pipeline.paths.Paths` (relative to the current folder). The registry,
-model and benchmark commands live in `cli_registry`, `cli_model` and `cli_benchmark`.
+model, export and benchmark commands live in `cli_registry`, `cli_model`, `cli_export` and `cli_benchmark`.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import json
 import sys
 from pathlib import Path
 
-from resnet_pipeline import cli_benchmark, cli_model, cli_registry, logs, stages
+from resnet_pipeline import cli_benchmark, cli_export, cli_model, cli_registry, logs, stages
 from resnet_pipeline.cli_args import add_params, load_params
-from resnet_pipeline.config import ConfigError
+from resnet_pipeline.config import EXPORT_FORMATS, ConfigError
 from resnet_pipeline.paths import Paths
 from resnet_pipeline.training.preempt import PREEMPTED_EXIT, Preempted
 
@@ -54,7 +57,7 @@ def run_predict(args: argparse.Namespace) -> int:
     registry = None
     if is_registry_spec(args.model) and (args.registry or Path(args.params).exists()):
         registry = cli_registry.open_from_args(args)  # with the params' S3 settings
-    results = predict(resolve_model(args.model, registry), args.images, top_k=args.top_k)
+    results = predict(resolve_model(args.model, registry), args.images, top_k=args.top_k, fmt=args.format)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0
 
@@ -85,6 +88,12 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     p.add_argument("--registry", help="registry location for a spec (default: register.registry in params)")
     p.add_argument("--params", default="params.yaml", help="params file naming the registry")
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        help="run the model's export in this format (model.onnx, model.tflite, model.int8.tflite in the folder "
+        "or version) with ONNX Runtime or LiteRT instead of model.keras",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_registry.add_parsers(sub)
     _add_predict_parser(sub)
     cli_model.add_parsers(sub)
+    cli_export.add_parser(sub)
     cli_benchmark.add_parsers(sub)
     return parser
 
@@ -105,6 +115,7 @@ COMMANDS = {
     "registry": cli_registry.run_registry,
     "model": cli_model.run_model,
     "predict": run_predict,
+    "export": cli_export.run_export,
     "benchmark": cli_benchmark.run_benchmark,
 }
 

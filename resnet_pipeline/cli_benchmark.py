@@ -2,6 +2,8 @@
 the figures and, with `--output`, writes them as JSON.
 
     resnet-pipeline benchmark model [--depths 50,101] [--variant v1] [--batch-size 16] [--steps 10] [--replicas N]
+    resnet-pipeline benchmark export [--model artifacts/model] [--formats onnx,litert-int8] [--reference-depth 50]
+    resnet-pipeline benchmark dvc [--images 20000] [--classes 100] [--no-digits] [--data-only] [--remote URL]
     resnet-pipeline benchmark shard|input|train|accuracy|ingest|pull|warmstart ...
 
 The options are checked by their argparse types; what depends on two options is checked here.
@@ -10,6 +12,7 @@ The options are checked by their argparse types; what depends on two options is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from resnet_pipeline.cli_args import (
@@ -23,7 +26,7 @@ from resnet_pipeline.cli_args import (
     positive_int,
     write_output,
 )
-from resnet_pipeline.config import ConfigError, DownloadConfig
+from resnet_pipeline.config import EXPORT_FORMATS, Config, ConfigError, DownloadConfig
 from resnet_pipeline.models.specs import VARIANTS
 
 
@@ -144,6 +147,61 @@ def _pull(args) -> tuple[Any, str]:
     return result, format_result(result)
 
 
+def _export(args) -> tuple[Any, str]:
+    from pathlib import Path
+
+    from resnet_pipeline.benchmark.export import Reference, format_result, run
+    from resnet_pipeline.exports.formats import ExportSettings
+    from resnet_pipeline.paths import Paths
+
+    unknown = [f for f in args.formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise ConfigError(f"--formats: received {unknown[0]!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    if args.no_project and args.no_reference:
+        raise ConfigError("benchmark export: --no-project with --no-reference leaves nothing to run")
+    cfg = load_params(args) if Path(args.params).exists() or args.set else Config()
+    settings = ExportSettings.from_config(cfg)
+    changes = {"check_images": args.images, "calibration_images": args.calibration_images}
+    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+    paths = Paths.from_config(cfg)
+    model_dir = None if args.no_project else Path(args.model or paths.model_dir)
+    shards = Path(args.shards) if args.shards else paths.shards
+    reference = None
+    if not args.no_reference:
+        reference = Reference(
+            args.reference_depth,
+            args.reference_variant,
+            args.reference_size,
+            args.reference_classes,
+            args.reference_images,
+        )
+    result = run(
+        model_dir,
+        shards,
+        formats=args.formats,
+        settings=settings,
+        reference=reference,
+        **options(args, "steps", "warmup", "rounds"),
+    )
+    return result, format_result(result)
+
+
+def _dvc(args) -> tuple[Any, str]:
+    from resnet_pipeline.benchmark.dvccost import format_result, run
+
+    if args.no_digits and not args.images:
+        raise ConfigError("benchmark dvc: --no-digits with --images 0 leaves nothing to run")
+    result = run(
+        args.images,
+        args.classes,
+        digits=not args.no_digits,
+        data_only=args.data_only,
+        remote=args.remote,
+        work_dir=args.workdir,
+    )
+    return result, format_result(result)
+
+
 BENCHMARKS = {
     "model": _model,
     "warmstart": _warmstart,
@@ -153,6 +211,8 @@ BENCHMARKS = {
     "accuracy": _accuracy,
     "ingest": _ingest,
     "pull": _pull,
+    "export": _export,
+    "dvc": _dvc,
 }
 
 
@@ -174,6 +234,8 @@ ABOUT = {  # each benchmark's line in `resnet-pipeline benchmark --help`
     "ingest": "download/split/shard time, images/s and peak RSS at growing sizes; "
     "parallel vs sequential S3 folder download",
     "pull": "registry pull MB/s vs a plain HTTP GET of the same objects",
+    "dvc": "what dvc.lock bookkeeping and the push add to a run, beside the stages' own seconds",
+    "export": "ONNX and LiteRT (float, int8) beside Keras and the SavedModel: size, top-1, latency at batch 1 and 32",
 }
 
 
@@ -189,8 +251,23 @@ def add_parsers(sub) -> None:
         _run_parsers,
         _ingest_parser,
         _pull_parser,
+        _export_parser,
+        _dvc_parser,
     ):
         add(bench_sub)
+
+
+def _dvc_parser(bench_sub) -> None:
+    p = bench_sub.add_parser("dvc", help=ABOUT["dvc"])
+    p.add_argument(
+        "--images", type=at_least(0), default=20000, help="JPEGs of 64x48 in a folder, 0: none (default: 20000)"
+    )
+    p.add_argument("--classes", type=at_least(2), default=100, help="their class folders (default: 100)")
+    p.add_argument("--no-digits", action="store_true", help="leave out the embedded digits")
+    p.add_argument("--data-only", action="store_true", help="download, split and shard only (no TensorFlow)")
+    p.add_argument("--remote", help="a DVC remote URL to push to (default: the project's local folder .dvc-remote)")
+    p.add_argument("--workdir", help="folder for the projects (default: a temporary one, removed)")
+    add_output(p)
 
 
 def _model_parser(bench_sub) -> None:
@@ -334,4 +411,36 @@ def _pull_parser(bench_sub) -> None:
     )
     p.add_argument("--part-mb", type=positive_float, help="size of the ranged GETs (default: the registry's)")
     p.add_argument("--connections", type=positive_int, help="ranged GETs at a time (default: the registry's)")
+    add_output(p)
+
+
+def _export_parser(bench_sub) -> None:
+    p = bench_sub.add_parser("export", help=ABOUT["export"])
+    p.add_argument("--model", help="the project's model folder (default: the train stage's folder of the params)")
+    p.add_argument("--shards", help="its shards folder (default: the params' data folder's shards)")
+    p.add_argument(
+        "--formats",
+        type=lambda text: text.split(","),
+        default=list(EXPORT_FORMATS),
+        help=f"comma-separated formats (default: {','.join(EXPORT_FORMATS)})",
+    )
+    p.add_argument("--images", type=positive_int, help="test images (default: register.export_check_images)")
+    p.add_argument(
+        "--calibration-images",
+        type=positive_int,
+        help="int8: train images (default: register.export_calibration_images)",
+    )
+    p.add_argument("--reference-depth", type=positive_int, default=50, help="reference ResNet's depth (default: 50)")
+    p.add_argument("--reference-variant", choices=list(VARIANTS), default="v1.5", help="its variant (default: v1.5)")
+    p.add_argument("--reference-size", type=positive_int, default=224, help="its input side (default: 224)")
+    p.add_argument("--reference-classes", type=at_least(2), default=1000, help="its classes (default: 1000)")
+    p.add_argument("--reference-images", type=positive_int, default=64, help="its random images (default: 64)")
+    p.add_argument("--no-reference", action="store_true", help="the project's model only")
+    p.add_argument("--no-project", action="store_true", help="the reference network only")
+    p.add_argument(
+        "--steps", type=at_least(2), default=20, help="timed calls at batch 1; a quarter at 32 (default: 20)"
+    )
+    p.add_argument("--warmup", type=at_least(0), default=2, help="untimed calls first (default: 2)")
+    p.add_argument("--rounds", type=positive_int, default=2, help="alternating rounds (default: 2)")
+    add_params(p)
     add_output(p)

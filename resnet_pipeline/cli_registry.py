@@ -1,7 +1,8 @@
-"""`resnet-pipeline registry ...`: list, show, pull and promote registered models; collect garbage.
+"""`resnet-pipeline registry ...`: list, show, pull, promote and restore registered models; collect garbage.
 
     resnet-pipeline registry list|show|pull|promote|gc ... [--registry FOLDER|s3://BUCKET/PREFIX]
     resnet-pipeline registry pull SPEC DEST [--layout registry|tf-serving]
+    resnet-pipeline registry restore SPEC DIR [--repo URL] [--remote URL]
 
 The registry is `--registry`, else `register.registry` of the params file; the params' S3 settings
 apply either way.
@@ -92,7 +93,18 @@ def _gc(reg, args) -> None:
     print(f"gc: {len(removed)} uncommitted version(s) removed")
 
 
-ACTIONS = {"list": _list, "show": _show, "pull": _pull, "promote": _promote, "gc": _gc}
+def _restore(reg, args) -> None:
+    from resnet_pipeline.restore import restore
+
+    done = restore(reg, args.model, args.dest, repo=args.repo, remote=args.remote)
+    print(
+        f"restored {done['name']}:{done['version']} into {args.dest}: the project at commit {done['commit'][:12]}, "
+        f"its dvc.lock and params, data and model from DVC remote {done['remote']!r} "
+        f"({done['checked']} files checked); `dvc status` there is clean"
+    )
+
+
+ACTIONS = {"list": _list, "show": _show, "pull": _pull, "promote": _promote, "gc": _gc, "restore": _restore}
 
 
 def run_registry(args: argparse.Namespace) -> int:
@@ -110,6 +122,7 @@ def add_parsers(sub) -> None:
         ("pull", "pull a version, verified"),
         ("promote", "point an alias at a version"),
         ("gc", "delete uncommitted versions"),
+        ("restore", "a version back as a project folder: code, dvc.lock, params, data and model, verified"),
     ):
         p = reg_sub.add_parser(action, help=helptext)
         p.add_argument("--params", default="params.yaml", help="params file naming the registry")
@@ -128,7 +141,7 @@ OLDER_THAN = (
 
 
 def _action_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
-    show, pull, promote, gc = (parsers[a] for a in ("show", "pull", "promote", "gc"))
+    show, pull, promote, gc, restore = (parsers[a] for a in ("show", "pull", "promote", "gc", "restore"))
     show.add_argument("--json", action="store_true", help="the whole manifest (or history) as JSON")
     show.add_argument("--history", action="store_true", help="every promotion attempt of NAME@ALIAS")
     pull.add_argument(
@@ -145,3 +158,8 @@ def _action_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
     )
     promote.add_argument("alias", help="alias to point at the version, such as champion or staging")
     gc.add_argument("--older-than", type=float, default=86400.0, metavar="SECONDS", help=OLDER_THAN)
+    restore.add_argument("dest", metavar="DIR", help="the folder to create (must not exist or be empty)")
+    restore.add_argument(
+        "--repo", help="the project's git repository (a URL or a folder; default: the one around the current folder)"
+    )
+    restore.add_argument("--remote", help="the DVC remote's URL, if not the one the version was pushed to")

@@ -58,6 +58,8 @@ PREPROCESS_MODES = ("auto", "scale", "caffe", "tf")
 # training augmentations (data.pipeline): pad-and-crop, random-resized-crop, the VOC seed's
 # ImageDataGenerator recipe (shift 20 %, shear, zoom 80-120 %), none
 AUGMENTATIONS = ("cifar", "imagenet", "shift_shear_zoom", "none")
+# portable formats a model is exported to beside its SavedModel (resnet_pipeline.exports)
+EXPORT_FORMATS = ("onnx", "litert", "litert-int8")
 
 
 def _choice(*allowed: str) -> dict:
@@ -92,6 +94,12 @@ class DownloadConfig:
     max_extract_gb: float = field(default=200.0, metadata=_range(0.0, 10**6, low_open=True))
     max_ratio: float = field(default=100.0, metadata=_range(1.0, 10**6))  # unpacked bytes / archive bytes
     s3_workers: int = field(default=16, metadata=_range(1, 256))  # parallel requests of an s3:// imagefolder
+    # downloads (archives over http(s)), bounded while their bytes arrive: the size (a larger
+    # Content-Length is refused before the body), the whole time, retries included, and the average
+    # rate over each minute (0: no minimum)
+    max_download_gb: float = field(default=200.0, metadata=_range(0.0, 10**6, low_open=True))
+    max_download_seconds: float = field(default=86_400.0, metadata=_range(0.0, 10**7, low_open=True))
+    min_download_kb_s: float = field(default=1.0, metadata=_range(0.0, 10**6))
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,18 @@ class RegisterConfig:
     max_class_drop: float | None = field(default=None, metadata=_range(0.0, 1.0))  # paired_bootstrap only
     bootstrap_samples: int = field(default=2000, metadata=_range(100, 1_000_000))
     bootstrap_seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    # portable exports added to each version, each checked against the Keras model (README, "Export formats")
+    export_formats: tuple[str, ...] = field(default=(), metadata={"each_of": EXPORT_FORMATS})
+    export_calibration_images: int = field(default=200, metadata=_range(1, 100_000))  # litert-int8: train images
+    export_check_images: int = field(default=256, metadata=_range(1, 100_000))  # test images each export runs on
+    export_max_diff: float = field(default=1e-4, metadata=_range(0.0, 1.0, low_open=True))  # onnx, litert: probs
+    export_min_agreement: float = field(default=0.9, metadata=_range(0.0, 1.0))  # litert-int8: top-1 vs Keras
+
+
+@dataclass(frozen=True)
+class DvcConfig:
+    push: bool = True  # before registering, push the run's data and model to the DVC remote
+    push_raw: bool = True  # with data/raw (every image file); false: manifest, labels, shards and model only
 
 
 @dataclass(frozen=True)
@@ -201,6 +221,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
+    dvc: DvcConfig = DvcConfig()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain YAML-able values: tuples become lists."""

@@ -48,6 +48,19 @@ _TYPES = {
 def check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
     if value is None and f.type in ("bool | None", "str | None", "float | None"):
         return None
+    if f.type == "tuple[str, ...]":
+        allowed = f.metadata["each_of"]
+        if not isinstance(value, (list, tuple)) or any(not isinstance(v, str) for v in value):
+            raise ConfigError(
+                f"{key}: expected a list of names such as [{', '.join(allowed[:2])}], received {value!r}; "
+                f"allowed names: {', '.join(map(repr, allowed))}"
+            )
+        unknown = [v for v in value if v not in allowed]
+        if unknown:
+            raise ConfigError(f"{key}: received {unknown[0]!r}; allowed: {', '.join(map(repr, allowed))}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{key}: received {list(value)!r}; allowed: each name at most once")
+        return tuple(value)
     if f.type == "tuple[float, ...]" and f.metadata.get("any_length"):
         if not isinstance(value, (list, tuple)) or any(
             isinstance(v, bool) or not isinstance(v, (int, float)) for v in value
@@ -189,12 +202,11 @@ def _check_init(t: TrainConfig) -> None:
     if kind == "url" and not init.startswith(("http://", "https://", "file://")):
         raise ConfigError(f"train.init: received {redact_url(init)!r}; allowed URLs: http(s):// or file://")
     if kind == "registry":
-        from resnet_pipeline.registry.spec import parse_spec
-        from resnet_pipeline.registry.storage import RegistryError
+        from resnet_pipeline.modelspec import SpecError, parse_spec
 
         try:
             parse_spec(init)
-        except RegistryError as err:
+        except SpecError as err:
             raise ConfigError(f"train.init: {err}; or null, imagenet, a .h5/.weights.h5/.keras file or URL") from None
     if t.init_url is not None and kind != "imagenet":
         raise ConfigError(

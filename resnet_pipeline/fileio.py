@@ -4,7 +4,9 @@ Everything written here is fsynced (files, then the folders that name them) and 
 permissions the umask asks for, as `open()` would give: never the 0600/0700 of `mkstemp`/`mkdtemp`.
 A folder is replaced so that its old or its new content is always at its name: an atomic exchange
 (`renameat2(RENAME_EXCHANGE)`) where the file system has one, else old aside, new in, then delete,
-with the old one put back by `recover_dir` if a kill fell between the two renames.
+with the old one put back by `recover_dir` if a kill fell between the two renames. A destination
+that is a symbolic link (`data/shards` on a bigger disk) is replaced in the folder it points to, and
+the link is kept.
 """
 
 from __future__ import annotations
@@ -160,6 +162,22 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
 
 
+def _final(dest: Path) -> Path:
+    """Where a replacement of `dest` happens: `dest` itself, or the folder a link at `dest` points
+    to, so that staging, swap and aside copy live on the link's disk and the link stays."""
+    if not os.path.islink(dest):
+        return dest
+    real = Path(os.path.realpath(dest))
+    if not real.parent.is_dir():
+        raise FileNotFoundError(
+            f"{dest}: a symbolic link to {real}, whose folder {real.parent} does not exist; "
+            "mount the disk or make the folder, or remove the link"
+        )
+    if os.path.lexists(real) and not stat.S_ISDIR(os.lstat(real).st_mode):
+        raise NotADirectoryError(f"{dest}: a symbolic link to {real}, which is not a folder; expected a folder")
+    return real
+
+
 def _aside(dest: Path) -> Path:
     """Where the old `dest` waits while the fallback replacement renames the new one in."""
     return dest.with_name(f".{dest.name}.old")
@@ -168,7 +186,7 @@ def _aside(dest: Path) -> Path:
 def recover_dir(dest: str | Path) -> None:
     """Finish a replacement a kill interrupted: put the old folder back if `dest` is missing,
     drop it if the new one is in place."""
-    dest = Path(dest)
+    dest = _final(Path(dest))
     aside = _aside(dest)
     if not os.path.lexists(aside):
         return
@@ -180,8 +198,9 @@ def recover_dir(dest: str | Path) -> None:
 
 
 def new_staging_dir(dest: str | Path) -> Path:
-    """An empty hidden folder beside `dest`, to build its replacement in (mode per the umask)."""
-    dest = Path(dest)
+    """An empty hidden folder beside `dest` (beside its target if `dest` is a link), to build its
+    replacement in (mode per the umask)."""
+    dest = _final(Path(dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
@@ -210,7 +229,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def replace_dir(staging: str | Path, dest: str | Path) -> None:
     """Put a completed staging folder in the place of `dest`: at every moment `dest` (or, between
     the two renames of the fallback, its aside copy that `recover_dir` restores) holds old or new."""
-    staging, dest = Path(staging), Path(dest)
+    staging, dest = Path(staging), _final(Path(dest))
     fsync_tree(staging)
     _step("synced")
     if not os.path.lexists(dest):

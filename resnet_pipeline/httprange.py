@@ -78,19 +78,24 @@ def open_range(
     *,
     timeout: float = 60.0,
     context: ssl.SSLContext | None = None,
+    opener: urllib.request.OpenerDirector | None = None,
 ) -> Opened:
     """GET bytes start..end (inclusive; None: to the end) of `request`'s URL, `If-Match: etag` if given.
 
     A request from byte 0 to the end asks for the whole object (no Range). Raises Retryable for a lost
     connection, 429 and 5xx, HTTPStatus for another error status, BadResponse for a 206 without a
     usable Content-Range. A 200 to a Range request (a server that ignores ranges) starts at 0.
+    `opener` (its own redirect and TLS handling) replaces urlopen's; then `context` is not used.
     """
     if start or end is not None:
         request.add_header("Range", f"bytes={start}-{'' if end is None else end}")
     if etag:
         request.add_header("If-Match", etag)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout, context=context)
+        if opener is not None:
+            response = opener.open(request, timeout=timeout)
+        else:
+            response = urllib.request.urlopen(request, timeout=timeout, context=context)
     except urllib.error.HTTPError as err:
         body = err.read(4096).decode("utf-8", "replace")
         err.close()

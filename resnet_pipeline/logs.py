@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 
-FRAMEWORK_LOGGERS = ("absl", "tensorflow")
+FRAMEWORK_LOGGERS = ("absl", "tensorflow", "tf2onnx")  # tf2onnx: the ONNX export's converter
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -2,6 +2,7 @@
 
     resnet-pipeline predict --model artifacts/model IMAGE... [--top-k K] [--json]
     resnet-pipeline predict --model NAME[:VERSION|@ALIAS] [--registry LOCATION] IMAGE...
+    resnet-pipeline predict --model MODEL --format onnx|litert|litert-int8 IMAGE...
 
 The model folder holds `model.keras`, `labels.json` and `params.yaml`, the config it was trained
 with (as the train stage writes it and the registry stores it).
@@ -87,13 +88,15 @@ def read_image(path: str | Path) -> bytes:
     return data
 
 
-def predict(model_dir: str | Path, images: list[str | Path], top_k: int | None = None) -> list[dict]:
+def predict(
+    model_dir: str | Path, images: list[str | Path], top_k: int | None = None, fmt: str | None = None
+) -> list[dict]:
     """`[{"image": path, "top_k": [{"label", "probability"}, ...]}]` per image, best first.
 
     `top_k` defaults to the model config's `evaluate.top_k`; it is capped at the number of classes.
+    `fmt` (onnx, litert, litert-int8) runs the folder's export in that format (`model.onnx`, ...)
+    instead of `model.keras`, with ONNX Runtime or LiteRT, on the same preprocessed images.
     """
-    from resnet_pipeline.evaluation import load_model
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model folder not found")
@@ -104,14 +107,14 @@ def predict(model_dir: str | Path, images: list[str | Path], top_k: int | None =
     encoded = [read_image(p) for p in images]  # every file checked before the model loads
     cfg = model_config(model_dir)
     classes = read_json(model_dir / "labels.json", "labels")["classes"]
-    model = load_model(model_dir)
-    prep = Preprocess.from_train(cfg.train, int(model.input_shape[1]))
+    run, image_size = _model_function(model_dir, fmt)
+    prep = Preprocess.from_train(cfg.train, image_size)
     k = min(top_k or cfg.evaluate.top_k, len(classes))
 
     batches = []
     for start in range(0, len(encoded), BATCH):
         batch = tf.stack([eval_image(tf.constant(b), prep) for b in encoded[start : start + BATCH]])
-        logits = tf.cast(model(batch, training=False), tf.float32)
+        logits = tf.cast(run(batch), tf.float32)
         batches.append(tf.nn.softmax(logits, axis=-1).numpy())
     probabilities = np.concatenate(batches)
     results = []
@@ -119,6 +122,35 @@ def predict(model_dir: str | Path, images: list[str | Path], top_k: int | None =
         best = np.argsort(-p, kind="stable")[:k]
         results.append({"image": str(path), "top_k": [{"label": classes[i], "probability": float(p[i])} for i in best]})
     return results
+
+
+def _model_function(model_dir: Path, fmt: str | None):
+    """(images -> logits, the input side) of `model.keras` or of the folder's export in `fmt`."""
+    if fmt is None:
+        from resnet_pipeline.evaluation import load_model
+
+        model = load_model(model_dir)
+        return (lambda batch: model(batch, training=False)), int(model.input_shape[1])
+    from resnet_pipeline.exports.formats import get_format, sidecar
+    from resnet_pipeline.exports.runtime import Runner
+    from resnet_pipeline.fileio import sha256_file
+
+    path = model_dir / get_format(fmt).file
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no {fmt} export in {model_dir}; make one with `resnet-pipeline export --format {fmt} "
+            f"--model {model_dir} {path}`, or register with register.export_formats: [{fmt}]"
+        )
+    described = sidecar(path)
+    if described.is_file() and (model_dir / "model.keras").is_file():  # an export of another model.keras
+        made_from = (read_json(described, f"{fmt} export record").get("source") or {}).get("sha256")
+        if made_from != sha256_file(model_dir / "model.keras"):
+            raise ValueError(
+                f"{path}: exported from another model.keras (sha256 {str(made_from)[:12]}..., per "
+                f"{described.name}) than the one beside it; export it again"
+            )
+    runner = Runner(fmt, path)
+    return (lambda batch: runner.logits(batch.numpy())), runner.image_size
 
 
 def format_results(results: list[dict]) -> str:

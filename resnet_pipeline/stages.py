@@ -17,7 +17,10 @@ so that running download, split or shard never imports TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,9 @@ from typing import Any
 from resnet_pipeline import config as config_mod
 from resnet_pipeline.config import Config
 from resnet_pipeline.paths import Paths
-from resnet_pipeline.stagekeys import record_key, require_current
+from resnet_pipeline.runlock import folder_lock  # noqa: F401 - the flow's lock for a whole run
+from resnet_pipeline.stagekeys import DATA_STAGES, is_current, record_key, require_current, stage_key  # noqa: F401
+from resnet_pipeline.training.preempt import Preempted  # noqa: F401 - what train raises after SIGTERM
 
 
 def run_download(cfg: Config, paths: Paths) -> str:
@@ -67,7 +72,7 @@ def run_train(cfg: Config, paths: Paths) -> dict:
     strategy, cluster = make_strategy(cfg.train.strategy, cfg.train.cpu_devices)
     from resnet_pipeline.training.loop import train
 
-    registry = open_registry(cfg, paths.root) if config_mod.init_kind(cfg.train.init) == "registry" else None
+    registry = config_mod.init_kind(cfg.train.init) == "registry"
     summary = train(
         cfg.train,
         cfg,
@@ -78,7 +83,7 @@ def run_train(cfg: Config, paths: Paths) -> dict:
         tensorboard_root=paths.tensorboard,
         strategy=strategy,
         cluster=cluster,
-        registry=registry,
+        fetch_init=init_fetcher(open_registry(cfg, paths.root)) if registry else None,
     )
     return {k: summary[k] for k in ("steps", "wall_time_sec", "images_per_sec")}
 
@@ -103,33 +108,159 @@ def run_register(cfg: Config, paths: Paths) -> str:
     from resnet_pipeline.registry.gate import describe
 
     r = cfg.register
-    record = register_model(
-        open_registry(cfg, paths.root),
-        r.model_name,
-        paths.model_dir,
-        paths.eval_dir,
-        paths.registered,
-        alias=r.alias,
-        gate_metric=r.gate_metric,
-        min_improvement=r.min_improvement,
-        data_manifest=paths.manifest,
-        root=paths.root,
-        provenance=assemble(cfg, paths),
-        gate_options={
-            "rule": r.gate,
-            "min_value": r.min_value,
-            "max_class_drop": r.max_class_drop,
-            "bootstrap_samples": r.bootstrap_samples,
-            "bootstrap_seed": r.bootstrap_seed,
-        },
-    )
+    provenance = assemble(cfg, paths)
+    exports = register_exports(cfg, paths)
+    published = publish_to_dvc(cfg, paths)  # pushed first: no version points at bytes nobody has
+    try:
+        record = register_model(
+            open_registry(cfg, paths.root),
+            r.model_name,
+            paths.model_dir,
+            paths.eval_dir,
+            paths.registered,
+            alias=r.alias,
+            gate_metric=r.gate_metric,
+            min_improvement=r.min_improvement,
+            data_manifest=paths.manifest,
+            dvc_lock=published["lock"] if published else None,
+            dvc={k: v for k, v in published.items() if k != "lock"} if published else None,
+            root=paths.root,
+            provenance=provenance,
+            **exports,
+            gate_options={
+                "rule": r.gate,
+                "min_value": r.min_value,
+                "max_class_drop": r.max_class_drop,
+                "bootstrap_samples": r.bootstrap_samples,
+                "bootstrap_seed": r.bootstrap_seed,
+            },
+        )
+    finally:
+        if published is not None:
+            shutil.rmtree(published["lock"].parent, ignore_errors=True)
     lines = [
         f"registered {record['name']}:{record['version']} in {record['registry']}",
         f"gate: {describe(record['gate'])}",
     ]
     if record["promotion"]["error"]:
         lines.append(f"promotion failed: {record['promotion']['error']}")
+    if exports:  # none on a retry that found its version committed: the version holds them
+        from resnet_pipeline.exports.make import summary
+
+        lines += [f"export {summary(made)}" for made in exports["exports"].records.values()]
     return "\n".join(lines)
+
+
+def register_exports(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """`register_model`'s `exports` and `exports_context` for `register.export_formats` (none: {})."""
+    formats = cfg.register.export_formats
+    if not formats:
+        return {}
+    from resnet_pipeline.exports.formats import ExportSettings
+    from resnet_pipeline.exports.make import RegistrationExports
+
+    settings = ExportSettings.from_config(cfg)
+    return {
+        "exports": RegistrationExports(formats, paths.model_dir, paths.shards, settings),
+        "exports_context": {"formats": list(formats), **settings.to_dict()},
+    }
+
+
+def dvc_root(paths: Paths) -> Path | None:
+    """The DVC project that records the stages run on `paths` (`paths.root`), or None, logged, when
+    it is not one: the stages run the same, without dvc.lock and push (`dvcrecord`)."""
+    from resnet_pipeline.dvcrecord import project_root
+
+    return project_root(paths)
+
+
+def record_in_dvc(name: str, cfg: Config, root: Path) -> None:
+    """Record stage `name`, just run with `cfg`, in dvc.lock of the DVC project `root`, as `dvc repro`
+    does after running it (the flow does this after each stage)."""
+    from resnet_pipeline.dvcrecord import record_stage
+
+    record_stage(root, name, cfg)
+
+
+def stale_in_dvc(name: str, root: Path | None) -> bool:
+    """Whether dvc.lock of the DVC project `root` records stage `name` and DVC sees its files changed
+    (an upstream output changed without its inputs: only DVC sees it, the stage keys do not)."""
+    if root is None:
+        return False
+    from resnet_pipeline.dvcrecord import stale_in_lock
+
+    return stale_in_lock(root, name) is not None
+
+
+def publish_to_dvc(cfg: Config, paths: Paths) -> dict | None:
+    """Before registering: dvc.lock checked against the workspace and the outputs pushed to the DVC
+    remote; what the version records about it (`lock`: a copy of dvc.lock in a temporary folder of
+    its own, for the caller to remove), or None outside a DVC project."""
+    from resnet_pipeline.dvcrecord import project_root, publish
+
+    root = project_root(paths)
+    return None if root is None else publish(root, cfg)
+
+
+# --------------------------------------------------------------------------- the shard stage, spread
+# The flow writes each shard as a task of its own (a Dask or Ray runner spreads them over machines):
+# `begin_shard`, then `write_shard` per plan, then `end_shard`; together they are `run_shard`.
+
+
+def begin_shard(cfg: Config, paths: Paths) -> tuple[list[dict], Path]:
+    """Check the inputs' keys; the shards to write (`{"file", "split", "rows"}` each) and the staging
+    folder beside `paths.shards` they are written into."""
+    from resnet_pipeline.data import shard as shard_mod
+    from resnet_pipeline.fileio import new_staging_dir
+
+    require_current(("download", "split"), cfg, paths)
+    plans = shard_mod.plan_shards(cfg.shard, paths.manifest)
+    return plans, new_staging_dir(paths.shards)
+
+
+def write_shard(plan: dict, cfg: Config, paths: Paths, staging: Path) -> dict:
+    """Write one planned shard into `staging`; its index entry."""
+    from resnet_pipeline.data import shard as shard_mod
+
+    return shard_mod.write_shard(plan, paths.raw, staging, cfg.shard)
+
+
+def end_shard(entries: list[dict], cfg: Config, paths: Paths, staging: Path) -> dict:
+    """The index written and the staging folder swapped in for `paths.shards`, the key recorded;
+    the records per split. On failure the staging folder is removed."""
+    from resnet_pipeline.data import shard as shard_mod
+    from resnet_pipeline.fileio import replace_dir
+
+    try:
+        index = shard_mod.write_index(entries, staging)
+        replace_dir(staging, paths.shards)
+    except BaseException:
+        discard_shard(staging)
+        raise
+    record_key("shard", cfg, paths)
+    return index["splits"]
+
+
+def discard_shard(staging: Path) -> None:
+    """Remove the staging folder of a shard stage that failed (`paths.shards` is as it was)."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- records of a run
+
+
+def registration(paths: Paths) -> dict:
+    """The register stage's record (`artifacts/registered.json`)."""
+    from resnet_pipeline.fileio import read_json
+
+    return read_json(paths.registered, "registration record")
+
+
+def version_link(registry: str, name: str, version: int) -> str:
+    """Where version `version` of `name` lives in `registry` (an s3:// URL or a file:// URI)."""
+    from resnet_pipeline.registry.opening import version_location
+
+    return version_location(registry, name, version)
 
 
 STAGES: dict[str, Callable[[Config, Paths], Any]] = {
@@ -149,6 +280,15 @@ def run_stage(name: str, cfg: Config, paths: Paths) -> Any:
     return STAGES[name](cfg, paths)
 
 
+def init_fetcher(registry) -> Callable[[str], Path]:
+    """What training calls to fetch a `train.init` registry spec: the version pulled (and verified)
+    into predict's cache; its folder."""
+    from resnet_pipeline.predict import cache_dir
+    from resnet_pipeline.registry import fetch_model
+
+    return lambda spec: Path(fetch_model(spec, registry, cache_dir()))
+
+
 def open_registry(cfg: Config, root: str | Path = ".", location: str | None = None):
     """The registry of `register.registry` (or `location`), with the params' S3 settings."""
     from resnet_pipeline import registry
@@ -165,10 +305,34 @@ def open_registry(cfg: Config, root: str | Path = ".", location: str | None = No
 
 
 def stage_lock(command: str, paths: Paths) -> contextlib.AbstractContextManager:
-    """The folder lock for one stage command (a flow holds it for its whole run). The processes of
-    a multi-worker training run (TF_CONFIG set) are one run: their launcher or cluster holds it."""
-    from resnet_pipeline.runlock import folder_lock
+    """The folder lock for one stage command (a flow holds it for its whole run).
 
-    if os.environ.get("TF_CONFIG"):
-        return contextlib.nullcontext()
-    return folder_lock(paths.root, {"command": f"resnet-pipeline {command}"})
+    The workers of `train --workers N` run under their launcher's lock, on its token alone; the
+    members of one `TF_CONFIG` cluster that share a folder run under the first one's lock. Any
+    other command takes the lock, `TF_CONFIG` or not.
+    """
+    from resnet_pipeline import runlock
+
+    owner = {"command": f"resnet-pipeline {command}"}
+    if command != "train":
+        return runlock.folder_lock(paths.root, owner)
+    if token := os.environ.get(runlock.RUN_TOKEN_ENV):
+        return runlock.under_launcher(paths.root, token)
+    if member := _cluster_member():
+        return runlock.cluster_lock(paths.root, {**owner, **member})
+    return runlock.folder_lock(paths.root, owner)
+
+
+def _cluster_member() -> dict | None:
+    """`{"cluster": a digest of TF_CONFIG's cluster, "task": "worker1"}`, or None without a readable
+    TF_CONFIG (the strategy reports a malformed one, naming it)."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        spec = json.loads(raw)
+        cluster = json.dumps(spec["cluster"], sort_keys=True)
+        task = f"{spec['task']['type']}{int(spec['task']['index'])}"
+    except (ValueError, KeyError, TypeError):
+        return None
+    return {"cluster": hashlib.sha256(cluster.encode()).hexdigest()[:16], "task": task}

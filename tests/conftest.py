@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
-
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # before anything imports TensorFlow
-
 from pathlib import Path
 
 import pytest
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # before anything imports TensorFlow
+# On N xdist workers, each worker's TensorFlow (and the training processes its tests start) splits
+# an op over cores/N threads, not over every core: N pools of spinning threads on the same cores
+# cost CPU time that no test gets. Inter-op threads stay as they are (a replica's collective waits
+# on the other's).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 
 SEED = 42
 
@@ -18,15 +25,38 @@ SERVER_FIXTURES = {"s3_server", "prefect_server"}
 SLOW_FIXTURES = {"tiny_model"}
 
 
+# The longest modules (`--durations`), longest first. Under `make test` (xdist, a module to a
+# worker, `--no-loadscope-reorder`) they start first, so that no long module is left to run alone
+# at the end while the other worker idles; the rest follow in collection order.
+LONGEST_FIRST = (
+    "tests/training/test_distributed.py",
+    "tests/test_deployment.py",
+    "tests/test_end_to_end.py",
+    "tests/test_gate_with_models.py",
+    "tests/models/test_resnet.py",
+    "tests/training/test_finetune.py",
+    "tests/training/test_benchmarks.py",
+    "tests/training/test_init.py",
+    "tests/test_export_predict.py",
+    "tests/exports/test_exports.py",
+    "tests/training/test_trainer.py",
+    "tests/test_secrets.py",
+    "tests/test_packaging.py",
+    "tests/models/test_summary_and_benchmark.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark `server` and `slow` from the fixtures a test uses (the `s3` registry parameter gets its
-    server through `request.getfixturevalue`, so its mark counts too)."""
+    server through `request.getfixturevalue`, so its mark counts too); the longest modules first."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & SERVER_FIXTURES or item.get_closest_marker("s3"):
             item.add_marker(pytest.mark.server)
         if fixtures & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

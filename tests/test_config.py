@@ -77,6 +77,16 @@ BAD_VALUES = [
     pytest.param("train", "std", [1, 0, 1], ["train.std", "[1, 0, 1]", "> 0"], id="std-zero"),
     pytest.param("train", "augment", "mixup", ["train.augment", "'mixup'"], id="augment"),
     pytest.param("train", "eval_crop", 1.5, ["train.eval_crop", "1.5"], id="eval_crop"),
+    pytest.param(
+        "register", "export_formats", ["tflite"], ["register.export_formats", "'tflite'", "'litert-int8'"], id="format"
+    ),
+    pytest.param(
+        "register", "export_formats", "onnx", ["register.export_formats", "a list of names"], id="formats-str"
+    ),
+    pytest.param(
+        "register", "export_formats", ["onnx", "onnx"], ["register.export_formats", "at most once"], id="twice"
+    ),
+    pytest.param("register", "export_min_agreement", 1.5, ["register.export_min_agreement", "<= 1.0"], id="agreement"),
 ]
 
 
@@ -310,6 +320,10 @@ def test_nan_and_inf_in_lists_are_refused(key, value):
         ("download", "max_ratio", 0.5, ">= 1.0"),
         ("download", "max_extract_gb", 0, "> 0.0"),
         ("download", "s3_workers", 1000, "<= 256"),
+        ("download", "max_download_gb", 0, "> 0.0"),
+        ("download", "max_download_seconds", 0, "> 0.0"),
+        ("download", "max_download_seconds", 10**8, "<= 10000000"),
+        ("download", "min_download_kb_s", -1, ">= 0.0"),
         ("shard", "workers", 10**6, "<= 1024"),
         ("train", "epochs", 10**9, "<= 1000000"),
         ("base", "seed", -1, ">= 0"),

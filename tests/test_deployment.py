@@ -69,6 +69,7 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
         prefect_server.env,
         RESNET_PIPELINE_REPO=str(origin),
         RESNET_PIPELINE_WORKDIR=str(workdir),
+        RESNET_PIPELINE_DVC_REMOTE=f"s3://{bucket}/dvc",  # where the runs push their data and model
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         TF_CPP_MIN_LOG_LEVEL="2",
         AWS_ACCESS_KEY_ID=s3_server.access_key,
@@ -96,6 +97,7 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
         yield {
             "base": prefect_server.base,
             "registry": f"s3://{bucket}/registry",
+            "bucket": bucket,
             "workdir": workdir,
             "deploy_output": deploy.stdout,
             "worker_log": Path(worker_log.name),
@@ -187,6 +189,8 @@ def test_deploy_creates_both_deployments_with_schedules_on_the_pool(deployed):
         assert all(s["active"] for s in deployment["schedules"])
         assert deployment["job_variables"]["working_dir"] == str(deployed["workdir"])
         assert deployment["job_variables"]["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "resnet_pipeline"
+        dvc_remote = deployment["job_variables"]["env"]["RESNET_PIPELINE_DVC_REMOTE"]
+        assert dvc_remote == deployed["env"]["RESNET_PIPELINE_DVC_REMOTE"]
         steps = [next(iter(step)) for step in deployment["pull_steps"]]
         assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory"]
         clone = deployment["pull_steps"][0]["prefect.deployments.steps.git_clone"]
@@ -270,6 +274,46 @@ def test_digits_then_another_dataset_then_digits_in_one_checkout(deployed, first
     checkout = deployed["workdir"] / "nightly"
     labels = json.loads((checkout / "artifacts/model/labels.json").read_text())["classes"]
     assert labels == [str(d) for d in range(10)]
+
+
+def test_a_run_pushes_its_data_and_model_and_its_version_restores_without_the_worker_folder(
+    deployed, first_run, s3_server, tmp_path
+):
+    """The first run's version: its dvc.lock and commit recorded, its data and model in the DVC remote
+    on S3; with the worker's folder gone (moved aside for the test), `registry restore` rebuilds it."""
+    import hashlib
+
+    registry, env = _registry(deployed, s3_server), deployed["env"]
+    manifest = registry.manifest("resnet-digits:1")  # first_run's: the first digits version of the bucket
+    origin = env["RESNET_PIPELINE_REPO"]
+    assert manifest["git_commit"] == _run(["git", "rev-parse", "HEAD"], Path(origin), env).stdout.strip()
+    assert manifest["dvc"]["remote"] == {"name": "pipeline", "url": env["RESNET_PIPELINE_DVC_REMOTE"]}
+    lock = yaml.safe_load(registry.fetch_file("resnet-digits:1", "dvc.lock", tmp_path / "dvc.lock").read_text())
+    outs = {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=deployed["bucket"], Prefix="dvc/")
+    keys = {obj["Key"] for page in pages for obj in page.get("Contents", [])}
+    for path in ("data/manifest.parquet", "data/labels.json", "data/shards", "artifacts/model/model.keras"):
+        assert f"dvc/files/md5/{outs[path][:2]}/{outs[path][2:]}" in keys, path
+
+    checkout = deployed["workdir"] / "nightly"
+    aside = checkout.with_name("nightly-aside")
+    dest = tmp_path / "restored"
+    checkout.rename(aside)
+    try:
+        restore = [str(BIN / "resnet-pipeline"), "registry", "restore", "resnet-digits:1", str(dest)]
+        _run([*restore, "--repo", origin, "--registry", deployed["registry"]], tmp_path, env, timeout=600)
+    finally:
+        aside.rename(checkout)
+
+    def sha256(path: str) -> str:
+        return hashlib.sha256((dest / path).read_bytes()).hexdigest()
+
+    assert sha256("data/manifest.parquet") == manifest["data"]["manifest_sha256"]
+    assert sha256("data/shards/index.json") == manifest["data"]["shards_index_sha256"]
+    for name in ("model.keras", "labels.json", "saved_model/saved_model.pb"):
+        assert sha256(f"artifacts/model/{name}") == manifest["files"][name]["sha256"], name
+    status = _run([str(BIN / "dvc"), "status"], dest, env)
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
 
 
 def test_a_run_on_a_held_folder_fails_at_once_naming_the_holder(deployed, first_run):

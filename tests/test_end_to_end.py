@@ -6,6 +6,7 @@ default 30 epochs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ PROJECT_FILES = [
     "flows",
 ]
 STAGES = ("download", "split", "shard", "train", "evaluate", "register")
+DATA_STAGES = STAGES[:3]
 
 
 def _env() -> dict:
@@ -65,20 +67,35 @@ def first_repro(tmp_path_factory) -> dict:
     first `dvc repro` registered (the module's tests rerun stages and register more versions)."""
     project = tmp_path_factory.mktemp("project")
     copy_project(project, PROJECT_FILES)
-    _write_params(project, epochs=1, image_size=8, pad_crop=2)  # the digits at their own 8x8
+    # the digits at their own 8x8; deterministic, so that the flow's weights can be compared with these
+    _write_params(project, epochs=1, image_size=8, pad_crop=2, deterministic=True)
     _run(["git", "init", "-q"], project)
     _run(["git", "add", "-A"], project)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], project)
+    commit = _run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     proc = _run([str(BIN / "dvc"), "repro"], project, timeout=900)
     assert _ran_stages(proc.stdout) == set(STAGES), proc.stdout
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
     _run(["git", "add", "-A"], project)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], project)
     versions = project / "registry/models/resnet-digits/versions"
     return {
         "project": project,
+        "commit": commit,  # the project before `dvc repro`: no dvc.lock
+        "lock": lock,
+        "weights": _weights_md5(project),
         "registered": json.loads((project / "artifacts/registered.json").read_text()),
         "versions": sorted(p.name for p in versions.iterdir()),
     }
+
+
+def _weights_md5(project: Path) -> str:
+    """md5 of the weights inside artifacts/model/model.keras. The file itself differs between two runs
+    of the same deterministic training: Keras writes the save's date and Python id()s into it."""
+    import zipfile
+
+    with zipfile.ZipFile(project / "artifacts/model/model.keras") as keras_file:
+        return hashlib.md5(keras_file.read("model.weights.h5")).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +116,14 @@ def test_dvc_repro_writes_every_stage_and_registers_version_1(first_repro: dict,
         "labels.json",
         "metrics.json",
         "predictions.parquet",  # per test image, for the paired gate
+        "dvc.lock",  # of the run: every stage before register, as `dvc repro` recorded it
     }
+    assert manifest["git_commit"] == first_repro["commit"]
+    version_lock = yaml.safe_load((versions / "1/dvc.lock").read_text())["stages"]
+    assert {s: version_lock[s] for s in STAGES[:-1]} == {s: first_repro["lock"]["stages"][s] for s in STAGES[:-1]}
+    # the register stage pushed them to the default remote (.dvc-remote) before registering
+    assert manifest["dvc"]["remote"] == {"name": "local", "url": str((dvc_project / ".dvc-remote").resolve())}
+    assert manifest["dvc"]["pushed"] > 1797 and manifest["dvc"]["raw"] is True
     assert "saved_model/saved_model.pb" in files
     assert (dvc_project / "artifacts/model/saved_model/saved_model.pb").exists()
     metrics = json.loads((dvc_project / "artifacts/eval/metrics.json").read_text())
@@ -134,23 +158,57 @@ def test_dvc_exp_run_of_a_register_param_records_it_in_the_new_version(dvc_proje
     assert set(manifest["data"]["stage_keys"]) == {"download", "split", "shard"}
 
 
-def test_prefect_flow_writes_the_same_manifest_and_shards_as_dvc(dvc_project: Path, prefect_server, tmp_path: Path):
-    root = tmp_path / "flow"
-    root.mkdir()
-    shutil.copy(dvc_project / "params.yaml", root / "params.yaml")
-    # against the session's server (PREFECT_API_URL), as a deployment's run is: no temporary server
+def _flow(root: Path, prefect_server) -> str:
+    """A run of flows/pipeline.py on `root` against the session's server (PREFECT_API_URL), as a
+    deployment's run is: no temporary server. Its log."""
     flow = [sys.executable, str(REPO / "flows/pipeline.py"), "--root", str(root)]
     proc = subprocess.run(
         flow, cwd=REPO, env={**_env(), **prefect_server.env}, capture_output=True, text=True, timeout=900
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
+    return log
+
+
+def _remote_objects(root: Path) -> set[str]:
+    """The md5 of every object in the project's default remote, the local folder .dvc-remote."""
+    store = root / ".dvc-remote/files/md5"
+    return {p.parent.name + p.name for p in store.glob("*/*")} if store.is_dir() else set()
+
+
+def _stage_md5s(lock: dict, stages) -> set[str]:
+    """The md5 of every cached output of these stages in a dvc.lock (a folder: its `.dir` listing)."""
+    return {out["md5"] for stage in stages for out in lock["stages"][stage].get("outs", [])}
+
+
+@pytest.fixture(scope="module")
+def flow_run(first_repro: dict, prefect_server, tmp_path_factory) -> dict:
+    """One flow run in a fresh clone of the module's project, at its commit before `dvc repro` (no
+    dvc.lock, the same params): what it left, before the module's other tests change the folder."""
+    root = tmp_path_factory.mktemp("flow") / "project"
+    _run(["git", "clone", "-q", str(first_repro["project"]), str(root)], root.parent)
+    _run(["git", "checkout", "-q", "--detach", first_repro["commit"]], root)
+    assert not (root / "dvc.lock").exists()
+    log = _flow(root, prefect_server)
+    return {
+        "root": root,
+        "log": log,
+        "lock": yaml.safe_load((root / "dvc.lock").read_text()),
+        "weights": _weights_md5(root),
+        "registered": json.loads((root / "artifacts/registered.json").read_text()),
+        "remote": _remote_objects(root),
+    }
+
+
+def test_prefect_flow_writes_the_same_manifest_and_shards_as_dvc(dvc_project: Path, flow_run: dict):
+    root, log = flow_run["root"], flow_run["log"]
     for stage in STAGES:
         if stage != "shard":
             assert f"Task run '{stage}-" in log, log[-3000:]
-    # the shard stage is one planning task and one task per shard file, mapped
+        assert f"Task run 'dvc-commit-{stage}'" in log, log[-3000:]  # each stage recorded in dvc.lock
+    # the shard stage is one task that plans and swaps in, and one task per shard file, mapped
     shard_files = json.loads((dvc_project / "data/shards/index.json").read_text())["shards"]
-    assert "Task run 'plan-shards-" in log
+    assert "Task run 'shard-" in log
     assert log.count("Task run 'write-shard-") >= len(shard_files) >= 3
     assert "Flow run" in log and "Finished in state Completed()" in log
     assert (root / "data/manifest.parquet").read_bytes() == (dvc_project / "data/manifest.parquet").read_bytes()
@@ -158,12 +216,116 @@ def test_prefect_flow_writes_the_same_manifest_and_shards_as_dvc(dvc_project: Pa
     assert dvc_shards == sorted(p.name for p in (root / "data/shards").iterdir())
     for name in dvc_shards:
         assert (root / "data/shards" / name).read_bytes() == (dvc_project / "data/shards" / name).read_bytes(), name
-    assert json.loads((root / "artifacts/registered.json").read_text())["version"] == 1
+    assert flow_run["registered"]["version"] == 1
     # the flow's version names the same data as dvc repro's: manifest, shard index and stage keys
     flow_version = json.loads((root / "registry/models/resnet-digits/versions/1/manifest.json").read_text())
     dvc_version = json.loads((dvc_project / "registry/models/resnet-digits/versions/1/manifest.json").read_text())
     assert flow_version["data"] == dvc_version["data"]
     assert flow_version["data"]["stage_keys"]["shard"].startswith("shard-")
+
+
+def _dvc_is_clean(root: Path) -> None:
+    status = _run([str(BIN / "dvc"), "status"], root)
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+    dry = _run([str(BIN / "dvc"), "repro", "--dry"], root)
+    assert _ran_stages(dry.stdout) == set(), dry.stdout
+
+
+def test_a_flow_run_in_a_fresh_clone_leaves_dvc_as_dvc_repro_would(first_repro: dict, flow_run: dict):
+    root, lock = flow_run["root"], flow_run["lock"]
+    _dvc_is_clean(root)  # up to date: `dvc repro` would run nothing, training included
+    for stage in DATA_STAGES:  # the md5s of code, params and outputs that `dvc repro` wrote in the twin folder
+        assert lock["stages"][stage] == first_repro["lock"]["stages"][stage], stage
+    assert lock["stages"]["train"]["params"] == first_repro["lock"]["stages"]["train"]["params"]
+    assert flow_run["weights"] == first_repro["weights"], "train.deterministic: the same weights as dvc repro's"
+    # the version carries the run's dvc.lock and commit; its data and model are in the remote
+    version = root / "registry/models/resnet-digits/versions/1"
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["git_commit"] == first_repro["commit"]
+    assert manifest["files"]["dvc.lock"]["sha256"] == hashlib.sha256((version / "dvc.lock").read_bytes()).hexdigest()
+    version_lock = yaml.safe_load((version / "dvc.lock").read_text())["stages"]
+    assert {s: version_lock[s] for s in STAGES[:-1]} == {s: lock["stages"][s] for s in STAGES[:-1]}
+    outs = {o["path"]: o["md5"] for stage in STAGES[:-1] for o in lock["stages"][stage].get("outs", [])}
+    for path in ("data/manifest.parquet", "data/labels.json", "data/shards", "data/raw", "artifacts/model/model.keras"):
+        assert outs[path] in flow_run["remote"], path
+    listing = outs["data/shards"]  # a folder's `.dir` object lists its files
+    shards = json.loads((root / ".dvc-remote/files/md5" / listing[:2] / listing[2:]).read_text())
+    assert {e["md5"] for e in shards} <= flow_run["remote"] and len(shards) >= 4  # three shards and the index
+
+
+def test_a_second_flow_run_with_train_lr_changed_is_clean_and_pushes_no_data(flow_run: dict, prefect_server):
+    root = flow_run["root"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["lr"] = 0.05
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = _remote_objects(root)
+    _flow(root, prefect_server)
+    _dvc_is_clean(root)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == 0.05
+    assert {s: lock["stages"][s] for s in DATA_STAGES} == {s: flow_run["lock"]["stages"][s] for s in DATA_STAGES}
+    # DVC pushes only what the remote lacks: the new model and evaluation, no data
+    new = _remote_objects(root) - before
+    assert new and new <= _stage_md5s(lock, ("train", "evaluate")) | _files_md5(root, ("artifacts/",)), new
+    assert not new & _stage_md5s(lock, DATA_STAGES)
+
+
+def _files_md5(root: Path, prefixes: tuple[str, ...]) -> set[str]:
+    return {
+        hashlib.md5(p.read_bytes()).hexdigest()
+        for prefix in prefixes
+        for p in (root / prefix).rglob("*")
+        if p.is_file()
+    }
+
+
+def _restore(root: Path, spec: str, dest: Path, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "resnet-pipeline"), "registry", "restore", spec, str(dest), "--repo", str(root)]
+    proc = subprocess.run(
+        [*cmd, "--registry", str(root / "registry")],
+        cwd=dest.parent,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_registry_restore_of_a_flow_version_gives_its_bytes_and_a_clean_dvc(flow_run: dict, tmp_path: Path):
+    root, dest = flow_run["root"], tmp_path / "restored"
+    version = json.loads((root / "registry/models/resnet-digits/versions/1/manifest.json").read_text())
+    _restore(root, "resnet-digits:1", dest)
+
+    def sha256(path: str) -> str:
+        return hashlib.sha256((dest / path).read_bytes()).hexdigest()
+
+    assert sha256("data/manifest.parquet") == version["data"]["manifest_sha256"]
+    assert sha256("data/shards/index.json") == version["data"]["shards_index_sha256"]
+    for entry in json.loads((dest / "data/shards/index.json").read_text())["shards"]:
+        assert sha256(f"data/shards/{entry['file']}") == entry["sha256"]
+    for name in ("model.keras", "labels.json", "saved_model/saved_model.pb"):
+        assert sha256(f"artifacts/model/{name}") == version["files"][name]["sha256"], name
+    assert _run(["git", "rev-parse", "HEAD"], dest).stdout.strip() == version["git_commit"]
+    _dvc_is_clean(dest)
+
+
+def test_registry_restore_fails_naming_an_object_missing_from_the_remote(flow_run: dict, tmp_path: Path):
+    root, dest = flow_run["root"], tmp_path / "restored"
+    lock = yaml.safe_load((root / "registry/models/resnet-digits/versions/1/dvc.lock").read_text())
+    md5 = next(o["md5"] for o in lock["stages"]["split"]["outs"] if o["path"] == "data/manifest.parquet")
+    obj = root / ".dvc-remote/files/md5" / md5[:2] / md5[2:]
+    aside = tmp_path / "aside"
+    obj.rename(aside)
+    try:
+        proc = _restore(root, "resnet-digits:1", dest, check=False)
+    finally:
+        aside.rename(obj)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "resnet-digits:1" in proc.stderr and f"data/manifest.parquet (md5 {md5})" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no DIR, no half-restored folder beside it"
 
 
 # --- DVC remote on S3 (SeaweedFS on loopback, tests/conftest.py `s3_server`) --------------------

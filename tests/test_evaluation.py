@@ -57,7 +57,7 @@ def test_confusion_csv_has_one_row_per_test_example(evaluated, digits_data):
     assert len(rows) == evaluated["n_test"]
     classes = set(evaluated["classes"])
     assert all(len(r) == 2 and r[0] in classes and r[1] in classes for r in rows)
-    from resnet_pipeline.data.split import read_manifest
+    from resnet_pipeline.data.contracts import read_manifest
 
     expected = collections.Counter(
         r["label_name"]

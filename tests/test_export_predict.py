@@ -39,7 +39,7 @@ def images(digits_data, tmp_path_factory) -> list[Path]:
     """12 test-split PNGs of the digits (2 per class for the first 6 classes) and one JPEG."""
     from PIL import Image
 
-    from resnet_pipeline.data.split import read_manifest
+    from resnet_pipeline.data.contracts import read_manifest
 
     folder = tmp_path_factory.mktemp("images")
     rows = [r for r in read_manifest(digits_data.manifest).to_pylist() if r["split"] == "test" and r["status"] == "ok"]

@@ -200,8 +200,8 @@ def test_dockerfile_cmd_starts_a_worker_on_the_deployments_pool(dockerfile):
 def manifest() -> dict[str, dict]:
     docs = [doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc]
     by_kind = {doc["kind"]: doc for doc in docs}
-    assert len(by_kind) == len(docs) == 3, [doc["kind"] for doc in docs]
-    assert set(by_kind) == {"Service", "Job", "PersistentVolumeClaim"}
+    assert len(by_kind) == len(docs) == 4, [doc["kind"] for doc in docs]
+    assert set(by_kind) == {"Service", "Job", "PersistentVolumeClaim", "NetworkPolicy"}
     return by_kind
 
 
@@ -265,6 +265,38 @@ def test_manifest_worker_addresses_are_the_job_pods(manifest):
     assert workers == [f"{name}-{i}.{subdomain}:{service['spec']['ports'][0]['port']}" for i in range(len(workers))]
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "OnFailure" or "backoffLimitPerIndex" in spec
+
+
+def _job_pod_labels(job: dict) -> dict:
+    """The labels every pod of the Job carries: its template's, and the Job controller's own."""
+    return {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": job["metadata"]["name"]}
+
+
+def test_manifest_network_policy_admits_only_the_job_pods_to_the_worker_port(manifest):
+    """TensorFlow's gRPC server runs whatever a client sends: only the job's own workers may reach it."""
+    policy, job, service = manifest["NetworkPolicy"], manifest["Job"], manifest["Service"]
+    spec = policy["spec"]
+    labels = _job_pod_labels(job)
+    selected = spec["podSelector"].get("matchLabels", {})
+    assert selected and selected.items() <= labels.items(), "the policy does not select the job's pods"
+    assert "matchExpressions" not in spec["podSelector"]
+    assert "Ingress" in spec["policyTypes"]
+
+    rules = spec.get("ingress", [])
+    assert len(rules) == 1, "one rule: the job's pods, on the TensorFlow port"
+    (rule,) = rules
+    assert rule.get("from"), "a rule without `from` admits every source"
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, f"only pods of this namespace may be admitted: {peer}"
+        admitted = peer["podSelector"].get("matchLabels", {})
+        assert admitted and "matchExpressions" not in peer["podSelector"]
+        assert admitted.items() <= labels.items(), f"{admitted} admits pods that are not the job's"
+        assert admitted.get("batch.kubernetes.io/job-name") == job["metadata"]["name"], (
+            "pods of another job with the same app label would be admitted"
+        )
+    port = service["spec"]["ports"][0]["port"]
+    assert rule.get("ports") == [{"protocol": "TCP", "port": port}]
+    assert {address.rsplit(":", 1)[1] for address in _workers(manifest)} == {str(port)}
 
 
 @pytest.mark.parametrize("index", [0, 1])

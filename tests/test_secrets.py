@@ -100,21 +100,31 @@ def _grep(root: Path, skip: set[Path] = frozenset()) -> list[str]:
 
 @pytest.mark.timeout(900)
 def test_no_secret_of_a_dataset_url_is_written_by_a_flow_run(digits_data, prefect_server, tmp_path):
-    """The flow runs against the session's Prefect server, and its PREFECT_HOME (the server's
-    SQLite database and the flow's result storage) is searched whole, every other test's runs
+    """The flow runs against the session's Prefect server, the secret URL given with `--set` (the
+    README's advice) over one in params.yaml, and its PREFECT_HOME (the server's SQLite database, the
+    flow runs' parameters, the flow's result storage) is searched whole, every other test's runs
     included."""
     archive = _digits_archive(digits_data.raw / "digits")
     root, home = tmp_path / "project", prefect_server.home
     with LoopbackHTTPServer({"/datasets/digits3.tar.gz": archive}) as server:
         secret_url = _with_secrets(server.url("/datasets/digits3.tar.gz"))
-        _secret_params(root, secret_url, hashlib.sha256(archive).hexdigest(), **SMALL)
+        _secret_params(
+            root, _with_secrets(server.url("/datasets/other.tar.gz")), hashlib.sha256(archive).hexdigest(), **SMALL
+        )
         env = {
             **prefect_server.env,
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         proc = subprocess.run(
-            [sys.executable, str(REPO / "flows/pipeline.py"), "--root", str(root)],
+            [
+                sys.executable,
+                str(REPO / "flows/pipeline.py"),
+                "--root",
+                str(root),
+                "--set",
+                f"download.url={secret_url}",
+            ],
             cwd=root,
             env=env,
             capture_output=True,
@@ -124,7 +134,7 @@ def test_no_secret_of_a_dataset_url_is_written_by_a_flow_run(digits_data, prefec
         served = [path for path, _ in server.requests]
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    assert served and set(served) == {"/datasets/digits3.tar.gz"}  # the real URL was used for the request
+    assert served and set(served) == {"/datasets/digits3.tar.gz"}  # the real `--set` URL was used for the request
     assert [s for s in SECRETS if s in log] == [], "a secret in the logs"
     written = [
         root / "data/raw/archive/.complete",
@@ -139,5 +149,39 @@ def test_no_secret_of_a_dataset_url_is_written_by_a_flow_run(digits_data, prefec
     assert _grep(home) == []  # Prefect's database (logs, artifacts, task runs, parameters) and result storage
     assert any(home.rglob("*.db")), "the server keeps its database in this PREFECT_HOME"
     runs = prefect_server.api("POST", "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 200})
-    flow_run_id = next(r["id"] for r in runs if str(root) in json.dumps(r["parameters"]))
-    assert "Finished in state Completed()" in log and flow_run_id, "the flow ran against this server"
+    ours = next(r for r in runs if str(root) in json.dumps(r["parameters"]))
+    assert "download.url" not in (ours["parameters"].get("overrides") or {})
+    assert "Finished in state Completed()" in log, "the flow ran against this server"
+
+
+def test_a_flow_refuses_secret_overrides_and_reads_secrets_from_the_environment_and_secret_blocks(prefect_server):
+    """What a deployment or an API client passes as `overrides` is stored by Prefect before the flow
+    starts: a secret there stops the run, naming the key; secrets come from the worker's environment
+    or from a Secret block (stored encrypted by the server), read at run time."""
+    from prefect.blocks.system import Secret
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.pipeline as pipeline
+
+    secret_url = _with_secrets("http://data.example:8080/d.tar.gz")
+    with pytest.raises(ValueError, match=r"overrides\['download.url'\] holds credentials") as err:
+        pipeline.refuse_secret_overrides({"train.epochs": 2, "download.url": secret_url})
+    assert [s for s in SECRETS if s in str(err.value)] == [] and "secret_blocks" in str(err.value)
+    pipeline.refuse_secret_overrides({"train.epochs": 2, "download.url": "http://data.example/d.tar.gz"})
+
+    env = {pipeline.SECRET_ENV: json.dumps({"download.url": secret_url})}
+    assert pipeline.secret_overrides(environ=env) == {"download.url": secret_url}
+    with pytest.raises(ValueError, match=pipeline.SECRET_ENV) as err:
+        pipeline.secret_overrides(environ={pipeline.SECRET_ENV: f"download.url={secret_url}"})
+    assert [s for s in SECRETS if s in str(err.value)] == []
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.base}):
+        Secret(value=secret_url).save("test-dataset-url", overwrite=True)
+        assert pipeline.secret_overrides({"download.url": "test-dataset-url"}, environ={}) == {
+            "download.url": secret_url
+        }
+        with pytest.raises(
+            ValueError, match=r"secret_blocks\['download.url'\]: cannot read the Secret block 'no-such'"
+        ):
+            pipeline.secret_overrides({"download.url": "no-such"}, environ={})
+    assert _grep(prefect_server.home) == [], "Secret blocks are stored encrypted"

@@ -66,7 +66,7 @@ def make_tiny_model(digits, folder: Path, steps: int = 20) -> TinyModel:
 def _test_images(digits, folder: Path) -> list[Path]:
     from PIL import Image
 
-    from resnet_pipeline.data.split import read_manifest
+    from resnet_pipeline.data.contracts import read_manifest
 
     folder.mkdir()
     rows = [r for r in read_manifest(digits.manifest).to_pylist() if r["split"] == "test" and r["status"] == "ok"]

@@ -48,9 +48,18 @@ def _task_data(work: Path, name: str, classes: tuple[str, ...], digits: Path, cf
 
 def _train_and_evaluate(cfg: Config, data: Path, out: Path, registry=None) -> dict:
     from resnet_pipeline.evaluation import evaluate
+    from resnet_pipeline.stages import init_fetcher
     from resnet_pipeline.training.loop import train
 
-    train(cfg.train, cfg, data / "shards", data / "labels.json", out / "model", out / "checkpoints", registry=registry)
+    train(
+        cfg.train,
+        cfg,
+        data / "shards",
+        data / "labels.json",
+        out / "model",
+        out / "checkpoints",
+        fetch_init=init_fetcher(registry) if registry else None,
+    )
     return evaluate(cfg.evaluate, out / "model", data / "shards", out / "eval")["test"]
 
 

@@ -1,14 +1,16 @@
 """Extraction of dataset archives (tar of any compression, zip) that no member can trick.
 
 Every member is vetted before anything is written: names must be relative and stay inside the
-destination, links (symbolic or hard) and device files are refused, and the member count, the
-total size and the compression ratio are bounded. The members are then written by this module,
-not by `tarfile.extractall`: folders with `mkdir` (an existing non-folder in the way is refused),
-files with `O_CREAT | O_EXCL | O_NOFOLLOW`, streamed and counted as they are decompressed. No
-link is ever created, so the "delayed link" trick (a link that looks harmless when checked and
-passes through components added later as links `p0 -> .`) has nothing to work with, and safety
-does not rest on the `tarfile` filters of the running Python (bypassable before 3.11.13, see the
-README). Files get the permissions the umask asks for; member modes and owners are ignored.
+destination, links (symbolic or hard) and device files are refused, a name that is a file for one
+member and a folder for another (named, or implied by a path through it) is refused in either
+order, and the member count, the total size and the compression ratio are bounded. The members are
+then written by this module, not by `tarfile.extractall`: folders with `mkdir` (an existing
+non-folder in the way is refused), files with `O_CREAT | O_EXCL | O_NOFOLLOW`, streamed and counted
+as they are decompressed. No link is ever created, so the "delayed link" trick (a link that looks
+harmless when checked and passes through components added later as links `p0 -> .`) has nothing to
+work with, and safety does not rest on the `tarfile` filters of the running Python (bypassable
+before 3.11.13, see the README). Files get the permissions the umask asks for; member modes and
+owners are ignored.
 """
 
 from __future__ import annotations
@@ -134,10 +136,31 @@ def _link_target(zf: zipfile.ZipFile | None, member: _Member) -> str:
     return text + ("..." if len(head) > LINK_PREVIEW else "")
 
 
+def _claim(archive: Path, seen: dict[str, tuple[str, str]], name: str, parts: list[str], kind: str) -> None:
+    """Record `name` and the folders its path implies in `seen`; refuse a name that one member makes
+    a file and another a folder (by a folder member or a path through it), in either order."""
+    for i in range(1, len(parts)):
+        folder = "/".join(parts[:i])
+        was, by = seen.setdefault(folder, ("dir", name))
+        if was == "file":
+            raise _refuse(archive, name, f"inside {folder!r}, which is a file (member {by!r}), not a folder")
+    key = "/".join(parts)
+    if key not in seen:
+        seen[key] = (kind, name)
+        return
+    was, by = seen[key]
+    if kind == "file" and was == "file":
+        raise _refuse(archive, name, "appears twice")
+    if kind == "file":
+        raise _refuse(archive, name, f"a file, but member {by!r} makes {key!r} a folder")
+    if was == "file":
+        raise _refuse(archive, name, f"a folder, but member {by!r} before it is a file of that name")
+
+
 def _vet(archive: Path, members: list[_Member], limits: ArchiveLimits, zf: zipfile.ZipFile | None) -> int:
     """Refuse the archive unless every member is safe and within the limits; return the byte cap."""
     cap = min(limits.max_bytes, int(limits.max_ratio * max(archive.stat().st_size, 1)))
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}  # normalised name -> (file or dir, the member that made it so)
     total = 0
     for m in members:
         if _absolute(m.name):
@@ -155,13 +178,7 @@ def _vet(archive: Path, members: list[_Member], limits: ArchiveLimits, zf: zipfi
             if m.kind == "dir":
                 continue
             raise _refuse(archive, m.name, "empty name")
-        key = "/".join(parts)
-        for i in range(1, len(parts)):
-            if seen.get("/".join(parts[:i])) == "file":
-                raise _refuse(archive, m.name, f"inside {'/'.join(parts[:i])!r}, which is a file")
-        if key in seen and (m.kind == "file" or seen[key] == "file"):
-            raise _refuse(archive, m.name, "appears twice")
-        seen[key] = m.kind
+        _claim(archive, seen, m.name, parts, m.kind)
         if m.compressed is not None and m.size > limits.max_ratio * max(m.compressed, 1):
             raise _limit(
                 archive,

@@ -1,6 +1,7 @@
-"""Checks of the files stages hand each other, where they are read: manifest rows (shard stage)
-and `shards/index.json` (train, evaluate). These files are ours, but can be edited or tampered
-with; every error names the file and the row or entry, and what was expected."""
+"""The files stages hand each other: their names and schema (`SCHEMA` of `manifest.parquet`,
+`INDEX` of the shards folder, `shard_name`), and the checks where they are read: manifest rows
+(shard stage) and `shards/index.json` (train, evaluate). These files are ours, but can be edited or
+tampered with; every error names the file and the row or entry, and what was expected."""
 
 from __future__ import annotations
 
@@ -9,12 +10,45 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from resnet_pipeline.data.images import REASONS
 from resnet_pipeline.fileio import read_json, sha256_file
 
 SPLITS = ("train", "val", "test")
+INDEX = "index.json"  # the shards folder's list of shards, record counts and sha256
+SCHEMA = pa.schema(  # manifest.parquet: one row per image
+    [
+        ("path", pa.string()),
+        ("label", pa.int64()),
+        ("label_name", pa.string()),
+        ("split", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("bytes", pa.int64()),
+        ("status", pa.string()),
+    ]
+)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SHARD = re.compile(r"^(train|val|test)-(\d{5})-of-(\d{5})\.tfrecord$")
+
+
+def shard_name(split: str, index: int, total: int) -> str:
+    return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
+
+
+def read_manifest(path: str | Path) -> pa.Table:
+    """The manifest at `path`, with every column of `SCHEMA` (a clear error if it is missing)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: manifest not found; run the split stage first")
+    table = pq.read_table(path)
+    missing = [n for n in SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks column(s) {missing}; expected {SCHEMA.names}")
+    return table
 
 
 class ContractError(ValueError):

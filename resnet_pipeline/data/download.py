@@ -19,9 +19,12 @@ the same download params is reused.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
+import stat
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -32,9 +35,9 @@ import numpy as np
 from resnet_pipeline.config import DownloadConfig
 from resnet_pipeline.data import s3folder
 from resnet_pipeline.data.archive import ArchiveLimits, safe_extract
-from resnet_pipeline.data.fetch import fetch
+from resnet_pipeline.data.fetch import DownloadLimits, fetch
 from resnet_pipeline.data.images import png_bytes
-from resnet_pipeline.fileio import link_or_copy, staged_dir
+from resnet_pipeline.fileio import staged_dir
 from resnet_pipeline.redact import redact_values
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,8 @@ def _write_digits(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
 def _fetch_archive(cfg: DownloadConfig, downloads: Path, url: str, md5: str | None) -> Path:
     name = Path(urlparse(url).path).name or "archive"
     downloads.mkdir(parents=True, exist_ok=True)
-    return fetch(url, downloads / name, sha256=cfg.sha256, md5=md5, retries=cfg.retries)
+    limits = DownloadLimits(int(cfg.max_download_gb * 2**30), cfg.max_download_seconds, cfg.min_download_kb_s * 1024)
+    return fetch(url, downloads / name, sha256=cfg.sha256, md5=md5, retries=cfg.retries, limits=limits)
 
 
 def _limits(cfg: DownloadConfig) -> ArchiveLimits:
@@ -95,10 +99,11 @@ def _write_voc2012(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
 
 
 def _image_folder_root(folder: Path) -> Path:
-    """Descend through folders that hold a single folder and nothing else (an archive's top folder)."""
+    """Descend through folders that hold a single folder and nothing else (an archive's top folder);
+    never through a link."""
     while True:
         entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-        if len(entries) == 1 and entries[0].is_dir():
+        if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
             folder = entries[0]
         else:
             return folder
@@ -128,20 +133,90 @@ def _write_archive(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
     return _count(dest)
 
 
+# the reasons split records for the same entries (data/split.py)
+NOT_FOLLOWED = "symbolic link: not followed (links may point out of the dataset)"
+NOT_REGULAR = "not a regular file: a device, FIFO or socket"
+CHANGED = "changed while copied: no longer a regular file (not followed)"
+SHOWN = 10  # skipped entries named per reason in the warning (all of them at debug level)
+
+
+def _copy_regular(name: str, dir_fd: int, dst: Path) -> bool:
+    """Hard-link (else copy) the regular file `name` of the folder open as `dir_fd` to `dst`, never
+    through a link; False, with nothing left at `dst`, if it is no longer a regular file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(name, dst, src_dir_fd=dir_fd, follow_symlinks=False)  # a link would be linked as a link
+    except OSError:
+        pass
+    else:
+        if stat.S_ISREG(os.lstat(dst).st_mode):
+            return True
+        dst.unlink()
+        return False
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return False
+        raise
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            return False
+        with open(dst, "xb") as out:
+            shutil.copyfileobj(src, out)
+    return True
+
+
+def _log_skipped(source: Path, skipped: dict[str, list[str]]) -> None:
+    for reason, names in sorted(skipped.items()):
+        more = f" and {len(names) - SHOWN} more (all with -v)" if len(names) > SHOWN else ""
+        advice = "; copy the files in (cp -L) to include them" if reason == NOT_FOLLOWED else ""
+        log.warning(
+            "download: skipped %d entries of %s: %s: %s%s%s", len(names), source, reason, names[:SHOWN], more, advice
+        )
+        for name in names:
+            log.debug("download: skipped %s: %s", source / name, reason)
+
+
 def _write_imagefolder(cfg: DownloadConfig, dest: Path, downloads: Path) -> int:
+    """Copy (hard-link where possible) the regular files of a local folder, or fetch an s3:// one.
+
+    Links are never followed, as split never follows them: a class folder that is a link is refused
+    by name; a link anywhere else (to a file or a folder, inside the source or out of it) and a
+    device, FIFO or socket is skipped and named in a warning. The folder is walked with open folder
+    descriptors (`os.fwalk`), so a folder swapped for a link while it is read is not followed either.
+    """
     assert cfg.path is not None  # config requires download.path for dataset 'imagefolder'
     if cfg.path.startswith("s3://"):
         return _download_s3_folder(cfg.path, dest, cfg.s3_endpoint_url, cfg.s3_workers, cfg.retries)
     source = Path(cfg.path).expanduser()
     if not source.is_dir():
         raise FileNotFoundError(f"download.path: {source} is not a folder; expected one sub-folder per class")
-    classes = {p.name: 0 for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    for file in sorted(source.rglob("*")):
-        if file.is_file():
-            relative = file.relative_to(source)
-            if relative.parts[0] in classes:
+    entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
+    linked = [p.name for p in entries if p.is_symlink() and p.is_dir()]
+    if linked:
+        raise ValueError(
+            f"download.path: class folder(s) {linked} under {source} are symbolic links, which are not "
+            "followed (links may point out of the dataset); copy the images in instead"
+        )
+    classes = {p.name: 0 for p in entries if p.is_dir() and not p.is_symlink()}
+    skipped: dict[str, list[str]] = {}
+    root = os.path.realpath(source)  # download.path itself is the user's word, a link or not
+    for here, dirs, files, dir_fd in os.fwalk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            relative = Path(here, name).relative_to(root)
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            if stat.S_ISDIR(mode):
+                continue  # fwalk descends into it
+            reason = NOT_FOLLOWED if stat.S_ISLNK(mode) else None if stat.S_ISREG(mode) else NOT_REGULAR
+            if reason is None and not _copy_regular(name, dir_fd, dest / relative):
+                reason = CHANGED
+            if reason:
+                skipped.setdefault(reason, []).append(relative.as_posix())
+            elif len(relative.parts) > 1 and relative.parts[0] in classes:
                 classes[relative.parts[0]] += 1
-            link_or_copy(file, dest / relative)
+    _log_skipped(source, skipped)
     _refuse_empty_classes(str(source), classes)
     return _count(dest)
 
@@ -156,7 +231,16 @@ def _download_s3_folder(url: str, dest: Path, endpoint_url: str | None, workers:
     return s3folder.fetch_folder(folder, dest, workers, retries=retries)
 
 
-_NOT_CONTENT = ("retries", "s3_workers", "max_members", "max_extract_gb", "max_ratio")
+_NOT_CONTENT = (
+    "retries",
+    "s3_workers",
+    "max_members",
+    "max_extract_gb",
+    "max_ratio",
+    "max_download_gb",
+    "max_download_seconds",
+    "min_download_kb_s",
+)
 
 WRITERS = {
     "digits": _write_digits,

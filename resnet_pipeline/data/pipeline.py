@@ -29,8 +29,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from resnet_pipeline.config import AUGMENTATIONS
-from resnet_pipeline.data.contracts import check_index
-from resnet_pipeline.data.shard import INDEX
+from resnet_pipeline.data.contracts import INDEX, check_index
 from resnet_pipeline.fileio import read_json, recover_dir
 
 FEATURES = {

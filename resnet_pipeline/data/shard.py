@@ -7,7 +7,9 @@ the same manifest gives the same shards. A pool of `workers` processes prepares 
 (checked against the manifest's sha256, converted to RGB, optionally shrunk, framed as TFRecords)
 in pieces of consecutive records, which are appended to their shard file in order, so the shards
 are byte-identical whatever the number of workers. The workers import Pillow, not TensorFlow.
-The shards are written into a temporary folder that replaces the old one only when complete.
+The shards are written into a temporary folder that replaces the old one only when complete. If
+`out_dir` is a symbolic link (`data/shards` on a bigger disk), that happens in the folder it points
+to, and the link is kept (`fileio.staged_dir`).
 
 With `workers` above 1, a script that calls `shard` must guard its entry point with
 `if __name__ == "__main__":` (the workers are spawned, and import the main module).
@@ -30,21 +32,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from resnet_pipeline.config import ShardConfig
-from resnet_pipeline.data.contracts import check_manifest_rows, read_classes
+from resnet_pipeline.data.contracts import INDEX, SPLITS, check_manifest_rows, read_classes, read_manifest, shard_name
 from resnet_pipeline.data.records import framed_records, write_shard_file
-from resnet_pipeline.data.split import read_manifest
 from resnet_pipeline.fileio import atomic_write_json, staged_dir
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-INDEX = "index.json"
 CHUNK = 32  # records per piece of work handed to a worker
 ROW_KEYS = ("path", "label", "label_name", "sha256")
-
-
-def shard_name(split: str, index: int, total: int) -> str:
-    return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
 
 
 def plan_shards(cfg: ShardConfig, manifest_path: str | Path, labels_path: str | Path | None = None) -> list[dict]:

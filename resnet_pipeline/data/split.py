@@ -22,24 +22,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from resnet_pipeline.config import SplitConfig
+from resnet_pipeline.data.contracts import SCHEMA, read_manifest  # noqa: F401 - read_manifest: also this module's API
 from resnet_pipeline.data.images import Inspection, inspect
 from resnet_pipeline.fileio import atomic_write_bytes, atomic_write_json, read_regular, sha256_bytes
 
 log = logging.getLogger(__name__)
-
-SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("label", pa.int64()),
-        ("label_name", pa.string()),
-        ("split", pa.string()),
-        ("sha256", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("bytes", pa.int64()),
-        ("status", pa.string()),
-    ]
-)
 
 
 def assign_split(sha256: str, seed: int, cfg: SplitConfig) -> str:
@@ -170,14 +157,3 @@ def _log_summary(rows: dict[str, list], classes: list[str]) -> None:
     for digest, names in sorted(_conflicting_duplicates(rows).items()):
         paths = [p for p, d in zip(rows["path"], rows["sha256"]) if d == digest]
         log.warning("split: identical image under classes %s (sha256 %s...): %s", sorted(names), digest[:12], paths)
-
-
-def read_manifest(path: str | Path) -> pa.Table:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: manifest not found; run the split stage first")
-    table = pq.read_table(path)
-    missing = [n for n in SCHEMA.names if n not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: manifest lacks column(s) {missing}; expected {SCHEMA.names}")
-    return table

@@ -11,10 +11,20 @@
 - **Heartbeat.** While files go up, `_heartbeat.json` under the version is rewritten every
   `interval` seconds, so `gc` (which judges a version's age by its newest object) never takes a
   live upload for an abandoned one.
-- **Re-check, then commit.** Just before the manifest, the claim is read again (its token must be
-  ours) and every file is HEADed (size and ETag as uploaded). The manifest goes up with
-  `If-None-Match: *`; a write that fails or meets an existing manifest reads it back, and its own
-  token there means success.
+- **Re-check, seal, then commit.** Just before the manifest, the claim is read again (its token
+  must be ours) and every file is HEADed (size and ETag as uploaded). Then the claim is *sealed*:
+  rewritten with `committing_at`, by compare-and-swap on the ETag just read (`seal`). The manifest
+  goes up with `If-None-Match: *`; a write that fails or meets an existing manifest reads it back,
+  and its own token there means success.
+- **gc takes the claim first.** Before it deletes anything of an uncommitted version, gc replaces
+  its claim with a `collected_at` record by compare-and-swap on the claim's ETag (or creates one
+  with `If-None-Match: *` where there is none), and leaves a sealed claim alone (`collect`). Both
+  sides swap the same object from the same ETag, so exactly one wins: either the registration
+  sealed first, and gc never deletes the files of a version being committed, or gc took the claim
+  first, and the seal fails, so nothing is committed. No interleaving leaves a listed version with
+  a file missing. The price: a registration that dies between its seal and its manifest (one
+  request) leaves a sealed version that gc reports and keeps; a retry of that registration (same
+  token) finishes it.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ _PROBED: dict[tuple[str, str], list[str]] = {}  # (backend, location) -> what it
 _PROBE_LOCK = threading.Lock()
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 MAX_RECORD_BYTES = 1024 * 1024  # claims, aliases, history records, tokens
+SEALED = "committing_at"  # in a claim: its registration is writing the manifest; gc keeps off
 
 
 def dumps(obj) -> bytes:
@@ -138,6 +149,62 @@ def ensure_safe(storage: Storage, allow_unsafe: bool) -> None:
         "that honours If-None-Match and If-Match (AWS S3, MinIO, SeaweedFS), or set "
         "register.allow_unsafe_store: true to accept the risk"
     )
+
+
+def lost_claim(what: str) -> RegistryError:
+    return RegistryError(
+        f"{what}: this registration no longer holds its claim (collected by `registry gc`, or taken "
+        "by another writer); nothing committed"
+    )
+
+
+def seal(storage: Storage, key: str, token: str, claim: tuple[dict, str] | None, what: str) -> None:
+    """Mark the claim `key` (as read: record and ETag) as being committed, by compare-and-swap: from
+    here gc leaves the version alone. Raises if the claim is not this registration's any more."""
+    if claim is None or claim[0].get("token") != token:
+        raise lost_claim(what)
+    try:
+        storage.put(key, dumps({**claim[0], SEALED: now_iso()}), if_match=claim[1])
+    except Conflict:
+        raise lost_claim(what) from None
+    except RegistryError:  # S3 answers 404 to If-Match on an object gc deleted meanwhile
+        again = read_record(storage, key, "claim")
+        if again is None or again[0].get("token") != token or SEALED not in again[0]:
+            raise lost_claim(what) from None
+
+
+def collect(storage: Storage, key: str, what: str) -> bool:
+    """Take the claim `key` of an uncommitted version for gc, by compare-and-swap on its ETag (create
+    it where there is none); False, and nothing changed, if it is sealed or changed meanwhile."""
+    got = storage.get(key, max_bytes=MAX_RECORD_BYTES)
+    body = dumps({"collected_at": now_iso(), "by": whoami()})
+    try:
+        if got is None:
+            storage.put(key, body, if_none_match=True)
+            return True
+        try:
+            record = json.loads(got[0])
+        except (ValueError, UnicodeDecodeError):
+            record = None  # not a claim of ours: garbage like the rest of the version
+        if isinstance(record, dict) and SEALED in record:
+            log.warning(
+                "registry gc: %s is being committed (sealed at %s, token %s) but has no manifest; "
+                "left alone: a retry of that registration finishes it",
+                what,
+                record[SEALED],
+                record.get("token"),
+            )
+            return False
+        try:
+            storage.put(key, body, if_match=got[1])
+        except RegistryError:  # S3 answers 404 to If-Match on an object deleted meanwhile
+            if storage.head(key) is not None:
+                raise
+            raise Conflict(key) from None
+        return True
+    except Conflict:
+        log.info("registry gc: %s: its claim changed while gc looked at it; left alone", what)
+        return False
 
 
 class Heartbeat:

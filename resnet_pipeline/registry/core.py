@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from resnet_pipeline.fileio import sha256_file
+from resnet_pipeline.fileio import current_umask, sha256_file
 from resnet_pipeline.registry import aliases as alias_records
 from resnet_pipeline.registry import claims, pull
 from resnet_pipeline.registry.aliases import AliasState
@@ -246,21 +246,22 @@ class Registry:
         return version
 
     def _check_before_commit(self, name: str, version: int, token: str, described: dict, etags: dict) -> None:
-        """The claim is still ours and every file is there as uploaded; else nothing is committed."""
-        claim = self._record(self._version_key(name, version, CLAIM), "claim")
+        """The claim is still ours and every file is there as uploaded; then the claim is sealed, so gc
+        keeps off the version from here to the manifest (see `claims`). Else nothing is committed."""
+        what = f"model {name}:{version}"
+        key = self._version_key(name, version, CLAIM)
+        claim = self._record(key, "claim")
         if claim is None or claim[0].get("token") != token:
-            raise RegistryError(
-                f"model {name}:{version}: this registration no longer holds its claim (collected "
-                "by `registry gc`, or taken by another writer); nothing committed"
-            )
+            raise claims.lost_claim(what)
         for target, entry in described.items():
             info = self.storage.head(self._version_key(name, version, target))
             if info is None or info.size != entry["bytes"] or (etags.get(target) and info.etag != etags[target]):
                 state = "is missing" if info is None else f"is {info.size} bytes, etag {info.etag}"
                 raise RegistryError(
-                    f"model {name}:{version}: uploaded file {target} {state} (expected "
+                    f"{what}: uploaded file {target} {state} (expected "
                     f"{entry['bytes']} bytes, etag {etags.get(target)}); nothing committed"
                 )
+        claims.seal(self.storage, key, token, claim, what)
 
     def _commit(self, name: str, version: int, token: str, manifest: dict) -> None:
         """Create the manifest, idempotently: a failed or conflicting write that left our own manifest
@@ -324,7 +325,7 @@ class Registry:
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
         try:
             self.download_version(name, version, manifest, tmp, raw)
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a pulled model is as readable as any folder
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a pulled model is as readable as any folder
             if dest.exists():
                 dest.rmdir()
             os.rename(tmp, dest)
@@ -374,7 +375,11 @@ class Registry:
     def gc(self, name: str | None = None, older_than: float = GC_AGE, *, now: dt.datetime | None = None) -> list[dict]:
         """Delete the objects of uncommitted versions (no manifest) whose newest object (claim, heartbeat
         or file) is older than `older_than` seconds; return what was removed, one entry per version.
-        A registration that is alive keeps its heartbeat younger than that; the default is a day."""
+        A registration that is alive keeps its heartbeat younger than that; the default is a day.
+
+        gc takes a version's claim by compare-and-swap before it deletes anything, and keeps off a
+        claim its registration has sealed for the commit (`claims.collect`), so it never deletes the
+        files of a version that is being committed. The claim goes last."""
         if not older_than >= 0:  # NaN too: every age would pass it
             raise RegistryError(f"gc: older_than {older_than} is negative or not a number")
         names = (
@@ -393,15 +398,24 @@ class Registry:
         for model in names:
             prefix = self._versions_prefix(model)
             for version, objs in sorted(self._version_objects(model).items()):
-                keys = [o.key for o in objs]
-                if f"{prefix}{version}/{MANIFEST}" in keys:
+                manifest, claim = f"{prefix}{version}/{MANIFEST}", f"{prefix}{version}/{CLAIM}"
+                if any(o.key == manifest for o in objs):
                     continue
                 age = (now - max(o.last_modified for o in objs)).total_seconds()
                 if age < older_than:
                     continue
-                if self.storage.head(f"{prefix}{version}/{MANIFEST}") is not None:
+                if self.storage.head(manifest) is not None:
                     continue  # committed since the listing
-                self.storage.delete(keys)
+                if not claims.collect(self.storage, claim, f"model {model}:{version}"):
+                    continue
+                if self.storage.head(manifest) is not None:  # only a registration that never sealed
+                    log.warning("registry gc: %s:%d was committed without a seal; kept", model, version)
+                    continue
+                keys = [o.key for o in self.storage.list(f"{prefix}{version}/")]  # uploads since the listing too
+                self.storage.delete([k for k in keys if k != claim])
+                self.storage.delete([claim])
+                if not any(o.key == claim for o in objs):  # the one gc made to take the version
+                    keys = [k for k in keys if k != claim]
                 removed.append(
                     {
                         "name": model,
@@ -416,14 +430,3 @@ class Registry:
 
 def _describe(entries: dict[str, Path]) -> dict[str, dict]:
     return {t: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for t, p in entries.items()}
-
-
-def _umask() -> int:
-    """This process's umask, read without setting it (os.umask would change it for every thread)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022

@@ -5,16 +5,27 @@ before anything is written. Files then come down into a folder this process made
 temporary name at the folder's top, and take their final name only once their size and sha256
 match the manifest's; folders are made one part at a time and an existing part that is a symlink
 is refused, so no name can lead out of the folder.
+
+A temporary name (`part_name`) holds a backslash, which `manifest.check_file_name` refuses in any
+listed name: no file of a version can have it, or lie beneath it, so a download never overwrites a
+file already in place (a version listing `.part-1` and `b` gets both). Before the pull reports
+success, every listed file is checked to be in place, a regular file of its size.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from resnet_pipeline.registry.manifest import MANIFEST, check_files, inside
 from resnet_pipeline.registry.storage import RegistryError, SizeMismatch, Storage
+
+
+def part_name(index: int) -> str:
+    """The temporary name of the `index`-th file of a pull: a name no manifest can list."""
+    return f".part\\{index}"
 
 
 def _make_parents(folder: Path, name: str, what: str) -> None:
@@ -40,7 +51,7 @@ def download_version(
     files = check_files(manifest.get("files"), f"{what}: manifest")
     for index, (name, entry) in enumerate(sorted(files.items())):
         inside(folder, name)
-        part = folder / f".part-{index}"
+        part = folder / part_name(index)
         try:
             actual = storage.download_file(key_of(name), part, size=entry["bytes"])
         except SizeMismatch as err:
@@ -59,6 +70,10 @@ def download_version(
         _make_parents(folder, name, what)
         final = inside(folder, name)  # again, now that its folders exist
         os.rename(part, final)  # rename(2) replaces a name, it never follows a symlink there
+    for name, entry in files.items():
+        st = os.lstat(folder / name)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry["bytes"]:
+            raise RegistryError(f"{what}: file {name} is not in place after the pull; refusing the version")
     (folder / MANIFEST).write_bytes(manifest_bytes)
 
 

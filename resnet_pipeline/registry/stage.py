@@ -4,19 +4,22 @@ for prediction."""
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import yaml
 
-from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file
+from resnet_pipeline.fileio import atomic_write_json, current_umask, read_json, sha256_file
 from resnet_pipeline.redact import redact_url, redact_values
 from resnet_pipeline.registry.core import Registry
 from resnet_pipeline.registry.gate import PREDICTIONS, decide, read_predictions
+from resnet_pipeline.registry.opening import open_registry
 from resnet_pipeline.registry.pull import complete
 from resnet_pipeline.registry.spec import Spec, parse_spec
 from resnet_pipeline.registry.storage import RegistryError
@@ -63,8 +66,6 @@ def data_version(data_manifest: str | Path | None, dvc_lock: str | Path | None) 
 def _open(registry) -> Registry:
     if isinstance(registry, Registry):
         return registry
-    from resnet_pipeline.registry import open_registry
-
     return open_registry(registry)
 
 
@@ -83,6 +84,9 @@ def register_model(
     root: str | Path = ".",
     gate_options: dict | None = None,
     provenance: dict | None = None,
+    dvc: dict | None = None,
+    exports: Callable[[Path], dict[str, Path]] | None = None,
+    exports_context: dict | None = None,
 ) -> dict:
     """Register stage: add the trained model and its evaluation as a new version, decide with the gate
     whether it becomes `name@alias`, swap the alias if so, and write the record to `out`.
@@ -90,7 +94,11 @@ def register_model(
     `gate_options` are the gate's other settings (`rule`, `min_value`, `max_class_drop`,
     `bootstrap_samples`, `bootstrap_seed`; see gate.decide). `provenance` (from
     `resnet_pipeline.provenance.assemble`) replaces the train stage's params.yaml as the version's and the
-    data record with the stages' own records."""
+    data record with the stages' own records. `dvc_lock`, when it exists, is registered as the version's
+    `dvc.lock` (with `dvc`, what was pushed where, in its manifest): what `registry restore` reads.
+    `exports(folder)` makes files to add to the version (name -> file, written into `folder`), called only
+    when a version is about to be written; the token hashes `exports_context` (what they are made with)
+    instead of their bytes, which a conversion need not repeat byte for byte."""
     reg = _open(registry)
     model_dir, eval_dir = Path(model_dir), Path(eval_dir)
     files = {
@@ -103,13 +111,15 @@ def register_model(
         files["saved_model"] = model_dir / "saved_model"
     if (eval_dir / PREDICTIONS).is_file():
         files[PREDICTIONS] = eval_dir / PREDICTIONS
+    if dvc_lock is not None and Path(dvc_lock).is_file():
+        files["dvc.lock"] = Path(dvc_lock)
     for target, source in files.items():
         if not source.exists():
             raise RegistryError(f"{source}: file to register as {target} of model {name!r} not found")
     metrics = read_json(files["metrics.json"], "evaluation metrics")
     data = data_version(data_manifest, dvc_lock)
     params = redact_values(yaml.safe_load(files["params.yaml"].read_text()))
-    scratch = None
+    scratch = exported = None
     if provenance is not None:  # each stage's own record (resnet_pipeline.provenance)
         from resnet_pipeline.provenance import params_yaml
 
@@ -120,7 +130,10 @@ def register_model(
     try:
         options = dict(gate_options or {})
         gate_settings = {"alias": alias, "metric": gate_metric, "min_improvement": min_improvement, **options}
-        token = reg.registration_token(name, files, {"params": params, "data": data, "gate": gate_settings})
+        context = {"params": params, "data": data, "gate": gate_settings}
+        if exports is not None:
+            context["exports"] = exports_context or {}
+        token = reg.registration_token(name, files, context)
         done = reg.find_registration(name, token)
         champion = reg.alias(name, alias)
         if done is not None and done[1]:  # a retry of a registration that committed: same version, same decision
@@ -153,10 +166,16 @@ def register_model(
             }
             if provenance is not None:
                 meta["stages"] = redact_values(provenance["stages"])
+            if dvc is not None:
+                meta["dvc"] = redact_values(dvc)
+            if exports is not None:  # e.g. ONNX and LiteRT files, each checked against the model
+                exported = Path(tempfile.mkdtemp(prefix="exports-"))
+                files = {**files, **exports(exported)}
             version = reg.register(name, files, meta, token=token)
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        for folder in (scratch, exported):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     promotion = {"alias": alias, "promoted": False, "error": None}
     if champion.version == version:
         promotion["promoted"] = True  # the first attempt promoted it before it was cut short
@@ -227,6 +246,7 @@ def fetch_model(spec: str, registry: Registry | str | Path, cache_dir: str | Pat
         shutil.rmtree(target)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{version}."))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the cache is as readable as any folder
         reg.download_version(name, version, manifest, tmp, raw)
         try:
             tmp.rename(target)

@@ -13,6 +13,11 @@ guarantees, which is all the registry above them relies on:
 Both are checked before the first write (`Registry` probes them): an S3-compatible store that ignores
 the conditions, or a filesystem without hard links or `flock` (some SMB and FUSE mounts), would let
 two writers take the same version or alias silently, so the registry stops with an error instead.
+
+A local folder is trusted for its bytes, not its shape: whoever can write it can plant a symlink or
+a FIFO, so `LocalStorage` opens every path under it one part at a time without following links,
+regular files only (`localfs`), and refuses anything else naming it. Its files and folders get the
+permissions the umask asks for, so a team sharing the folder can read each other's versions.
 """
 
 from __future__ import annotations
@@ -22,21 +27,17 @@ import datetime as dt
 import fcntl
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from resnet_pipeline.registry.transfer import copy_hashing
+from resnet_pipeline.registry.errors import Conflict, RegistryError, SizeMismatch
+from resnet_pipeline.registry.localfs import Folder, Tree, fsync_fd, split
+from resnet_pipeline.registry.transfer import copy_stream_hashing
 
-
-class RegistryError(RuntimeError):
-    """A registry operation could not be done; the message names the model, version, alias or file."""
-
-
-class Conflict(Exception):
-    """A conditional write lost: the object exists (if_none_match) or changed (if_match)."""
+__all__ = ["Conflict", "LocalStorage", "ObjectInfo", "RegistryError", "SizeMismatch", "Storage"]
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,6 @@ class ObjectInfo:
     size: int
     last_modified: dt.datetime  # timezone-aware, UTC
     etag: str | None = None  # as the store reports it (S3 ETag; locally size, mtime and inode)
-
-
-class SizeMismatch(RegistryError):
-    """An object is not the size its manifest says (checked before and while it is read)."""
 
 
 class Storage(Protocol):
@@ -82,13 +79,18 @@ class Storage(Protocol):
 
 
 class LocalStorage:
-    """A folder with the registry layout; see the module docstring for the guarantees."""
+    """A folder with the registry layout; see the module docstring for the guarantees.
+
+    The folder is trusted for its bytes, not its shape: every path under it is opened one part at a
+    time without following links, regular files only (`localfs`), so a planted symlink or FIFO is
+    refused naming it. Files and folders get the permissions the umask asks for."""
 
     LOCKS = ".locks"
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.location = str(self.root)
+        self.tree = Tree(self.root)
 
     def url(self, key: str) -> str:
         return str(self.root / key)
@@ -96,121 +98,133 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def get(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str] | None:
-        try:
-            with open(self._path(key), "rb") as f:
-                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
+    @staticmethod
+    def _read(fd: int, max_bytes: int | None) -> bytes:
+        with os.fdopen(fd, "rb") as f:
+            return f.read() if max_bytes is None else f.read(max_bytes + 1)
+
+    def _checked(self, key: str, data: bytes, max_bytes: int | None) -> tuple[bytes, str]:
         if max_bytes is not None and len(data) > max_bytes:
             raise RegistryError(f"{self.url(key)}: larger than {max_bytes} bytes; refusing to read it")
         return data, hashlib.md5(data).hexdigest()
 
+    def get(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str] | None:
+        fd = self.tree.open_file(key)
+        return None if fd is None else self._checked(key, self._read(fd, max_bytes), max_bytes)
+
     def head(self, key: str) -> ObjectInfo | None:
-        try:
-            st = self._path(key).stat()
-        except (FileNotFoundError, NotADirectoryError):
+        st = self.tree.lstat(key)
+        if st is None:
             return None
         return ObjectInfo(key, st.st_size, dt.datetime.fromtimestamp(st.st_mtime, dt.UTC), _local_etag(st))
 
-    def _tmp(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        return Path(tmp)
+    def _new_tmp(self, folder: Folder, name: str) -> tuple[str, int]:
+        """A new temporary file beside `name` (a name `list` skips), open for writing, mode per the umask."""
+        for _ in range(100):
+            tmp = f".{name[:200]}.{secrets.token_hex(4)}.tmp"
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                return tmp, os.open(tmp, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder.fd)
+            except FileExistsError:
+                continue
+        raise RegistryError(f"{folder.path}: cannot create a temporary file for {name}")
 
-    def _write_tmp(self, path: Path, data: bytes) -> Path:
-        tmp = self._tmp(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
+    def _write_tmp(self, folder: Folder, name: str, write) -> tuple[str, os.stat_result]:
+        """A complete, flushed temporary file beside `name`, filled by `write(file)`; (its name, its stat)."""
+        tmp, fd = self._new_tmp(folder, name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+                st = os.fstat(f.fileno())
+        except BaseException:
+            _unlink_at(folder, tmp)
+            raise
+        return tmp, st
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
-        path = self._path(key)
-        tmp = self._write_tmp(path, data)
-        try:
-            if if_none_match:
-                try:
-                    os.link(tmp, path)  # atomic create-if-absent of a complete file
-                except FileExistsError:
-                    raise Conflict(key) from None
-                except OSError as err:  # EPERM, EOPNOTSUPP, ENOSYS: SMB, some FUSE and FAT mounts
-                    raise RegistryError(
-                        f"{self.root}: the filesystem does not support hard links "
-                        f"(link(2): {os.strerror(err.errno or 0)}); the local registry needs "
-                        "them for exclusive version claims"
-                    ) from None
-            elif if_match is not None:
-                with self._lock(key):
-                    current = self.get(key)
-                    if current is None or current[1] != if_match:
-                        raise Conflict(key)
-                    os.replace(tmp, path)
-            else:
-                os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        *parent, name = split(key)
+        with self.tree.folder(parent, create=True) as folder:
+            assert folder is not None
+            tmp, _ = self._write_tmp(folder, name, lambda f: f.write(data))
+            try:
+                if if_none_match:
+                    try:  # atomic create-if-absent of a complete file
+                        os.link(tmp, name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd, follow_symlinks=False)
+                    except FileExistsError:
+                        raise Conflict(key) from None
+                    except OSError as err:  # EPERM, EOPNOTSUPP, ENOSYS: SMB, some FUSE and FAT mounts
+                        raise RegistryError(
+                            f"{self.root}: the filesystem does not support hard links "
+                            f"(link(2): {os.strerror(err.errno or 0)}); the local registry needs "
+                            "them for exclusive version claims"
+                        ) from None
+                elif if_match is not None:
+                    with self._lock(key):
+                        fd = self.tree.open_at(folder, name)
+                        current = None if fd is None else self._checked(key, self._read(fd, None), None)
+                        if current is None or current[1] != if_match:
+                            raise Conflict(key)
+                        os.replace(tmp, name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+                else:
+                    os.replace(tmp, name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+            finally:
+                _unlink_at(folder, tmp)
+            fsync_fd(folder.fd)
         return hashlib.md5(data).hexdigest()
 
-    def _lock(self, key: str):
-        locks = self.root / self.LOCKS
-        locks.mkdir(parents=True, exist_ok=True)
-        return _FileLock(locks / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"))
+    def _lock(self, key: str) -> _FileLock:
+        return _FileLock(self, self.LOCKS, hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
 
     def upload_file(self, key: str, path: Path) -> str:
-        target = self._path(key)
-        tmp = self._tmp(target)
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return _local_etag(target.stat())
+        *parent, name = split(key)
+        with self.tree.folder(parent, create=True) as folder, open(path, "rb") as source:
+            assert folder is not None
+            tmp, st = self._write_tmp(folder, name, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+            try:
+                os.replace(tmp, name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+            finally:
+                _unlink_at(folder, tmp)
+            fsync_fd(folder.fd)
+        return _local_etag(st)  # a rename keeps the inode and its times
 
     def download_file(self, key: str, path: Path, size: int | None = None) -> str:
         source = self._path(key)
-        if not source.is_file():
+        fd = self.tree.open_file(key)
+        if fd is None:
             raise RegistryError(f"{source}: object not found")
-        if size is not None and source.stat().st_size != size:
-            raise SizeMismatch(f"{source}: {source.stat().st_size} bytes, the manifest says {size}")
-        digest, copied = copy_hashing(source, path, limit=size)
+        with os.fdopen(fd, "rb") as f:
+            actual = os.fstat(f.fileno()).st_size
+            if size is not None and actual != size:
+                raise SizeMismatch(f"{source}: {actual} bytes, the manifest says {size}")
+            digest, copied = copy_stream_hashing(f, path, limit=size)
         if size is not None and copied != size:
             raise SizeMismatch(f"{source}: changed while it was read ({copied} bytes, the manifest says {size})")
         return digest
 
     def list(self, prefix: str) -> list[ObjectInfo]:
-        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        if not base.is_dir():
-            return []
+        base = split(prefix.rsplit("/", 1)[0]) if "/" in prefix else []
         out = []
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = [d for d in dirnames if d != self.LOCKS]
-            for fname in filenames:
-                if fname.startswith(".") and fname.endswith(".tmp"):
-                    continue  # a write in progress
-                full = Path(dirpath) / fname
-                key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    try:
-                        st = full.stat()
-                    except FileNotFoundError:
-                        continue
-                    when = dt.datetime.fromtimestamp(st.st_mtime, dt.UTC)
-                    out.append(ObjectInfo(key, st.st_size, when, _local_etag(st)))
+        for key, st in self.tree.walk(base, skip_top=frozenset({self.LOCKS}) if not base else frozenset()):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith(".") and name.endswith(".tmp"):
+                continue  # a write in progress
+            if key.startswith(prefix):
+                when = dt.datetime.fromtimestamp(st.st_mtime, dt.UTC)
+                out.append(ObjectInfo(key, st.st_size, when, _local_etag(st)))
         return sorted(out, key=lambda o: o.key)
 
     def delete(self, keys: builtins.list[str]) -> None:
-        parents = set()
         for key in keys:
-            path = self._path(key)
-            path.unlink(missing_ok=True)
-            parents.add(path.parent)
-        for folder in sorted(parents, key=lambda p: len(p.parts), reverse=True):
-            while folder != self.root and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-                folder = folder.parent
+            self.tree.remove(key)
+
+
+def _unlink_at(folder: Folder, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=folder.fd)
+    except FileNotFoundError:
+        pass
 
 
 def _local_etag(st: os.stat_result) -> str:
@@ -219,17 +233,24 @@ def _local_etag(st: os.stat_result) -> str:
 
 
 class _FileLock:
-    def __init__(self, path: Path):
-        self.path = path
+    """An exclusive `flock` on `folder/name` under the registry root (opened without following links)."""
+
+    def __init__(self, storage: LocalStorage, folder: str, name: str):
+        self.storage, self.folder, self.name = storage, folder, name
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        with self.storage.tree.folder([self.folder], create=True) as folder:
+            assert folder is not None
+            fd = self.storage.tree.open_at(folder, self.name, os.O_RDONLY | os.O_CREAT)
+        if fd is None:
+            raise RegistryError(f"{self.storage.root / self.folder / self.name}: a folder where a lock file belongs")
+        self.fd = fd
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         except OSError as err:  # ENOLCK, EOPNOTSUPP: some network and FUSE mounts
             os.close(self.fd)
             raise RegistryError(
-                f"{self.path.parent.parent}: the filesystem does not support file locks "
+                f"{self.storage.root}: the filesystem does not support file locks "
                 f"(flock(2): {os.strerror(err.errno or 0)}); the local registry needs them "
                 "for alias compare-and-swap"
             ) from None

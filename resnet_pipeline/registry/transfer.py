@@ -24,10 +24,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from resnet_pipeline.httprange import CHUNK, Fetch, Opened, Retryable, read_range, retry
 
-__all__ = ["Fetch", "Opened", "Retryable", "WrongSize", "copy_hashing", "download"]
+__all__ = ["Fetch", "Opened", "Retryable", "WrongSize", "copy_hashing", "copy_stream_hashing", "download"]
 
 HASH_CHUNK = 8 * CHUNK
 BUFFERS = 4  # per connection
@@ -73,7 +74,7 @@ def download(
     if total <= part_size:
         return _download_one(fetch, first, path, attempts, backoff), total
     parts = [_Part(lo, min(total, lo + part_size)) for lo in range(0, total, part_size)]
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     lock = threading.Lock()
     handed: queue.Queue = queue.Queue()  # (part, buffer, n) of the live part, in order; None on a failure
     failures: list[BaseException] = []
@@ -151,7 +152,7 @@ def download(
 def _download_one(fetch: Fetch, opened: Opened, path: str | Path, attempts: int, backoff: float) -> str:
     """The whole object in one stream: receive, write and hash each 1 MB in turn in this thread."""
     digest = hashlib.sha256()
-    with open(path, "wb") as out:  # writes of 1 MB bypass its buffer
+    with _create(path) as out:  # writes of 1 MB bypass its buffer
 
         def take(buf: memoryview, n: int, pos: int) -> memoryview:
             out.write(buf[:n])
@@ -175,8 +176,15 @@ def _download_one(fetch: Fetch, opened: Opened, path: str | Path, attempts: int,
 def copy_hashing(source: str | Path, target: str | Path, limit: int | None = None) -> tuple[str, int]:
     """Copy a local file, computing its sha256 on the way; return (sha256 hex, size). With `limit`, at
     most `limit` bytes are copied, and the size returned is limit + 1 when the source has more."""
+    with open(source, "rb") as src:
+        return copy_stream_hashing(src, target, limit)
+
+
+def copy_stream_hashing(src: BinaryIO, target: str | Path, limit: int | None = None) -> tuple[str, int]:
+    """`copy_hashing` from an open binary file. `target` is created (not followed if it is a link),
+    mode 0666 less the umask."""
     digest, size = hashlib.sha256(), 0
-    with open(source, "rb") as src, open(target, "wb") as dst:
+    with _create(target) as dst:
         while chunk := src.read(HASH_CHUNK if limit is None else min(HASH_CHUNK, limit - size + 1)):
             if limit is not None and size + len(chunk) > limit:
                 return digest.hexdigest(), limit + 1
@@ -184,3 +192,8 @@ def copy_hashing(source: str | Path, target: str | Path, limit: int | None = Non
             dst.write(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def _create(path: str | Path) -> BinaryIO:
+    """`path` opened for writing, truncated; a link there is refused (ELOOP), never followed."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), "wb")

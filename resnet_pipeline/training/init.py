@@ -1,15 +1,17 @@
 """Initial weights (`train.init`): ImageNet, a weights file or URL, or a registered version.
 
-    record = load_initial_weights(model, cfg, registry=..., cache_dir=...)
+    record = load_initial_weights(model, cfg, fetch_init=..., cache_dir=...)
 
 The source is fetched first (URLs through the verified, resumable `data.fetch.fetch`; `imagenet`
 with keras.applications' own file names and md5 hashes, from `train.init_url` when given; a
 registry spec with `registry.fetch_model`), all into the cache. Weights are then matched to the
 model by layer name and shape: keras.applications' classifier `predictions` is our `logits`, and
 the head is re-initialised when the class count differs (or the file has none). Any other layer
-that is missing, extra or of another shape refuses the file before a single weight is assigned,
-naming the file, the layer and, where it can tell, the option (`train.depth`, `train.use_bias`...)
-and the value it needs. The record says what was loaded and re-initialised, with the source and
+that is missing, extra or of another shape refuses the file before a single weight is read (shapes
+are compared as the file declares them), naming the file, the layer and, where it can tell, the
+option (`train.depth`, `train.use_bias`...) and the value it needs. A file that is not plain data
+(links, external, virtual or filtered datasets: `weights_file`) is refused whatever its sha256, since
+what it points at is not in it. The record says what was loaded and re-initialised, with the source and
 its sha256; the trainer writes it to `init.json` in the model folder.
 """
 
@@ -20,6 +22,7 @@ import fcntl
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -31,7 +34,7 @@ from resnet_pipeline.data.fetch import DownloadError, fetch
 from resnet_pipeline.fileio import sha256_file
 from resnet_pipeline.models.specs import SPECS, VARIANTS
 from resnet_pipeline.redact import redact_url
-from resnet_pipeline.training.weights_file import WeightsFileError, read_weights, snake_case
+from resnet_pipeline.training.weights_file import WeightsFile, WeightsFileError, open_weights, snake_case
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ def imagenet_file(variant: str, depth: int, include_top: bool = True) -> tuple[s
     return file, BASE_WEIGHTS_PATH + file, WEIGHTS_HASHES[name][0 if include_top else 1]
 
 
-def resolve_source(cfg: TrainConfig, cache_dir: str | Path, registry=None) -> dict:
+def resolve_source(cfg: TrainConfig, cache_dir: str | Path, fetch_init: Callable[[str], Path] | None = None) -> dict:
     """Fetch what `cfg.init` names into `cache_dir`; `{"init", "path", "source", "sha256", "params"}`."""
     kind, cache_dir = init_kind(cfg.init), Path(cache_dir)
     params = None
@@ -102,14 +105,11 @@ def resolve_source(cfg: TrainConfig, cache_dir: str | Path, registry=None) -> di
             if not path.is_file():
                 raise InitError(f"train.init: {path}: weights file not found")
         else:
-            if registry is None:
+            if fetch_init is None:
                 raise InitError(
                     f"train.init: {cfg.init!r} is a registry spec, and there is no registry to fetch it from"
                 )
-            from resnet_pipeline.predict import cache_dir as models_cache
-            from resnet_pipeline.registry import fetch_model
-
-            pulled = Path(fetch_model(init, registry, models_cache()))
+            pulled = Path(fetch_init(init))
             path, url = pulled / "model.keras", f"{init} ({pulled.parent.name}:{pulled.name})"
             if (pulled / "params.yaml").is_file():
                 params = (yaml.safe_load((pulled / "params.yaml").read_text()) or {}).get("train")
@@ -198,14 +198,25 @@ def _check_config(path, name: str, ours: dict, theirs: dict | None) -> None:
 
 def plan(model: keras.Model, cfg: TrainConfig, path: str | Path) -> tuple[dict, list[str], list[str]]:
     """`({layer: arrays to assign}, [re-initialised layers], [skipped layers of the file])`; raises
-    InitError at the first mismatch."""
-    ours = _weighted_layers(model)
+    InitError at the first mismatch. Shapes are compared as the file declares them, and the arrays
+    read only after every layer matched (weights_file refuses a file that is not plain data)."""
     try:
-        weights, configs = read_weights(path, _names_by_class(model))
+        with open_weights(path, _names_by_class(model)) as file:
+            chosen, reinit, skipped = _match(model, cfg, path, file)
+            assign = {
+                name: [file.read(w, tuple(v.shape)) for w, v in zip(weights, model.get_layer(name).weights)]
+                for name, weights in chosen.items()
+            }
     except WeightsFileError as err:
         raise InitError(str(err)) from None
-    weights = {HEAD_ALIASES.get(k, k): v for k, v in weights.items()}
-    configs = {HEAD_ALIASES.get(k, k): v for k, v in configs.items()}
+    return assign, reinit, skipped
+
+
+def _match(model: keras.Model, cfg: TrainConfig, path, file: WeightsFile) -> tuple[dict, list[str], list[str]]:
+    """`plan` on the declared weights of `file`: `({layer: [Weight]}, reinitialised, skipped)`."""
+    ours = _weighted_layers(model)
+    weights = {HEAD_ALIASES.get(k, k): v for k, v in file.layers.items()}
+    configs = {HEAD_ALIASES.get(k, k): v for k, v in file.configs.items()}
     if not weights:
         raise InitError(f"{path}: holds no weights")
     for name in weights:  # a layer of the file the model lacks: another depth or variant
@@ -216,38 +227,47 @@ def plan(model: keras.Model, cfg: TrainConfig, path: str | Path) -> tuple[dict, 
             )
     assign, reinit = {}, []
     for name, layer in ours.items():
-        arrays = weights.get(name)
-        if name == HEAD and (arrays is None or [a.shape for a in arrays] != [tuple(w.shape) for w in layer.weights]):
+        declared = weights.get(name)
+        if name == HEAD and (
+            declared is None or [w.shape for w in declared] != [tuple(v.shape) for v in layer.weights]
+        ):
             reinit.append(name)  # another class count, or a file without the classifier
             continue
-        if arrays is None:
+        if declared is None:
             raise InitError(f"{path}: layer {name} of the model is not in the file{_depth_hint(weights, cfg)}")
         shapes = [tuple(w.shape) for w in layer.weights]
-        if len(arrays) != len(shapes):
+        if len(declared) != len(shapes):
             hint = "; set train.use_bias to match the file" if isinstance(layer, keras.layers.Conv2D) else ""
             raise InitError(
-                f"{path}: layer {name}: the file has {len(arrays)} weights ({_describe(arrays)}), the "
+                f"{path}: layer {name}: the file has {len(declared)} weights ({_describe(declared)}), the "
                 f"model {len(shapes)} ({', '.join(map(str, shapes))}){hint}"
             )
-        for array, shape, var in zip(arrays, shapes, layer.weights):
-            if tuple(array.shape) != shape:
+        for weight, shape, var in zip(declared, shapes, layer.weights):
+            if weight.shape != shape:
                 raise InitError(
-                    f"{path}: layer {name}: weight {var.name} is {tuple(array.shape)} in the file, "
-                    f"{shape} in the model (check train.depth, train.variant and train.shortcut)"
+                    f"{path}: layer {name}: weight {var.name} (dataset {weight.dataset!r}) is {weight.shape} in the "
+                    f"file, {shape} in the model (check train.depth, train.variant and train.shortcut); not read"
                 )
         _check_config(path, name, layer.get_config(), configs.get(name))
-        assign[name] = arrays
+        assign[name] = declared
     return assign, reinit, [name for name in weights if name not in assign]
 
 
-def load_initial_weights(model: keras.Model, cfg: TrainConfig, *, cache_dir: str | Path, registry=None) -> dict | None:
+def load_initial_weights(
+    model: keras.Model, cfg: TrainConfig, *, cache_dir: str | Path, fetch_init: Callable[[str], Path] | None = None
+) -> dict | None:
     """Load `cfg.init` into `model` (built, inside the strategy's scope); the record, or None from scratch."""
     if cfg.init is None:
         return None
-    source = resolve_source(cfg, cache_dir, registry)
+    source = resolve_source(cfg, cache_dir, fetch_init)
     if source["kind"] == "registry":
         check_layout(cfg, source["params"], cfg.init)
-    assign, reinit, skipped = plan(model, cfg, source["path"])
+    try:
+        assign, reinit, skipped = plan(model, cfg, source["path"])
+    except InitError as err:
+        if source["kind"] == "path":
+            raise
+        raise InitError(f"{err} (train.init: {source['source']})") from None  # the cached file's origin, redacted
     for name, arrays in assign.items():
         for var, array in zip(model.get_layer(name).weights, arrays):
             var.assign(array.astype(var.dtype))

@@ -21,6 +21,7 @@ and answered by a checkpoint at that step and `Preempted`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import tensorflow as tf
@@ -42,7 +43,7 @@ def train(
     tensorboard_root: str | Path | None = None,
     strategy: tf.distribute.Strategy | None = None,
     cluster: Cluster | None = None,
-    registry=None,
+    fetch_init: Callable[[str], Path] | None = None,
     saved_model: bool = True,
 ) -> dict:
     """Train on the train shards, validate on val every `validate_every_epochs`, write `model_dir`;
@@ -50,11 +51,12 @@ def train(
 
     Creates the strategy of `cfg.strategy` unless one is given (with its `cluster`); raises
     `Preempted` after saving when SIGTERM arrives, `WorkerFailed` when another worker dies.
-    `registry` is where a `train.init` registry spec is fetched from. `saved_model=False` leaves
+    `fetch_init(spec)` fetches a `train.init` registry spec's model folder (the stage passes
+    `stages.init_fetcher`: training knows no registry). `saved_model=False` leaves
     the SavedModel out of `model_dir` (model.keras and the records only), for a caller that does not
     serve the model with TF Serving; the train stage always writes it.
     """
-    run = Run(cfg, full_config, Path(shards_dir), Path(labels_path), strategy, cluster, registry)
+    run = Run(cfg, full_config, Path(shards_dir), Path(labels_path), strategy, cluster, fetch_init)
     run.restore(Path(checkpoint_root), tensorboard_root)
     run.train()
     summary = run.summary()

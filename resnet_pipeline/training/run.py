@@ -20,8 +20,8 @@ import keras
 import tensorflow as tf
 
 from resnet_pipeline.config import TrainConfig
+from resnet_pipeline.data.contracts import INDEX
 from resnet_pipeline.data.pipeline import Preprocess, decode_in_memory, make_dataset, shard_files, train_epochs
-from resnet_pipeline.data.shard import INDEX
 from resnet_pipeline.fileio import atomic_write_json, read_json, sha256_file
 from resnet_pipeline.training import records
 from resnet_pipeline.training.preempt import Preempted
@@ -87,7 +87,7 @@ class Run:
     """One call of `train`: the data, the trainer and the host's running state of the loop (step,
     epoch sums, history, step rows, timings)."""
 
-    def __init__(self, cfg, full_config, shards_dir, labels_path, strategy, cluster, registry):
+    def __init__(self, cfg, full_config, shards_dir, labels_path, strategy, cluster, fetch_init):
         if strategy is None:
             strategy, cluster = make_strategy(cfg.strategy, cfg.cpu_devices)
         self.cfg, self.full_config, self.shards_dir = cfg, full_config, shards_dir
@@ -105,7 +105,7 @@ class Run:
             raise ValueError(f"train.global_batch_size: received {gbs}; must be a multiple of the {replicas} replicas")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         keras.utils.set_random_seed(self.seed)
-        self.trainer = Trainer(cfg, strategy, len(self.classes), self.steps_per_epoch, registry=registry)
+        self.trainer = Trainer(cfg, strategy, len(self.classes), self.steps_per_epoch, fetch_init=fetch_init)
         self.trainer.build()
         self.history: list[dict] = []
         self.step_rows: list[dict] = []

@@ -7,14 +7,18 @@
   when there is no GPU (two make it run with two replicas on a laptop or in CI).
 - `multi_worker`: MultiWorkerMirroredStrategy, the cluster from `TF_CONFIG`. Only the chief
   (worker 0, or the `chief` task) writes checkpoints, summaries and the final model; the others
-  write theirs to a scratch folder that is removed.
+  write theirs to a scratch folder that is removed. TensorFlow's gRPC server listens on every
+  interface whatever host `TF_CONFIG` names: a `TF_CONFIG` of loopback addresses on a machine with
+  other interfaces gets a warning (`train --workers N` runs its workers where only loopback is).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -57,6 +61,19 @@ def read_tf_config(environ: dict | None = None) -> Cluster | None:
     return Cluster(task_type, task_index, workers)
 
 
+def exposed_interfaces(environ: dict | None = None) -> list[str]:
+    """The interfaces besides loopback that a worker's gRPC server will listen on although every
+    address of `TF_CONFIG` is a loopback one (so its user thinks it local); [] otherwise."""
+    try:
+        cluster = json.loads((environ if environ is not None else os.environ).get("TF_CONFIG") or "{}")["cluster"]
+        hosts = [address.rsplit(":", 1)[0].strip("[]") for task in cluster.values() for address in task]
+        if not hosts or not all(host == "localhost" or ipaddress.ip_address(host).is_loopback for host in hosts):
+            return []
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [name for _, name in socket.if_nameindex() if name != "lo"]
+
+
 def split_cpu(devices: int) -> None:
     """Split the CPU into `devices` logical devices (before TensorFlow initialises its runtime)."""
     if devices <= 1:
@@ -82,6 +99,13 @@ def make_strategy(name: str, cpu_devices: int = 1) -> tuple[tf.distribute.Strate
             raise ValueError(
                 "train.strategy: 'multi_worker' needs TF_CONFIG (the cluster and this task); "
                 "set it, or run `resnet-pipeline train --workers N` to try it on one machine"
+            )
+        if exposed := exposed_interfaces():
+            log.warning(
+                "TF_CONFIG names loopback addresses only, but TensorFlow's gRPC server listens on every "
+                "interface (%s too): whoever reaches its port can run operations in this worker. "
+                "`resnet-pipeline train --workers N` runs local workers where only loopback is",
+                ", ".join(exposed),
             )
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:

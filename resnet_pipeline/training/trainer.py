@@ -42,9 +42,14 @@ class Trainer:
     """One training run's model, optimizer, EMA and checkpointed state."""
 
     def __init__(
-        self, cfg: TrainConfig, strategy: tf.distribute.Strategy, num_classes: int, steps_per_epoch: int, registry=None
+        self,
+        cfg: TrainConfig,
+        strategy: tf.distribute.Strategy,
+        num_classes: int,
+        steps_per_epoch: int,
+        fetch_init=None,
     ):
-        self.cfg, self.strategy, self.num_classes, self.registry = cfg, strategy, num_classes, registry
+        self.cfg, self.strategy, self.num_classes, self.fetch_init = cfg, strategy, num_classes, fetch_init
         self.steps_per_epoch = steps_per_epoch
         self.global_batch_size = cfg.global_batch_size
         self.schedule = optim.make_schedule(cfg, steps_per_epoch)
@@ -59,7 +64,7 @@ class Trainer:
             with self.strategy.scope():
                 self.model = build_resnet(**model_arguments(cfg, num_classes=self.num_classes))
                 self.init_record = load_initial_weights(
-                    self.model, cfg, cache_dir=init_cache_dir(), registry=self.registry
+                    self.model, cfg, cache_dir=init_cache_dir(), fetch_init=self.fetch_init
                 )
                 self.tuner = finetune.FineTune(self.model, cfg)  # before the optimizer: it covers every phase
                 self.optimizer = optim.make_optimizer(cfg, self.schedule)

@@ -187,3 +187,52 @@ def test_encrypted_zip_member_is_refused_by_name(tmp_path):
     with pytest.raises(UnsafeArchiveError, match="'a/secret.png': encrypted"):
         safe_extract(archive, tmp_path / "out")
     _nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+@pytest.mark.parametrize(
+    "entries, member, other",
+    [
+        ([("cls/a", b"file"), ("cls/a/b.png", b"png")], "cls/a/b.png", "cls/a"),
+        ([("cls/a/b.png", b"png"), ("cls/a", b"file")], "cls/a", "cls/a/b.png"),
+        ([("cls/a/deep/b.png", b"png"), ("x.png", b"x"), ("cls/a", b"file")], "cls/a", "cls/a/deep/b.png"),
+    ],
+    ids=["file-then-inside", "inside-then-file", "deep-inside-then-file"],
+)
+def test_a_file_that_is_also_an_implied_folder_is_refused_before_extraction(tmp_path, kind, entries, member, other):
+    """Issue 30: `cls/a/b.png` then a file `cls/a` passed the check and failed mid-extraction with a
+    raw FileExistsError; either order is refused up front, naming both members."""
+    archive = (_tar if kind == "tar" else _zip)(tmp_path / f"clash.{kind}", entries)
+    with pytest.raises(UnsafeArchiveError) as err:
+        safe_extract(archive, tmp_path / "out")
+    message = str(err.value)
+    assert f"unsafe member {member!r}" in message and repr(other) in message, message
+    assert "file" in message and "folder" in message, message
+    _nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+@pytest.mark.parametrize("folder_first", [True, False], ids=["folder-first", "file-first"])
+def test_a_folder_member_and_a_file_of_the_same_name_are_refused(tmp_path, kind, folder_first):
+    entries = [("cls/a/", None), ("cls/a", b"file")]
+    if not folder_first:
+        entries.reverse()
+    archive = tmp_path / f"clash.{kind}"
+    if kind == "tar":
+        with tarfile.open(archive, "w") as tar:
+            for name, content in entries:
+                info = tarfile.TarInfo(name)
+                if content is None:
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                else:
+                    info.size = len(content)
+                    tar.addfile(info, io.BytesIO(content))
+    else:
+        with zipfile.ZipFile(archive, "w") as zf:
+            for name, content in entries:
+                zf.writestr(name, content or b"")
+    second = "a file" if folder_first else "a folder"  # tarfile drops a folder name's trailing /
+    with pytest.raises(UnsafeArchiveError, match=rf"unsafe member 'cls/a/?': {second}, but member 'cls/a/?' "):
+        safe_extract(archive, tmp_path / "out")
+    _nothing_written(tmp_path / "out")

@@ -21,10 +21,11 @@ from PIL import Image
 
 from resnet_pipeline.config import DownloadConfig, ShardConfig, SplitConfig
 from resnet_pipeline.data import pipeline
+from resnet_pipeline.data.contracts import INDEX, read_manifest
 from resnet_pipeline.data.download import download
 from resnet_pipeline.data.pipeline import Preprocess
-from resnet_pipeline.data.shard import INDEX, shard
-from resnet_pipeline.data.split import read_manifest, split
+from resnet_pipeline.data.shard import shard
+from resnet_pipeline.data.split import split
 
 SEED = 42
 DESIGN_COLUMNS = ["path", "label", "label_name", "split", "sha256", "width", "height", "bytes", "status"]

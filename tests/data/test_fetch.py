@@ -1,19 +1,32 @@
-"""fetch (resume, retry, verification) against a real loopback server; safe_extract on real archives."""
+"""fetch (resume, retry, verification, bounds, redirects) against a real loopback server; safe_extract
+on real archives."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
 import stat
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from resnet_pipeline.data.fetch import DownloadError, UnsafeArchiveError, fetch, file_digest, safe_extract
-from tests.httpserver import LoopbackHTTPServer
+from resnet_pipeline import cli
+from resnet_pipeline.data.fetch import (
+    DownloadError,
+    DownloadLimits,
+    UnsafeArchiveError,
+    fetch,
+    file_digest,
+    safe_extract,
+)
+from resnet_pipeline.redact import redact_url
+from resnet_pipeline.runlock import folder_lock
+from tests.httpserver import LoopbackHTTPServer, self_signed_cert
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)  # > 3 chunks, not chunk-aligned
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -153,6 +166,161 @@ def test_local_path_and_file_url(tmp_path):
     with pytest.raises(DownloadError, match="sha256"):
         fetch(src.as_uri(), tmp_path / "c.bin", sha256=WRONG)
     assert not (tmp_path / "c.bin").exists() and not (tmp_path / "c.bin.part").exists()
+
+
+# ---------------------------------------------------------------- bounds while bytes arrive (issue 30)
+
+MiB = 1 << 20
+USER, PASSWORD = "alice", "hunter2-secret"
+BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+
+def _with_credentials(url: str, query: str = "") -> str:
+    return url.replace("://", f"://{USER}:{PASSWORD}@", 1) + query
+
+
+def _authorization(server: LoopbackHTTPServer, path: str) -> list[str | None]:
+    """The Authorization header of every request `server` received for `path` (None: not sent)."""
+    return [
+        next((v for k, v in h.items() if k.lower() == "authorization"), None) for p, h in server.headers if p == path
+    ]
+
+
+def _sent(server: LoopbackHTTPServer) -> list[int]:
+    """What the server's endless answers sent, once they have ended (the client hung up)."""
+    deadline = time.monotonic() + 10
+    while not server.endless_sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server.endless_sent
+
+
+def test_endless_body_stops_at_the_size_limit_and_leaves_no_part(tmp_path):
+    with LoopbackHTTPServer() as server:
+        server.endless.add("/endless.tar")
+        url = server.url("/endless.tar")
+        with pytest.raises(DownloadError) as err:
+            fetch(url, tmp_path / "endless.tar", sha256=SHA, backoff=0, limits=DownloadLimits(max_bytes=MiB))
+        sent = _sent(server)
+    msg = str(err.value)
+    assert msg.startswith(f"{url}: ") and "download.max_download_gb" in msg and f"{MiB:,} bytes" in msg, msg
+    assert not (tmp_path / "endless.tar").exists() and not (tmp_path / "endless.tar.part").exists()
+    assert sent and sent[0] < server.endless_cap, "the client hung up long before the server's safety cap"
+
+
+def test_content_length_over_the_limit_is_refused_before_the_body(server, tmp_path):
+    url = server.url("/data.bin")
+    with pytest.raises(DownloadError) as err:
+        fetch(url, tmp_path / "data.bin", sha256=SHA, backoff=0, limits=DownloadLimits(max_bytes=MiB))
+    msg = str(err.value)
+    assert msg.startswith(f"{url}: ") and f"Content-Length {len(PAYLOAD):,}" in msg, msg
+    assert "download.max_download_gb" in msg and "before the body" in msg
+    assert not (tmp_path / "data.bin.part").exists(), "not one byte of the body was written"
+    assert server.requests == [("/data.bin", None)], "refused, not retried"
+
+
+def test_slow_drip_stops_at_the_deadline_and_keeps_the_part_for_a_resume(tmp_path):
+    body = PAYLOAD[:400]
+    with LoopbackHTTPServer({"/slow.bin": body}) as server:
+        server.drip["/slow.bin"] = 0.02  # 50 bytes a second: 8 s for the whole body
+        url = server.url("/slow.bin")
+        started = time.monotonic()
+        with pytest.raises(DownloadError) as err:
+            fetch(url, tmp_path / "slow.bin", backoff=0, limits=DownloadLimits(max_seconds=1.0, min_bytes_per_s=0))
+        took = time.monotonic() - started
+    msg = str(err.value)
+    assert msg.startswith(f"{url}: ") and "download.max_download_seconds = 1 s" in msg, msg
+    assert 0.9 < took < 3.0, took
+    part = tmp_path / "slow.bin.part"
+    assert part.stat().st_size < len(body) and body.startswith(part.read_bytes())
+    assert not (tmp_path / "slow.bin").exists()
+
+
+def test_slow_drip_below_the_minimum_rate_stops_within_a_window(tmp_path):
+    with LoopbackHTTPServer({"/slow.bin": PAYLOAD[:400]}) as server:
+        server.drip["/slow.bin"] = 0.02  # 50 bytes a second, below 1,000
+        url = server.url("/slow.bin")
+        started = time.monotonic()
+        with pytest.raises(DownloadError) as err:
+            fetch(url, tmp_path / "slow.bin", backoff=0, limits=DownloadLimits(min_bytes_per_s=1000, rate_window=0.5))
+        took = time.monotonic() - started
+    msg = str(err.value)
+    assert msg.startswith(f"{url}: ") and "download.min_download_kb_s" in msg, msg
+    assert took < 2.5, took
+
+
+@pytest.mark.parametrize("hostile", ["endless", "drip"])
+def test_download_stage_stops_a_hostile_server_and_releases_the_lock(tmp_path, repo_root, monkeypatch, capsys, hostile):
+    """The must-show of issue 30 through the command: params keys, the stage's lock, the .part file."""
+    monkeypatch.chdir(tmp_path)
+    with LoopbackHTTPServer({"/d.tar.gz": PAYLOAD[:2000]}) as server:
+        if hostile == "endless":
+            server.endless.add("/d.tar.gz")
+            bound, key = "download.max_download_gb=0.001", "download.max_download_gb = 0.001"
+        else:
+            server.drip["/d.tar.gz"] = 0.02
+            bound, key = "download.max_download_seconds=1.5", "download.max_download_seconds = 1.5 s"
+        url = server.url("/d.tar.gz")
+        settings = [bound, "download.dataset=archive", f"download.url={url}", f"download.sha256={SHA}"]
+        started = time.monotonic()
+        code = cli.main(["download", "--params", str(repo_root / "params.yaml"), *(f"--set={s}" for s in settings)])
+        took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2 and f"{url}: " in err and key in err, err
+    assert took < 10, took
+    part = tmp_path / "data" / "downloads" / "d.tar.gz.part"
+    assert not part.exists() or part.stat().st_size <= 0.001 * 2**30
+    assert not (tmp_path / "data" / "raw" / "archive").exists()
+    with folder_lock(tmp_path):  # free again: FolderLocked if the failed run still held it
+        pass
+
+
+# ---------------------------------------------------------------- redirects (issue 30)
+
+
+def test_credentials_are_not_sent_on_a_redirect_to_another_port(tmp_path):
+    with LoopbackHTTPServer({"/data.bin": PAYLOAD}) as other, LoopbackHTTPServer({"/here.bin": PAYLOAD}) as first:
+        first.redirect["/data.bin"] = other.url("/data.bin")
+        first.redirect["/moved.bin"] = "/here.bin"  # the same scheme, host and port
+        assert fetch(_with_credentials(first.url("/data.bin")), tmp_path / "a.bin", sha256=SHA, backoff=0)
+        assert fetch(_with_credentials(first.url("/moved.bin")), tmp_path / "b.bin", sha256=SHA, backoff=0)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD == (tmp_path / "b.bin").read_bytes()
+    assert _authorization(first, "/data.bin") == [BASIC], "the first server gets the credentials"
+    assert _authorization(other, "/data.bin") == [None], "the server on another port does not"
+    assert _authorization(first, "/here.bin") == [BASIC], "a redirect within one origin keeps them"
+
+
+def test_https_to_http_redirect_is_refused(tmp_path, monkeypatch):
+    """Served over real TLS on loopback (a self-signed certificate the client trusts by SSL_CERT_FILE)."""
+    cert, key = self_signed_cert(tmp_path / "tls")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    with (
+        LoopbackHTTPServer({"/data.bin": PAYLOAD}) as plain,
+        LoopbackHTTPServer({"/data.bin": PAYLOAD}, tls=(cert, key)) as secure,
+    ):
+        target = plain.url("/data.bin")
+        secure.redirect["/down.bin"] = target
+        assert fetch(secure.url("/data.bin"), tmp_path / "ok.bin", sha256=SHA, backoff=0).read_bytes() == PAYLOAD
+        url = _with_credentials(secure.url("/down.bin"), "?token=t0k3n-secret")
+        with pytest.raises(DownloadError) as err:
+            fetch(url, tmp_path / "down.bin", sha256=SHA, backoff=0)
+    msg = str(err.value)
+    assert plain.requests == [], "nothing is asked of the http server"
+    assert redact_url(url) in msg and target in msg and "https" in msg, msg
+    assert PASSWORD not in msg and "t0k3n" not in msg
+    assert not (tmp_path / "down.bin.part").exists()
+
+
+def test_an_error_after_a_redirect_names_the_url_that_failed(tmp_path):
+    with LoopbackHTTPServer() as other, LoopbackHTTPServer() as first:
+        gone = other.url("/gone.tar")
+        first.redirect["/a.tar"] = gone + "?X-Amz-Signature=s1gnature-secret"
+        url = _with_credentials(first.url("/a.tar"), "?token=t0k3n-secret")
+        with pytest.raises(DownloadError) as err:
+            fetch(url, tmp_path / "a.tar", sha256=SHA, backoff=0)
+    msg = str(err.value)
+    assert msg.startswith(f"{gone}: HTTP 404"), msg
+    assert f"redirected from {redact_url(url)}" in msg
+    assert PASSWORD not in msg and "secret" not in msg
 
 
 # ---------------------------------------------------------------- safe_extract

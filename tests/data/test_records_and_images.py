@@ -13,10 +13,11 @@ import tensorflow as tf
 from PIL import Image
 
 from resnet_pipeline.config import ShardConfig, SplitConfig
+from resnet_pipeline.data.contracts import read_manifest
 from resnet_pipeline.data.images import inspect, prepare
 from resnet_pipeline.data.records import encode_example
 from resnet_pipeline.data.shard import shard
-from resnet_pipeline.data.split import read_manifest, split
+from resnet_pipeline.data.split import split
 
 SEED = 42
 

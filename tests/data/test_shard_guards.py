@@ -3,9 +3,11 @@ labels.json, index.json), and shard writing with few file descriptors."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,11 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from resnet_pipeline.config import ShardConfig, SplitConfig
-from resnet_pipeline.data.contracts import ContractError
+from resnet_pipeline.config import Config, ShardConfig, SplitConfig
+from resnet_pipeline.data.contracts import SCHEMA, ContractError
 from resnet_pipeline.data.shard import shard
-from resnet_pipeline.data.split import SCHEMA, split
+from resnet_pipeline.data.split import split
 from resnet_pipeline.fileio import sha256_bytes
+from resnet_pipeline.paths import Paths
 
 SEED = 42
 
@@ -176,3 +179,92 @@ def test_2500_shards_with_256_open_files(tmp_path):
     assert total >= 2500 and train >= 2480, out.stdout
     assert out.stdout.split()[2] == "EMFILE"
     assert len(list((tmp_path / "shards").glob("*.tfrecord"))) == total
+
+
+# --------------------------------------------------------------------------- a symlinked data/shards
+
+
+@pytest.fixture()
+def linked_shards(digits_data, tmp_path):
+    """A copy of the digits data whose `data/shards` is a link to shards on another disk: the config,
+    the paths and the link's target (which holds the session's shards)."""
+    cfg = dataclasses.replace(Config(), shard=ShardConfig(workers=1))
+    paths = Paths.from_config(cfg, root=tmp_path / "project")
+    paths.data.mkdir(parents=True)
+    shutil.copytree(digits_data.raw, paths.raw, copy_function=os.link)  # read only: hard links will do
+    shutil.copyfile(digits_data.manifest, paths.manifest)
+    shutil.copyfile(digits_data.labels, paths.labels)
+    target = tmp_path / "bigdisk" / "shards"
+    shutil.copytree(digits_data.shards, target)
+    os.symlink(target, paths.shards)
+    return cfg, paths, target
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "fallback"])
+def test_a_symlinked_shards_folder_is_written_in_its_target_and_keeps_its_key(
+    linked_shards, digits_data, monkeypatch, exchange
+):
+    """Issue 30: with `data/shards` a link, the shard stage failed after the swap (rmtree on the
+    link), left the new shards on the local disk and recorded no key. The shards now go into the
+    link's target, swapped there; the link stays; the key is recorded and a second run reuses it."""
+    from resnet_pipeline.stagekeys import is_current, recorded, require_current, stage_key
+    from resnet_pipeline.stages import run_stage
+
+    cfg, paths, target = linked_shards
+    if not exchange:
+        monkeypatch.setenv("RESNET_PIPELINE_NO_EXCHANGE", "1")
+    expected = {p.name: p.read_bytes() for p in digits_data.shards.glob("*.tfrecord")}
+    (target / "stale.tfrecord").write_bytes(b"from an older run")
+    assert not is_current("shard", cfg, paths)
+    keys = []
+    for _run in range(2):
+        if _run and is_current("shard", cfg, paths):
+            # what the flow does with a current output: reuse it; the CLI (dvc) may rerun it all the same
+            assert require_current(("shard",), cfg, paths) == {"shard": keys[0]}
+        run_stage("shard", cfg, paths)
+        assert paths.shards.is_symlink() and os.readlink(paths.shards) == str(target), "the link is kept"
+        assert {p.name: p.read_bytes() for p in target.glob("*.tfrecord")} == expected, "same shards, in the target"
+        assert sorted(os.listdir(paths.data)) == ["labels.json", "manifest.parquet", "raw", "shards"]
+        assert sorted(os.listdir(target.parent)) == ["shards"], "no staging or aside folder left"
+        assert is_current("shard", cfg, paths)
+        keys.append(recorded("shard", cfg, paths)["key"])
+    assert keys[0] == keys[1] == stage_key("shard", cfg, paths.root)
+    index = json.loads((target / "index.json").read_text())
+    assert index["stage_key"] == keys[0] and len(index["shards"]) == len(expected)
+
+
+def test_flow_steps_and_recovery_follow_a_symlinked_destination(tmp_path, monkeypatch):
+    """The Prefect flow's shard task stages and replaces `data/shards` itself (new_staging_dir,
+    replace_dir), and readers call recover_dir first: all three work on the link's target, so a kill
+    between the fallback's two renames (target aside, link dangling) is repaired through the link."""
+    from resnet_pipeline.fileio import _aside, new_staging_dir, recover_dir, replace_dir
+
+    target = tmp_path / "bigdisk" / "shards"
+    target.mkdir(parents=True)
+    (target / "which").write_text("old")
+    link = tmp_path / "data" / "shards"
+    link.parent.mkdir()
+    os.symlink(os.path.relpath(target, link.parent), link)
+    for fallback in ("", "1"):
+        monkeypatch.setenv("RESNET_PIPELINE_NO_EXCHANGE", fallback)
+        staging = new_staging_dir(link)
+        assert staging.parent == target.parent
+        (staging / "which").write_text(f"new{fallback}")
+        replace_dir(staging, link)
+        assert link.is_symlink() and (link / "which").read_text() == f"new{fallback}"
+        assert sorted(os.listdir(target.parent)) == ["shards"] and os.listdir(link.parent) == ["shards"]
+    os.rename(target, _aside(target))  # killed after "aside": the link dangles, the old content waits
+    recover_dir(link)
+    assert (link / "which").read_text() == "new1" and link.is_symlink()
+
+
+def test_a_link_to_a_missing_folder_on_a_missing_disk_is_refused_naming_it(tmp_path):
+    from resnet_pipeline.fileio import staged_dir
+
+    link = tmp_path / "data" / "shards"
+    link.parent.mkdir()
+    os.symlink(tmp_path / "unmounted" / "shards", link)
+    with pytest.raises(FileNotFoundError, match=r"data/shards: a symbolic link to .*unmounted/shards"):
+        with staged_dir(link):
+            pass
+    assert not (tmp_path / "unmounted").exists(), "no folder is made where the disk should be"

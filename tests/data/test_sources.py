@@ -4,13 +4,17 @@ disk and on a real S3-compatible server. Each lands as one folder per class that
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import logging
+import os
 import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -248,3 +252,106 @@ def test_s3_keys_escaping_the_prefix_are_refused_before_any_download(key):
 
     with pytest.raises(ValueError, match="escapes the folder"):
         _s3_keys(_ListingOf(["set/c0/a.jpg", key]), "b", "set/", "s3://b/set")
+
+
+PRIVATE = b"a private file next to the dataset, never to be copied"
+
+
+def _image_source(root: Path) -> Path:
+    source = root / "mine"
+    for name, content in folder_files().items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(content)
+    return source
+
+
+def _bytes_under(folder: Path) -> list[bytes]:
+    return [p.read_bytes() for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+def _no_hard_links(monkeypatch) -> None:
+    """As on another disk: every hard link fails, so files are copied."""
+
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+
+
+@pytest.mark.parametrize("how", ["hard-link", "copy"])
+def test_imagefolder_does_not_follow_links_and_names_them(tmp_path, caplog, monkeypatch, how):
+    """Issue 30: a link in an imagefolder source to a private file was hard-linked into data/raw and
+    marked ok. Links (to files or folders, inside class folders or beside them) and special files are
+    skipped and named in the log, as split names them; the regular images are copied."""
+    if how == "copy":
+        _no_hard_links(monkeypatch)
+    source = _image_source(tmp_path)
+    (tmp_path / "private.png").write_bytes(PRIVATE)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "more.jpg").write_bytes(PRIVATE)
+    os.symlink(tmp_path / "private.png", source / "cat" / "innocent.jpg")
+    os.symlink(tmp_path / "elsewhere", source / "dog" / "extra")
+    os.symlink(tmp_path / "private.png", source / "top-level.jpg")
+    os.mkfifo(source / "fox" / "pipe.jpg")
+    with caplog.at_level(logging.WARNING, logger="resnet_pipeline.data.download"):
+        folder = download(DownloadConfig(dataset="imagefolder", path=str(source)), tmp_path / "raw")
+    assert classes_of(folder) == {"cat": 4, "dog": 4, "fox": 4}
+    assert not any(p.is_symlink() for p in folder.rglob("*"))
+    assert PRIVATE not in _bytes_under(tmp_path / "raw"), "no byte of a linked file lands in data/raw"
+    log = caplog.text
+    for name in ("cat/innocent.jpg", "dog/extra", "top-level.jpg"):
+        assert name in log, log
+    assert "symbolic link: not followed" in log and "fox/pipe.jpg" in log and "not a regular file" in log, log
+    index = split_and_shard(folder, tmp_path)
+    rows = pq.read_table(tmp_path / "manifest.parquet").to_pylist()
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
+    assert sum(s["records"] for s in index["splits"].values()) == 12
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_imagefolder_class_folder_that_is_a_link_is_refused_naming_it(tmp_path, where):
+    """A class folder that is a link (to a folder outside the source, or to another class) is refused
+    by name, as split refuses it, before anything is written."""
+    source = _image_source(tmp_path)
+    if where == "outside":
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "more.jpg").write_bytes(PRIVATE)
+        os.symlink(tmp_path / "elsewhere", source / "owl")
+    else:
+        os.symlink("cat", source / "owl")
+    with pytest.raises(ValueError, match=r"download.path: class folder\(s\) \['owl'\] under .*mine are symbolic links"):
+        download(DownloadConfig(dataset="imagefolder", path=str(source)), tmp_path / "raw")
+    assert not (tmp_path / "raw" / "imagefolder").exists()
+    assert PRIVATE not in _bytes_under(tmp_path / "raw")
+
+
+def test_imagefolder_path_that_is_itself_a_link_is_read(tmp_path):
+    """download.path is the user's own word: a link there (a dataset on another disk) is followed."""
+    source = _image_source(tmp_path)
+    os.symlink(source, tmp_path / "pets")
+    folder = download(DownloadConfig(dataset="imagefolder", path=str(tmp_path / "pets")), tmp_path / "raw")
+    assert classes_of(folder) == {"cat": 4, "dog": 4, "fox": 4}
+
+
+@pytest.mark.parametrize("how", ["hard-link", "copy"])
+def test_an_entry_swapped_for_a_link_after_listing_is_not_followed(tmp_path, monkeypatch, how):
+    """The copy itself never follows a link: a file swapped for a link (or a FIFO) between the listing
+    and the copy gives nothing at the destination, and never blocks."""
+    from resnet_pipeline.data.download import _copy_regular
+
+    if how == "copy":
+        _no_hard_links(monkeypatch)
+    (tmp_path / "private.png").write_bytes(PRIVATE)
+    (tmp_path / "src").mkdir()
+    os.symlink(tmp_path / "private.png", tmp_path / "src" / "swapped.jpg")
+    os.mkfifo(tmp_path / "src" / "pipe.jpg")
+    (tmp_path / "src" / "real.jpg").write_bytes(b"jpeg")
+    fd = os.open(tmp_path / "src", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert not _copy_regular("swapped.jpg", fd, tmp_path / "out" / "swapped.jpg")
+        assert not _copy_regular("pipe.jpg", fd, tmp_path / "out" / "pipe.jpg")
+        assert _copy_regular("real.jpg", fd, tmp_path / "out" / "real.jpg")
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path / "out")) == ["real.jpg"]
+    assert (tmp_path / "out" / "real.jpg").read_bytes() == b"jpeg"

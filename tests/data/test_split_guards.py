@@ -176,14 +176,16 @@ def test_imagefolder_download_with_an_empty_class_folder_is_an_error_naming_it(t
     assert not (tmp_path / "raw" / "imagefolder").exists()
 
 
-def test_local_imagefolder_links_become_regular_files(tmp_path):
-    """The user's own source folder may link to images (followed there, at download time); the
-    dataset folder holds regular files only, so split has nothing to follow."""
+def test_local_imagefolder_links_are_not_followed_and_raw_holds_regular_files_only(tmp_path):
+    """A link in the user's source folder is not followed (as split never follows one; issue 30):
+    the dataset folder holds regular files only, so split has nothing to follow."""
     source = _folder(tmp_path / "src")
     (tmp_path / "elsewhere.png").write_bytes(_png(np.random.default_rng(9)))
     os.symlink(tmp_path / "elsewhere.png", source / "cat" / "linked.png")
     folder = download(DownloadConfig(dataset="imagefolder", path=str(source)), tmp_path / "raw")
-    assert stat.S_ISREG(os.lstat(folder / "cat" / "linked.png").st_mode)
+    assert not os.path.lexists(folder / "cat" / "linked.png")
+    files = [p for p in folder.rglob("*") if not p.is_dir()]
+    assert files and all(stat.S_ISREG(os.lstat(p).st_mode) for p in files)
 
 
 def test_delayed_link_archive_through_the_download_stage_lands_nothing(tmp_path):

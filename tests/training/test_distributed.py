@@ -10,10 +10,13 @@ epoch.
 from __future__ import annotations
 
 import csv
+import ipaddress
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +88,17 @@ def _train(
     return _finish(_start(work, sets, workers, verbose), timeout)
 
 
+def _skip_without_a_namespace() -> None:
+    """`train --workers` refuses to start where its workers cannot have a network namespace of their own."""
+    from resnet_pipeline.training.launch import LoopbackNamespace, NamespaceError
+
+    try:
+        with LoopbackNamespace():
+            pass
+    except NamespaceError as err:
+        pytest.skip(f"no `train --workers` here: {err}")
+
+
 def _train_together(runs: list[tuple[Path, list[str], int]]) -> list[subprocess.CompletedProcess]:
     """Independent runs (project folder, sets, workers) at the same time, each in a folder of its own
     (a run holds its folder's lock): TensorFlow's import and tracing take one core, and small steps
@@ -152,6 +166,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, ckpt_root: Path, step: int, tim
 
 
 def test_two_replicas_and_two_workers_match_one_device_step_by_step(digits_data, tmp_path):
+    _skip_without_a_namespace()
     common = ["train.epochs=1", "train.image_size=16", *DETERMINISTIC]
     work = {name: train_project(tmp_path / name, digits_data) for name in ("one", "mirrored", "workers")}
     *_, launched = _train_together(
@@ -273,14 +288,168 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _argv(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+
+
+def _worker_pids(launcher: subprocess.Popen, count: int = 2, timeout: float = 60) -> list[int]:
+    """The launcher's workers (its children running `python -m resnet_pipeline ...`), once all started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and launcher.poll() is None:
+        workers = [pid for pid in _children(launcher.pid) if _argv(pid)[1:3] == ["-m", "resnet_pipeline"]]
+        if len(workers) == count:
+            return workers
+        time.sleep(0.05)
+    if launcher.poll() is not None:
+        pytest.fail(f"the launcher exited ({launcher.returncode}): {launcher.communicate()[1][-3000:]}")
+    pytest.fail(f"the launcher did not start {count} workers within {timeout} s")
+
+
+def _worker_port(pid: int) -> int:
+    environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+    spec = json.loads(environ["TF_CONFIG"])
+    return int(spec["cluster"]["worker"][spec["task"]["index"]].rsplit(":", 1)[1])
+
+
+def _address(hex_address: str) -> str:
+    """An address of /proc/net/tcp{,6}: 32-bit words in host (little-endian) order."""
+    raw = b"".join(bytes.fromhex(hex_address[i : i + 8])[::-1] for i in range(0, len(hex_address), 8))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+
+
+def _listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of each TCP socket `pid` listens on, as its network namespace sees them."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:[") : -1]))
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[9]) in inodes:  # LISTEN
+                address, port = fields[1].split(":")
+                found.append((_address(address), int(port, 16)))
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _network_namespace(pid: int) -> tuple[int, list[str]]:
+    """(inode of the network namespace of `pid`, the interfaces in it)."""
+    lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    return os.stat(f"/proc/{pid}/ns/net").st_ino, [line.split(":")[0].strip() for line in lines]
+
+
+PROBE = """
+import socket, sys
+host, ports = sys.argv[1], sys.argv[2:]
+for port in ports:
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+        print(port, "open")
+    except OSError as err:
+        print(port, type(err).__name__)
+"""
+
+
+def _veth_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "not root: a network namespace and a veth pair need CAP_NET_ADMIN"
+    if not shutil.which("ip"):
+        return "no `ip` command (iproute2) to make a network namespace and a veth pair"
+    return None
+
+
+def _connect_from_another_namespace(ports: list[int]) -> dict[int, str]:
+    """Connect to each port on this host's side of a veth pair, from a new network namespace at its
+    other end; {port: "open" or the error}. A listener of the test on the same address must be
+    reachable (the pair works), or the test fails."""
+    tag = f"rpt{os.getpid() % 100000}"
+    net = f"10.213.{os.getpid() % 250}"
+    host_if, peer_if = f"{tag}h", f"{tag}n"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    ip("netns", "add", tag)
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if, "netns", tag)
+        ip("addr", "add", f"{net}.1/30", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("-n", tag, "addr", "add", f"{net}.2/30", "dev", peer_if)
+        ip("-n", tag, "link", "set", peer_if, "up")
+        with socket.create_server((f"{net}.1", 0)) as control:
+            control_port = control.getsockname()[1]
+            probe = [sys.executable, "-c", PROBE, f"{net}.1", str(control_port), *map(str, ports)]
+            done = subprocess.run(
+                ["ip", "netns", "exec", tag, *probe],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 0, done.stderr
+        results = {int(port): result for port, result in (line.split() for line in done.stdout.splitlines())}
+        assert results.pop(control_port) == "open", "the veth pair does not carry connections"
+        return results
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", tag], capture_output=True)
+
+
+def _check_workers_reachable_only_locally(workers: list[int]) -> str | None:
+    """Every listening socket of the workers is on loopback or in a namespace with loopback only, and
+    the workers' ports refuse a connection from another namespace; the reason if that probe cannot run."""
+    ports = [_worker_port(pid) for pid in workers]
+    deadline = time.monotonic() + 180
+    while not all(port in {p for _, p in _listening(pid)} for pid, port in zip(workers, ports)):
+        assert time.monotonic() < deadline, f"the workers do not listen on {ports} within 180 s"
+        time.sleep(0.2)
+    host_namespace = os.stat("/proc/self/ns/net").st_ino
+    for pid in workers:
+        namespace, interfaces = _network_namespace(pid)
+        private = namespace != host_namespace and interfaces == ["lo"]
+        for address, port in _listening(pid):
+            assert private or _is_loopback(address), (
+                f"worker pid {pid} listens on {address}:{port} in a network namespace with {interfaces}"
+            )
+    if reason := _veth_unavailable():
+        return reason
+    assert _connect_from_another_namespace(ports) == dict.fromkeys(ports, "ConnectionRefusedError")
+    return None
+
+
 def test_a_dead_worker_fails_the_run_in_bounded_time_and_a_restart_resumes(work):
+    """And while the workers run: they are reachable only from this machine, and the launcher holds
+    the folder (a stage fails naming it, `TF_CONFIG` or not)."""
+    _skip_without_a_namespace()
     common = ["train.epochs=2", "train.checkpoint_every_steps=4", "train.summary_every_steps=1"]
     ckpt_root = work / "artifacts/checkpoints"
     launcher = _start(work, common, workers=2)
+    workers = _worker_pids(launcher)
+    veth_not_run = _check_workers_reachable_only_locally(workers)
+    index = work / "data/shards/index.json"
+    shards_before = index.stat().st_mtime_ns
+    env = _env()
+    env["TF_CONFIG"] = Path(f"/proc/{workers[1]}/environ").read_text().split("TF_CONFIG=")[1].split("\0")[0]
+    shard = subprocess.run(
+        [str(BIN / "resnet-pipeline"), "shard"], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert shard.returncode != 0, "a stage ran during the multi-worker run"
+    assert f"in use by resnet-pipeline train --workers 2, pid {launcher.pid}" in shard.stderr, shard.stderr
+    assert index.stat().st_mtime_ns == shards_before
+
     _wait_for_checkpoint(launcher, ckpt_root, 8)
     saved = _checkpointed_step(ckpt_root)
-    workers = _children(launcher.pid)
-    assert len(workers) == 2
+    assert sorted(_worker_pids(launcher)) == sorted(workers)
     os.kill(workers[1], signal.SIGKILL)  # worker 1 dies; worker 0 is blocked in a collective with it
     killed = time.monotonic()
     stdout, stderr = launcher.communicate(timeout=180)
@@ -290,6 +459,7 @@ def test_a_dead_worker_fails_the_run_in_bounded_time_and_a_restart_resumes(work)
     assert "worker1 exited with code -9" in stderr
     assert not (work / "artifacts/model").exists()
     assert "Sharding callback" not in stdout, "the workers are quiet about the frameworks by default"
+    assert "names loopback addresses only" not in stdout, "the workers have loopback alone: nothing is exposed"
 
     resumed = _train(work, common, workers=2, verbose=True)
     assert "resuming from" in resumed.stdout
@@ -299,3 +469,5 @@ def test_a_dead_worker_fails_the_run_in_bounded_time_and_a_restart_resumes(work)
     assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["workers"] == 2
     assert _steps(work / "artifacts/model")[0]["step"] == 1
     assert saved >= 8
+    if veth_not_run:
+        pytest.skip(f"all else passed; no connection from another network namespace was tried: {veth_not_run}")
