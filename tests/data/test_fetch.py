@@ -218,16 +218,21 @@ def test_content_length_over_the_limit_is_refused_before_the_body(server, tmp_pa
     assert server.requests == [("/data.bin", None)], "refused, not retried"
 
 
-def test_slow_drip_stops_at_the_deadline_and_keeps_the_part_for_a_resume(tmp_path):
-    body = PAYLOAD[:400]
+def _drip(tmp_path: Path, body: bytes, limits: DownloadLimits) -> tuple[str, str, float]:
+    """Fetch `body` served at 50 bytes a second (8 s for 400 bytes) under `limits`: (URL, the
+    DownloadError's message, seconds until it was raised)."""
     with LoopbackHTTPServer({"/slow.bin": body}) as server:
-        server.drip["/slow.bin"] = 0.02  # 50 bytes a second: 8 s for the whole body
+        server.drip["/slow.bin"] = 0.02
         url = server.url("/slow.bin")
         started = time.monotonic()
         with pytest.raises(DownloadError) as err:
-            fetch(url, tmp_path / "slow.bin", backoff=0, limits=DownloadLimits(max_seconds=1.0, min_bytes_per_s=0))
-        took = time.monotonic() - started
-    msg = str(err.value)
+            fetch(url, tmp_path / "slow.bin", backoff=0, limits=limits)
+        return url, str(err.value), time.monotonic() - started
+
+
+def test_slow_drip_stops_at_the_deadline_and_keeps_the_part_for_a_resume(tmp_path):
+    body = PAYLOAD[:400]
+    url, msg, took = _drip(tmp_path, body, DownloadLimits(max_seconds=1.0, min_bytes_per_s=0))
     assert msg.startswith(f"{url}: ") and "download.max_download_seconds = 1 s" in msg, msg
     assert 0.9 < took < 3.0, took
     part = tmp_path / "slow.bin.part"
@@ -236,14 +241,7 @@ def test_slow_drip_stops_at_the_deadline_and_keeps_the_part_for_a_resume(tmp_pat
 
 
 def test_slow_drip_below_the_minimum_rate_stops_within_a_window(tmp_path):
-    with LoopbackHTTPServer({"/slow.bin": PAYLOAD[:400]}) as server:
-        server.drip["/slow.bin"] = 0.02  # 50 bytes a second, below 1,000
-        url = server.url("/slow.bin")
-        started = time.monotonic()
-        with pytest.raises(DownloadError) as err:
-            fetch(url, tmp_path / "slow.bin", backoff=0, limits=DownloadLimits(min_bytes_per_s=1000, rate_window=0.5))
-        took = time.monotonic() - started
-    msg = str(err.value)
+    url, msg, took = _drip(tmp_path, PAYLOAD[:400], DownloadLimits(min_bytes_per_s=1000, rate_window=0.5))
     assert msg.startswith(f"{url}: ") and "download.min_download_kb_s" in msg, msg
     assert took < 2.5, took
 

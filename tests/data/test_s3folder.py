@@ -18,7 +18,6 @@ import stat
 import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +25,7 @@ from resnet_pipeline.config import DownloadConfig
 from resnet_pipeline.data import s3folder, s3get
 from resnet_pipeline.data.download import download
 from resnet_pipeline.data.fetch import DownloadError
-from tests.httpserver import LoopbackHTTPServer
+from tests.httpserver import LoopbackHTTPServer, self_signed_cert
 
 SECRET = "test-secret-that-must-not-leak"
 
@@ -228,38 +227,6 @@ def test_a_refused_signature_is_asked_again_through_get_object(s3_env, tmp_path)
     assert (tmp_path / "a.jpg").read_bytes() == b"payload"
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key (PEM files)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return folder / "cert.pem", folder / "key.pem"
-
-
 @contextlib.contextmanager
 def _one_object_server(body: bytes, headers: dict[str, str] | None = None, tls: ssl.SSLContext | None = None):
     """A loopback server answering every GET with `body` and `headers` (HTTPS with `tls`); yields
@@ -303,7 +270,7 @@ def _one_object_server(body: bytes, headers: dict[str, str] | None = None, tls: 
 def test_tls_is_verified_with_the_ca_bundle(tmp_path):
     """An HTTPS loopback server with a self-signed certificate (SeaweedFS here serves plain HTTP):
     refused by the default trust store, accepted with that certificate as the CA bundle."""
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     with _one_object_server(b"hello", tls=context) as folder:
