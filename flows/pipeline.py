@@ -17,7 +17,10 @@ the flow on a schedule to a work pool (see the README). The stage logic lives in
   and register pushes the data and model to the DVC remote before it registers; after a run
   `dvc status` is clean. In a bare folder the run logs one line and goes on without DVC.
 - Retries: download and register on I/O errors; train when SIGTERM stopped it with a checkpoint
-  (`Preempted`), at most PREEMPT_RETRIES times, resuming from that checkpoint.
+  (`Preempted`), at most PREEMPT_RETRIES times, resuming from that checkpoint. A run whose process
+  was killed (SIGKILL, the OOM killer, a machine gone) is Crashed; the automations of
+  `resnet-pipeline recovery apply` (resnet_pipeline/recovery.py) schedule the same flow run again,
+  which resumes here in the same folder.
 - Results are persisted as JSON (never pickle) in Prefect's result storage; the `resnet_pipeline`
   loggers go to the run's log in the Prefect UI.
 - Each run publishes a Markdown artifact (test metrics, the gate's decision with both figures, the
@@ -194,6 +197,13 @@ def resnet_pipeline_flow(
     `RESNET_PIPELINE_SECRET_OVERRIDES` (a JSON object like `overrides`) adds more.
     """
     refuse_secret_overrides(overrides)
+    if runtime.flow_run.run_count > 1:  # rescheduled after a crash (resnet-pipeline recovery)
+        logging.getLogger("resnet_pipeline.flow").warning(
+            "attempt %d of this flow run (the last one crashed): resuming in %s; cached data stages are "
+            "reused and train resumes from its last checkpoint",
+            runtime.flow_run.run_count,
+            Path(root).resolve(),
+        )
     merged = {**(overrides or {}), **secret_overrides(secret_blocks)}
     cfg = load_config(params, root, merged, dataset=dataset, depth=depth, epochs=epochs)
     paths = Paths.from_config(cfg, root)

@@ -14,10 +14,12 @@
     resnet-pipeline benchmark pull [--seaweed [--pin] | --s3-endpoint URL | --registry s3://BUCKET/PREFIX]
                                    [--size-mb 100] [--rounds 3]
     resnet-pipeline benchmark warmstart [--epochs 3] [--source-epochs 10] [--seeds 1,2,3]
+    resnet-pipeline recovery apply|remove   the Prefect automations that resume crashed scheduled runs
 
 Each stage subcommand reads params once, validates them, and runs the stage with `stages.run_stage`
 on the typed config and the paths of `resnet_pipeline.paths.Paths` (relative to the current folder). The registry,
-model, export and benchmark commands live in `cli_registry`, `cli_model`, `cli_export` and `cli_benchmark`.
+model, export, benchmark and recovery commands live in `cli_registry`, `cli_model`, `cli_export`,
+`cli_benchmark` and `cli_recovery`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-from resnet_pipeline import cli_benchmark, cli_export, cli_model, cli_registry, logs, stages
+from resnet_pipeline import cli_benchmark, cli_export, cli_model, cli_recovery, cli_registry, logs, stages
 from resnet_pipeline.cli_args import add_params, load_params
 from resnet_pipeline.config import EXPORT_FORMATS, ConfigError
 from resnet_pipeline.paths import Paths
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_model.add_parsers(sub)
     cli_export.add_parser(sub)
     cli_benchmark.add_parsers(sub)
+    cli_recovery.add_parsers(sub)
     return parser
 
 
@@ -117,6 +120,7 @@ COMMANDS = {
     "predict": run_predict,
     "export": cli_export.run_export,
     "benchmark": cli_benchmark.run_benchmark,
+    "recovery": cli_recovery.run_recovery,
 }
 
 

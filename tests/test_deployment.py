@@ -12,8 +12,10 @@ found.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -59,8 +61,9 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess
 
 @pytest.fixture(scope="module")
 def deployed(prefect_server, s3_server, tmp_path_factory):
-    """The project committed to a git repository, deployed with `prefect deploy --all`, and a
-    process worker on the pool; the S3 credentials and endpoint in the worker's environment."""
+    """The project committed to a git repository, deployed with `prefect deploy --all`, the crash
+    recovery automations applied (`resnet-pipeline recovery apply`), and a process worker on the
+    pool; the S3 credentials and endpoint in the worker's environment."""
     origin = tmp_path_factory.mktemp("origin")
     copy_project(origin, PROJECT_FILES)
     workdir = tmp_path_factory.mktemp("worker")
@@ -84,15 +87,11 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
     _run([*git, "commit", "-qm", "project"], origin, env)
     _run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"], origin, env)
     deploy = _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], origin, env, timeout=600)
-    worker_log = open(workdir.parent / f"{workdir.name}-worker.log", "w")
-    worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
-        cwd=workdir,
-        env=env,
-        stdout=worker_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # the crash-recovery automations, as the README has users apply them; a grace of two heartbeats
+    # (the default is three) to keep the heartbeat test short
+    recovery = _run([str(BIN / "resnet-pipeline"), "recovery", "apply", "--heartbeat-grace", "60"], origin, env)
+    workers = Workers(workdir, env)
+    workers.start(POOL)
     try:
         yield {
             "base": prefect_server.base,
@@ -100,12 +99,48 @@ def deployed(prefect_server, s3_server, tmp_path_factory):
             "bucket": bucket,
             "workdir": workdir,
             "deploy_output": deploy.stdout,
-            "worker_log": Path(worker_log.name),
+            "recovery_output": recovery.stdout,
+            "worker_log": workers.log_path(POOL),
+            "workers": workers,
             "env": env,
         }
     finally:
-        stop_process(worker)
-        worker_log.close()
+        workers.stop_all()
+
+
+class Workers:
+    """The process workers of the tests, one per pool, each logging to `<workdir>-<pool>.log`; a
+    worker can be killed with its flow runs (a machine gone) and started again."""
+
+    def __init__(self, workdir: Path, env: dict) -> None:
+        # a worker asks for scheduled runs every 2 s (Prefect's default: 10 s), to keep the waits short
+        self.workdir, self.env = workdir, dict(env, PREFECT_WORKER_QUERY_SECONDS="2")
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def log_path(self, pool: str) -> Path:
+        return self.workdir.parent / f"{self.workdir.name}-{pool}.log"
+
+    def start(self, pool: str) -> None:
+        with open(self.log_path(pool), "a") as log:
+            self.procs[pool] = subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self, pool: str) -> None:
+        """SIGKILL the pool's worker and everything in its process group."""
+        proc = self.procs.pop(pool)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            stop_process(proc)
+        self.procs.clear()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +164,7 @@ def _wait(deployed: dict, run_id: str, expect: str = "COMPLETED", timeout: float
     base, deadline = deployed["base"], time.monotonic() + timeout
     while True:
         run = _api(base, "GET", f"/flow_runs/{run_id}")
-        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CANCELLED") or _stays_crashed(run):
             break
         if time.monotonic() > deadline:
             pytest.fail(
@@ -142,6 +177,17 @@ def _wait(deployed: dict, run_id: str, expect: str = "COMPLETED", timeout: float
         f"\n--- worker log ---\n{deployed['worker_log'].read_text()[-3000:]}"
     )
     return run
+
+
+def _stays_crashed(run: dict) -> bool:
+    """Crashed for good: the recovery automation reschedules a crashed run after its first start
+    (run count 1..MAX_RESCHEDULES) and gives up on it after that, saying so."""
+    from resnet_pipeline.recovery import MAX_RESCHEDULES
+
+    state = run["state"]
+    if state["type"] != "CRASHED":
+        return False
+    return "gave up" in (state["message"] or "") or not 1 <= run["run_count"] <= MAX_RESCHEDULES
 
 
 def _trigger_and_wait(deployed: dict, parameters: dict, name: str = "nightly") -> dict:
@@ -200,7 +246,20 @@ def test_deploy_creates_both_deployments_with_schedules_on_the_pool(deployed):
         assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     nightly = _deployment(deployed["base"], "nightly")
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert {"auto-resume"} <= set(nightly["tags"]), "its crashed runs are resumed"
+    assert nightly["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     assert nightly["schedules"][0]["schedule"]["timezone"] == "UTC"
+
+
+def test_recovery_apply_creates_the_automations_once_and_updates_them_in_place(deployed):
+    from resnet_pipeline.recovery import NAMES
+
+    assert deployed["recovery_output"].splitlines() == [f"created: {name}" for name in NAMES.values()]
+    apply = [str(BIN / "resnet-pipeline"), "recovery", "apply", "--heartbeat-grace", "60"]
+    again = _run(apply, deployed["workdir"], deployed["env"])
+    assert again.stdout.splitlines() == [f"updated: {name}" for name in NAMES.values()]
+    names = [a["name"] for a in _api(deployed["base"], "POST", "/automations/filter", {})]
+    assert all(names.count(name) == 1 for name in NAMES.values()), names
 
 
 def _labels(registry, spec: str) -> list[str]:
@@ -352,9 +411,27 @@ def _steps_trained(logs: str) -> int:
     return int(re.findall(r"epoch \d+: \{.*?'step': (\d+)", logs)[-1])
 
 
-def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, first_run, s3_server):
-    """Two runs of nightly triggered together (one waits for the deployment's concurrency slot); the
-    first to start training gets SIGTERM mid-epoch and resumes by itself from its checkpoint."""
+def _states(base: str, run_id: str) -> list[dict]:
+    """The flow run's states, oldest first."""
+    return sorted(_api(base, "GET", f"/flow_run_states/?flow_run_id={run_id}"), key=lambda s: s["timestamp"])
+
+
+RESCHEDULED = "resnet-pipeline recovery: rescheduled after a crash"
+
+
+def _crashes_and_reschedules(base: str, run_id: str) -> list[tuple[str, str]]:
+    """(type, message) of the run's Crashed and Scheduled states after its first start, in order."""
+    states = _states(base, run_id)
+    first_run = next(i for i, s in enumerate(states) if s["type"] == "RUNNING")
+    return [(s["type"], s["message"] or "") for s in states[first_run:] if s["type"] in ("CRASHED", "SCHEDULED")]
+
+
+def test_two_runs_at_once_one_preempted_one_killed_mid_epoch_both_finish_by_themselves(deployed, first_run, s3_server):
+    """Two runs of nightly triggered together (one waits for the deployment's concurrency slot). The
+    first to train gets SIGTERM mid-epoch (preemption): its train task resumes from the checkpoint it
+    saved. The second gets SIGKILL mid-epoch (the OOM killer, a lost process): the worker reports it
+    Crashed, the recovery automation schedules the same flow run again, and it resumes from its last
+    checkpoint in the same folder. No command is given after the signals."""
     base, registry = deployed["base"], _registry(deployed, s3_server)
     before = registry.versions("resnet-digits")
     clean = registry.manifest(f"resnet-digits:{before[-1]}")["data"]
@@ -365,8 +442,10 @@ def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, first_r
                 "overrides": _overrides(
                     deployed,
                     **{"train.epochs": 2, "train.global_batch_size": 32, "train.label_smoothing": smoothing},
-                    # 32 pixels: the SIGTERM must land mid-epoch, which wants steps that take a while
+                    # 32 pixels: the signals must land mid-epoch, which wants steps that take a while
                     **{"train.image_size": 32, "train.pad_crop": 4},
+                    # a steps.csv row per step; a checkpoint every 5 steps for the SIGKILL to fall back to
+                    **{"train.summary_every_steps": 1, "train.checkpoint_every_steps": 5},
                 )
             },
         ): smoothing
@@ -381,8 +460,16 @@ def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, first_r
                 break
         assert time.monotonic() < deadline, "no run started training"
         time.sleep(0.5)
-    finished = {run_id: _wait(deployed, run_id) for run_id in runs}
     other = next(r for r in runs if r != target)
+    deadline = time.monotonic() + 600
+    while not ("Epoch 2/2" in _flow_logs(base, other) and (pid := _flow_process(other))):
+        assert time.monotonic() < deadline, "the second run did not reach its second epoch"
+        time.sleep(0.5)
+    time.sleep(random.random())  # a random step of the second epoch, after at least one checkpoint
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    finished = {run_id: _wait(deployed, run_id) for run_id in runs}
+    print(f"\nSIGKILL of the flow run's process to its completion: {time.monotonic() - killed:.0f} s")
 
     logs = _flow_logs(base, target)
     stopped = re.search(r"stopped by SIGTERM after step (\d+)", logs)
@@ -390,9 +477,24 @@ def test_two_runs_at_once_one_preempted_mid_epoch_both_correct(deployed, first_r
     assert f"at step {stopped.group(1)} of " in logs  # resumed exactly where it stopped: no step twice
     (train_run,) = _task_runs(base, target)["train"]
     assert train_run["run_count"] == 2 and train_run["state"]["name"] == "Completed"
+    assert finished[target]["run_count"] == 1, "SIGTERM is not a crash"
     assert _steps_trained(logs) == _steps_trained(_flow_logs(base, other)) > int(stopped.group(1)) > 0
     for run_id in runs:
         assert {t: _task_states(base, run_id).get(t) for t in DATA_TASKS} == {t: {"Cached"} for t in DATA_TASKS}
+
+    # the killed run: Crashed by the worker, rescheduled by the automation, resumed as attempt 2
+    assert finished[other]["run_count"] == 2
+    history = _crashes_and_reschedules(base, other)
+    assert [t for t, _ in history] == ["CRASHED", "SCHEDULED"], history
+    assert "-9" in history[0][1] and history[1][1].startswith(RESCHEDULED), history
+    logs = _flow_logs(base, other)
+    assert "attempt 2 of this flow run" in logs and "resuming from" in logs, logs[-4000:]
+    model = deployed["workdir"] / "nightly/artifacts/model"  # the killed run trained last in the folder
+    summary = json.loads((model / "train.json").read_text())
+    assert summary["steps"] == 2 * summary["steps_per_epoch"]  # an uninterrupted run's count
+    with open(model / "steps.csv", newline="") as f:
+        steps = [int(float(row["step"])) for row in csv.DictReader(f)]
+    assert steps == list(range(1, summary["steps"] + 1)), "every step once: none lost, none twice"
 
     after = registry.versions("resnet-digits")
     assert len(after) == len(before) + 2, "one version per run"
@@ -480,3 +582,162 @@ def test_parameters_of_every_deployment_validate_like_params_yaml():
         pipeline.load_config("params.yaml", str(REPO), {"train.variant": "cifar"}, depth=19)
     with pytest.raises(ConfigError, match=r"train\.epochz"):
         pipeline.load_config("params.yaml", str(REPO), {"train.epochz": 3})
+
+
+# --------------------------------------------------------------------------- crash recovery
+
+
+def _copy_deployment(deployed: dict, name: str, pool: str) -> None:
+    """A deployment `name` on `pool` like nightly (the same flow, tags, parameters, concurrency limit
+    and job variables) cloning into a folder of its own, `name/`; no schedule."""
+    nightly = _deployment(deployed["base"], "nightly")
+    pull = json.loads(json.dumps(nightly["pull_steps"]).replace('"nightly"', json.dumps(name)))
+    body = {
+        key: nightly[key]
+        for key in (
+            "flow_id",
+            "entrypoint",
+            "path",
+            "parameters",
+            "parameter_openapi_schema",
+            "enforce_parameter_schema",
+            "job_variables",
+            "tags",
+            "concurrency_options",
+        )
+    }
+    body |= {"name": name, "work_pool_name": pool, "pull_steps": pull, "concurrency_limit": 1}
+    _api(deployed["base"], "POST", "/deployments/", body)
+
+
+def _heartbeats(base: str, run_id: str) -> int:
+    events = _api(
+        base,
+        "POST",
+        "/events/filter",
+        {
+            "filter": {
+                "event": {"name": ["prefect.flow-run.heartbeat"]},
+                "resource": {"id": [f"prefect.flow-run.{run_id}"]},
+            },
+            "limit": 50,
+        },
+    )
+    return len(events["events"])
+
+
+@pytest.fixture(scope="module")
+def crash_scenarios(deployed, first_run):
+    """Three runs at once, with no command given to recover any of them:
+
+    - `machine`: a run of `spot` (a copy of nightly on a pool of its own) whose worker and flow run
+      are SIGKILLed together once it has sent a heartbeat (the machine is gone); the worker is started
+      again once the run is Crashed;
+    - `crashing`: a run of `crashy` (another copy, on the main pool) whose process is SIGKILLed each
+      time it starts running (the deliberate fault), until the automation gives up;
+    - `cancelled`: a nightly run cancelled from the API as the UI does (Cancelling) while it trains.
+
+    Each gives its flow run and what the test saw; the tests below check them."""
+    base, workers, env = deployed["base"], deployed["workers"], deployed["env"]
+    _run([str(BIN / "prefect"), "work-pool", "create", "spot", "--type", "process"], deployed["workdir"], env)
+    workers.start("spot")
+    _copy_deployment(deployed, "spot", "spot")
+    _copy_deployment(deployed, "crashy", POOL)
+    small = _overrides(deployed, **{"register.model_name": "resnet-spot"})
+    machine = {"id": _trigger(deployed, {"overrides": small}, name="spot")}
+    crashing = {"id": _trigger(deployed, {"overrides": _overrides(deployed)}, name="crashy"), "kills": []}
+    long = {"train.epochs": 3, "train.image_size": 32, "train.pad_crop": 4, "register.model_name": "resnet-cancel"}
+    cancelled = {"id": _trigger(deployed, {"overrides": _overrides(deployed, **long)})}
+
+    def run(run_id: str) -> dict:
+        return _api(base, "GET", f"/flow_runs/{run_id}")
+
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        # the machine: kill the worker and the run after the run's first heartbeat, then bring a worker back
+        m = run(machine["id"])
+        if "killed" not in machine and m["state"]["type"] == "RUNNING" and _heartbeats(base, machine["id"]):
+            pid = _flow_process(machine["id"])
+            if pid:
+                workers.kill("spot")
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it was in the worker's process group
+                machine["killed"] = time.monotonic()
+        elif "killed" in machine and "crashed" not in machine and m["state"]["type"] == "CRASHED":
+            machine["crashed"] = time.monotonic()
+            workers.start("spot")
+        # the deliberate fault: each attempt is killed as soon as it runs
+        c = run(crashing["id"])
+        if c["state"]["type"] == "RUNNING" and c["run_count"] not in crashing["kills"]:
+            if pid := _flow_process(crashing["id"]):
+                os.kill(pid, signal.SIGKILL)
+                crashing["kills"].append(c["run_count"])
+        if c["state"]["type"] == "CRASHED" and "gave up" in (c["state"]["message"] or ""):
+            crashing.setdefault("gave_up", time.monotonic())
+        # the cancellation, while it trains
+        if "cancel_at" not in cancelled and "Epoch 1/3" in _flow_logs(base, cancelled["id"]):
+            body = {"state": {"type": "CANCELLING", "name": "Cancelling"}}
+            _api(base, "POST", f"/flow_runs/{cancelled['id']}/set_state", body)
+            cancelled["cancel_at"] = time.monotonic()
+        if m["state"]["type"] in ("COMPLETED", "FAILED"):
+            machine.setdefault("ended", time.monotonic())
+        done = "ended" in machine and "gave_up" in crashing
+        # a crashed run is rescheduled 10 s after its crash: 20 s more shows the gave-up one stays
+        if done and time.monotonic() > crashing["gave_up"] + 20:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the scenarios did not end in 900 s: {machine}, {crashing}, {cancelled}")
+    for scenario in (machine, crashing, cancelled):
+        scenario["run"] = run(scenario["id"])
+    print(
+        f"\nmachine gone: Crashed {machine['crashed'] - machine['killed']:.0f} s after the kill (grace 60 s), "
+        f"Completed {machine['ended'] - machine['killed']:.0f} s after it"
+    )
+    return {"machine": machine, "crashing": crashing, "cancelled": cancelled}
+
+
+def test_a_run_whose_machine_died_is_crashed_by_heartbeat_expiry_and_completes_on_a_worker_back(
+    deployed, crash_scenarios, s3_server
+):
+    base, machine = deployed["base"], crash_scenarios["machine"]
+    assert machine["run"]["state"]["type"] == "COMPLETED", machine["run"]["state"]
+    history = _crashes_and_reschedules(base, machine["id"])
+    assert [t for t, _ in history] == ["CRASHED", "SCHEDULED"], history
+    assert history[0][1].startswith("resnet-pipeline recovery: no heartbeat for 60 s"), history
+    assert history[1][1].startswith(RESCHEDULED), history
+    assert machine["run"]["run_count"] == 2
+    # Crashed no sooner than the grace allows after the last heartbeat, and within a bounded time
+    assert 30 <= machine["crashed"] - machine["killed"] <= 150
+    assert "attempt 2 of this flow run" in _flow_logs(base, machine["id"])
+    assert _registry(deployed, s3_server).versions("resnet-spot") == [1], "exactly one version"
+
+
+def test_a_run_that_crashes_every_time_is_rescheduled_exactly_n_times_then_stays_crashed_saying_why(
+    deployed, crash_scenarios
+):
+    from resnet_pipeline.recovery import MAX_RESCHEDULES
+
+    base, crashing = deployed["base"], crash_scenarios["crashing"]
+    assert crashing["kills"] == list(range(1, MAX_RESCHEDULES + 2)), "each attempt killed once"
+    run = crashing["run"]
+    assert run["state"]["type"] == "CRASHED" and run["run_count"] == MAX_RESCHEDULES + 1
+    assert f"crashed on {MAX_RESCHEDULES + 1} attempts in a row" in run["state"]["message"]
+    history = _crashes_and_reschedules(base, crashing["id"])
+    expected = ["CRASHED", "SCHEDULED"] * MAX_RESCHEDULES + ["CRASHED", "CRASHED"]  # the last: the automation's
+    assert [t for t, _ in history] == expected, history
+    assert sum(m.startswith(RESCHEDULED) for _, m in history) == MAX_RESCHEDULES
+
+
+def test_a_cancelled_run_is_never_resumed(deployed, crash_scenarios, s3_server):
+    base, cancelled = deployed["base"], crash_scenarios["cancelled"]
+    run = cancelled["run"]
+    assert "cancel_at" in cancelled, "the run never trained"
+    assert run["state"]["type"] == "CANCELLED" and run["run_count"] == 1, run["state"]
+    types = [s["type"] for s in _states(base, cancelled["id"])]
+    assert types[-2:] == ["CANCELLING", "CANCELLED"] and "CRASHED" not in types, types
+    (train_run,) = _task_runs(base, cancelled["id"])["train"]
+    assert train_run["run_count"] == 1, "the train task was not retried after the cancellation's SIGTERM"
+    assert _registry(deployed, s3_server).versions("resnet-cancel") == []
