@@ -1,6 +1,6 @@
 """The whole pipeline as a Prefect 3 flow: the same stage functions as `dvc repro`, as tasks.
 
-    python flows/pipeline.py [--params params.yaml] [--root .] [--set train.epochs=3]
+    python flows/pipeline.py [--params params.yaml] [--root .] [--set train.epochs=3] [--force]
 
 Without PREFECT_API_URL, Prefect starts a temporary local server for the run; `prefect.yaml` deploys
 the flow on a schedule to a work pool (see the README). The stage logic lives in `resnet_pipeline`.
@@ -15,7 +15,10 @@ the flow on a schedule to a work pool (see the README). The stage logic lives in
 - DVC: in a DVC project (`root` has .dvc/ and dvc.yaml), each stage the flow runs, or finds cached,
   is recorded in dvc.lock through DVC's API, as `dvc repro` records it (a `dvc-commit-<stage>` task),
   and register pushes the data and model to the DVC remote before it registers; after a run
-  `dvc status` is clean. In a bare folder the run logs one line and goes on without DVC.
+  `dvc status` is clean. Train, evaluate and register are skipped when dvc.lock records them as
+  this run would run them, as `dvc repro` skips them: a second run with the same inputs trains,
+  registers and pushes nothing (`force` runs them all). In a bare folder the run logs one line and
+  goes on without DVC.
 - Retries: download and register on I/O errors; train when SIGTERM stopped it with a checkpoint
   (`Preempted`), at most PREEMPT_RETRIES times, resuming from that checkpoint. A run whose process
   was killed (SIGKILL, the OOM killer, a machine gone) is Crashed; the automations of
@@ -59,6 +62,7 @@ from resnet_pipeline.redact import redact_values  # noqa: E402
 from resnet_pipeline.stages import DATA_STAGES, Paths, Preempted, folder_lock, is_current, stage_key  # noqa: E402
 
 logging.getLogger("resnet_pipeline").setLevel(logging.INFO)  # the stages' INFO lines reach the run's log
+log = logging.getLogger("resnet_pipeline.flow")
 
 PREEMPT_RETRIES = 3
 RESULTS = {"persist_result": True, "result_serializer": "json"}
@@ -184,13 +188,16 @@ def resnet_pipeline_flow(
     epochs: int | None = None,
     lock_wait_seconds: float = 0,
     secret_blocks: dict[str, str] | None = None,
+    force: bool = False,
 ) -> dict:
     """download -> split -> shard -> train -> evaluate -> register, holding the lock of `root`.
 
     `params` is read relative to `root` unless absolute; `overrides` are `{"group.key": value}` like
     `--set`; `dataset`, `depth` and `epochs` are shortcuts for `download.dataset`, `train.depth` and
     `train.epochs`. Everything is checked like params.yaml before any stage runs. If another run
-    holds `root`, wait up to `lock_wait_seconds`, then fail naming it.
+    holds `root`, wait up to `lock_wait_seconds`, then fail naming it. In a DVC project, train,
+    evaluate and register are skipped when dvc.lock records them as this run would (as `dvc repro`
+    skips them); `force` runs every stage (`dvc repro --force`), the data tasks' caches refreshed.
 
     Secrets (a URL with `user:pass@` or a signed query) are not parameters: `secret_blocks` maps
     `group.key` to the name of a Prefect Secret block read at run time, and the environment variable
@@ -198,7 +205,7 @@ def resnet_pipeline_flow(
     """
     refuse_secret_overrides(overrides)
     if runtime.flow_run.run_count > 1:  # rescheduled after a crash (resnet-pipeline recovery)
-        logging.getLogger("resnet_pipeline.flow").warning(
+        log.warning(
             "attempt %d of this flow run (the last one crashed): resuming in %s; cached data stages are "
             "reused and train resumes from its last checkpoint",
             runtime.flow_run.run_count,
@@ -215,15 +222,18 @@ def resnet_pipeline_flow(
     with folder_lock(paths.root, owner, wait=lock_wait_seconds):
         dvc = stages.dvc_root(paths)  # each stage recorded in dvc.lock after it ran (or was cached)
         for stage_task, name in zip((download, split, shard), DATA_STAGES):
-            stale = not is_current(name, cfg, paths) or stages.stale_in_dvc(name, dvc)
+            stale = force or not is_current(name, cfg, paths) or stages.stale_in_dvc(name, dvc)
             stage_task.with_options(refresh_cache=stale)(cfg, paths)
             record_in_dvc(name, cfg, dvc)
-        train(cfg, paths)
-        record_in_dvc("train", cfg, dvc)
-        evaluate(cfg, paths)
-        record_in_dvc("evaluate", cfg, dvc)
-        print(register(cfg, paths))  # pushes the data and model to the DVC remote, then registers
-        record_in_dvc("register", cfg, dvc)
+        # register pushes the data and model to the DVC remote, then registers
+        for stage_task, name in ((train, "train"), (evaluate, "evaluate"), (register, "register")):
+            if not force and stages.current_in_dvc(name, cfg, dvc):
+                log.info("%s: up to date in dvc.lock (deps, params, outputs as recorded): skipped", name)
+                continue
+            result = stage_task(cfg, paths)
+            if name == "register":
+                print(result)
+            record_in_dvc(name, cfg, dvc)
         record = stages.registration(paths)
         per_class = per_class_table(paths.eval_dir)
     create_markdown_artifact(
@@ -303,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--root", default=".")
     parser.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE")
+    parser.add_argument("--force", action="store_true", help="run every stage, as `dvc repro --force`")
     args = parser.parse_args(argv)
     overrides = config_mod.parse_overrides(args.set)
     # a secret `--set` value reaches the run through this process's environment, not its parameters
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if secret:
         os.environ[SECRET_ENV] = json.dumps({**secret_overrides(), **secret})
     plain = {key: value for key, value in overrides.items() if key not in secret}
-    resnet_pipeline_flow(params=args.params, root=args.root, overrides=plain)
+    resnet_pipeline_flow(params=args.params, root=args.root, overrides=plain, force=args.force)
     return 0
 
 

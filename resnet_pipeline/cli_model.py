@@ -20,10 +20,17 @@ from resnet_pipeline.paths import Paths
 INFERRED = ("v1.5", "v2", "cifar")
 
 
+IMAGENET_SIZE = 224  # the input side of an ImageNet layout when no params file gives train.image_size
+
+
+def _has_params(args) -> bool:
+    return args.params is not None or Path("params.yaml").exists()
+
+
 def _params(args) -> Config:
     """--params (default: params.yaml if present, else the defaults) with the --set overrides."""
     overrides = config_mod.parse_overrides(args.set)
-    if args.params is None and not Path("params.yaml").exists():
+    if not _has_params(args):
         return config_mod.from_dict(config_mod.apply_overrides(Config().to_dict(), overrides), source="defaults")
     return config_mod.load(args.params or "params.yaml", overrides)
 
@@ -48,9 +55,11 @@ def summary_config(args: argparse.Namespace) -> tuple[Config, int]:
     name = args.variant
     if name is None and depth not in SPECS[VARIANTS[cfg.train.variant].family]:
         name = next((n for n in INFERRED if depth in SPECS[VARIANTS[n].family]), None)
-    changes = {"depth": depth, **(_layout(name) if name else {})}
+    changes: dict[str, Any] = {"depth": depth, **(_layout(name) if name else {})}
     if args.image_size is not None:
         changes["image_size"] = args.image_size
+    elif not _has_params(args) and changes.get("variant", cfg.train.variant) != "cifar":
+        changes["image_size"] = IMAGENET_SIZE  # no params file: an ImageNet layout at its own size
     raw = cfg.to_dict()
     cfg = config_mod.from_dict({**raw, "train": {**raw["train"], **changes}}, source="model summary")
     labels = Paths.from_config(cfg).labels
@@ -90,6 +99,10 @@ def add_parsers(sub) -> None:
         help="v1 (stride on the 1x1), v1.5 (on the 3x3), v2 (pre-activation) or cifar; "
         "default: train.variant, or the first that has --depth",
     )
-    p.add_argument("--image-size", type=int, help="input side in pixels (default: train.image_size)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="input side in pixels (default: train.image_size of the params file; without one, 224, or 32 for cifar)",
+    )
     p.add_argument("--channels", type=positive_int, default=3, help="input channels (default: 3)")
     p.add_argument("--num-classes", type=int, help="classes (default: labels.json, else 1000, or 10 for cifar)")

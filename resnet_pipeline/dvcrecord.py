@@ -223,6 +223,22 @@ def stale_in_lock(root: str | Path, name: str) -> list | None:
         return stale_stages(repo, (name,)).get(name)
 
 
+def current_in_lock(root: str | Path, name: str, cfg: Config) -> bool:
+    """Whether `dvc repro` would skip stage `name` for a run with `cfg`: dvc.lock records it, its
+    deps and outputs are as recorded, and the params it recorded are this run's values (not
+    params.yaml's: a run with overrides records its own)."""
+    run = redact_values(cfg.to_dict())
+    with open_repo(root) as repo:
+        stage = stage_of(repo, name)
+        if not stage.outs or not all(out.hash_info for out in stage.outs):  # not in dvc.lock
+            return False
+        for dep in _params_deps(stage):
+            recorded = dep.hash_info.value or {}
+            if not recorded or any(_get(run, entry) != value for entry, value in recorded.items()):
+                return False
+        return not stale_stages(repo, (name,))
+
+
 def _env_remote(repo) -> str | None:
     """The remote of RESNET_PIPELINE_DVC_REMOTE, added to .dvc/config.local as `pipeline` and made
     the default there (so `dvc push`/`dvc pull` by hand in the folder use it too); None if unset."""

@@ -121,11 +121,6 @@ def stage_key(stage: str, cfg: Config, root: str | Path = ".") -> str:
     return f"{stage}-{h.hexdigest()}"
 
 
-def data_keys(cfg: Config, root: str | Path = ".") -> dict[str, str]:
-    """The keys of the data stages for `cfg`."""
-    return {stage: stage_key(stage, cfg, root) for stage in DATA_STAGES}
-
-
 # --------------------------------------------------------------------------- keys inside outputs
 
 

@@ -192,6 +192,16 @@ def stale_in_dvc(name: str, root: Path | None) -> bool:
     return stale_in_lock(root, name) is not None
 
 
+def current_in_dvc(name: str, cfg: Config, root: Path | None) -> bool:
+    """Whether dvc.lock of the DVC project `root` records stage `name` as it would be run with `cfg`
+    (deps, params and outputs unchanged): `dvc repro` would skip it, and so does the flow."""
+    if root is None:
+        return False
+    from resnet_pipeline.dvcrecord import current_in_lock
+
+    return current_in_lock(root, name, cfg)
+
+
 def publish_to_dvc(cfg: Config, paths: Paths) -> dict | None:
     """Before registering: dvc.lock checked against the workspace and the outputs pushed to the DVC
     remote; what the version records about it (`lock`: a copy of dvc.lock in a temporary folder of

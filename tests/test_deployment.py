@@ -575,6 +575,7 @@ def test_parameters_of_every_deployment_validate_like_params_yaml():
         parameters = pipeline.resnet_pipeline_flow.validate_parameters(dict(entry["parameters"]))
         assert parameters.pop("root") == "."  # the worker's checkout
         assert parameters.pop("lock_wait_seconds") == 0
+        assert parameters.pop("force") is False
         cfg = pipeline.load_config(parameters.pop("params"), str(REPO), parameters.pop("overrides", None), **parameters)
         if "depth" in entry["parameters"]:
             assert cfg.train.depth == entry["parameters"]["depth"]

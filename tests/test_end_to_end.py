@@ -253,7 +253,9 @@ def test_a_flow_run_in_a_fresh_clone_leaves_dvc_as_dvc_repro_would(first_repro: 
     assert {e["md5"] for e in shards} <= flow_run["remote"] and len(shards) >= 4  # three shards and the index
 
 
-def test_a_second_flow_run_with_train_lr_changed_is_clean_and_pushes_no_data(flow_run: dict, prefect_server):
+def test_a_flow_run_with_train_lr_changed_pushes_no_data_and_one_with_the_same_inputs_pushes_nothing(
+    flow_run: dict, prefect_server
+):
     root = flow_run["root"]
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["lr"] = 0.05
@@ -268,6 +270,17 @@ def test_a_second_flow_run_with_train_lr_changed_is_clean_and_pushes_no_data(flo
     new = _remote_objects(root) - before
     assert new and new <= _stage_md5s(lock, ("train", "evaluate")) | _files_md5(root, ("artifacts/",)), new
     assert not new & _stage_md5s(lock, DATA_STAGES)
+
+    # the same inputs again: as `dvc repro` would, the flow trains, registers and pushes nothing
+    pushed, versions = _remote_objects(root), sorted((root / "registry/models/resnet-digits/versions").iterdir())
+    registered = (root / "artifacts/registered.json").read_bytes()
+    log = _flow(root, prefect_server)
+    for stage in ("train", "evaluate", "register"):
+        assert f"{stage}: up to date in dvc.lock" in log and f"Task run '{stage}-" not in log, log[-3000:]
+    assert _remote_objects(root) == pushed, "nothing pushed the second time"
+    assert sorted((root / "registry/models/resnet-digits/versions").iterdir()) == versions
+    assert (root / "artifacts/registered.json").read_bytes() == registered
+    _dvc_is_clean(root)
 
 
 def _files_md5(root: Path, prefixes: tuple[str, ...]) -> set[str]:

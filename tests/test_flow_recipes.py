@@ -32,7 +32,7 @@ def _resolved(name: str):
     pipeline = _flow_module()
     entry = next(d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"] if d["name"] == name)
     parameters = pipeline.resnet_pipeline_flow.validate_parameters(dict(entry["parameters"]))
-    for name in ("root", "lock_wait_seconds"):
+    for name in ("root", "lock_wait_seconds", "force"):  # not config keys
         parameters.pop(name)
     return pipeline.load_config(parameters.pop("params"), str(REPO), parameters.pop("overrides", None), **parameters)
 

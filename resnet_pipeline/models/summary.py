@@ -61,6 +61,7 @@ def format_summary(model: keras.Model, title: str) -> str:
         f"trainable params:     {t['trainable_params']:,}",
         f"non-trainable params: {t['non_trainable_params']:,}",
         f"total params:         {t['total_params']:,}",
-        f"multiply-adds:        {t['multiply_adds']:,} ({t['multiply_adds'] / 1e9:.3f} G) for one image",
+        f"multiply-adds:        {t['multiply_adds']:,} ({t['multiply_adds'] / 1e9:.3f} G) for one "
+        f"{'x'.join(str(d) for d in model.input_shape[1:])} image",
     ]
     return "\n".join(lines)

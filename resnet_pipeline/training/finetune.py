@@ -59,6 +59,12 @@ class FineTune:
             return False
         return stage_of(layer.name) >= self.first_trained
 
+    @property
+    def active(self) -> bool:
+        """Whether any fine-tuning control is set (a plain training logs nothing of phases)."""
+        c = self.cfg
+        return bool(c.freeze_bn or c.trainable_from or c.head_epochs or c.head_lr_multiplier != 1 or c.init)
+
     def phase_of(self, epoch: int) -> str:
         return "head" if epoch < self.cfg.head_epochs else "all"
 
@@ -74,7 +80,7 @@ class FineTune:
     def enter(self, epoch: int) -> bool:
         """Set the flags of `epoch`'s phase; True if they changed (the train step must be traced again)."""
         changed = self._set(self.phase_of(epoch))
-        if changed or epoch == 0:
+        if (changed or epoch == 0) and self.active:
             trained = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
             log.info(
                 "fine-tune: epoch %d in the %s phase; %d trainable weights (%d layers frozen)",

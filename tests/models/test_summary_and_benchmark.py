@@ -51,6 +51,16 @@ def test_summary_variant_names_and_inferred_variant(capsys, tmp_path, monkeypatc
     assert v2.startswith("ResNet-200 v2 at 32x32x1, 5 classes")
 
 
+def test_summary_outside_a_project_takes_the_layouts_own_input_size_and_says_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml: no train.image_size of a dataset
+    code, out, _ = _summary(capsys, "--depth", "50")
+    assert code == 0 and out.startswith("ResNet-50 v1.5 at 224x224x3, 1000 classes"), out[:200]
+    assert re.search(r"^multiply-adds: .* for one 224x224x3 image$", out, re.M)
+    assert 4.0e9 < _figure(out, "multiply-adds") < 4.2e9  # ResNet-50 v1.5's ~4.1 G at 224
+    code, out, _ = _summary(capsys, "--depth", "56")  # a CIFAR depth: CIFAR's 32x32
+    assert code == 0 and out.startswith("ResNet-56 cifar at 32x32x3, 10 classes"), out[:200]
+
+
 def test_summary_reads_params_and_its_overrides(capsys, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     code, out, _ = _summary(capsys, "--set", "train.depth=32")

@@ -143,3 +143,17 @@ def test_warmstart_benchmark_smoke_registers_and_fine_tunes_from_the_version(tmp
     meta = reg.manifest("digits-b:1")["init"]
     assert meta["init"]["sha256"] == record["sha256"] and meta["init"]["loaded"] == record["loaded"]
     assert meta["finetune"]["head_epochs"] == 0
+
+
+def test_the_phase_line_is_logged_only_when_fine_tuning(caplog):
+    import logging
+
+    from resnet_pipeline.config import TrainConfig
+    from resnet_pipeline.training.finetune import FineTune
+
+    model = build_resnet(20, "cifar", num_classes=10)
+    with caplog.at_level(logging.INFO, logger="resnet_pipeline.training.finetune"):
+        FineTune(model, TrainConfig()).enter(0)  # a plain training from scratch
+        assert "fine-tune:" not in caplog.text
+        FineTune(model, TrainConfig(freeze_bn=True)).enter(0)
+    assert "fine-tune: epoch 1 in the all phase" in caplog.text
