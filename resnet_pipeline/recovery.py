@@ -4,7 +4,8 @@
 1. **Heartbeats stopped** (proactive): a run of a deployment tagged `auto-resume` whose last flow-run
    heartbeat (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, 30 s in prefect.yaml) is older than the grace
    (90 s: three missed heartbeats) and that has not finished is set to `Crashed`: its process or its
-   machine is gone and nothing else would report it (Prefect's "zombie" automation).
+   machine is gone and nothing else would report it (Prefect's "zombie" automation). Not forced: a
+   heartbeat that reaches the server after its attempt ended cannot crash the run again.
 2. **Reschedule** (proactive): a crashed run whose run count is 1..N (N = `max_reschedules`, 3) and
    that stayed `Crashed` for `settle_seconds` (10 s) is set back to `Scheduled`, the same flow run,
    as `prefect flow-run retry` does. The settle time lets the worker's second, late report of the
@@ -89,7 +90,10 @@ def automations(
             "match": runs,
             "match_related": related,
             "after": ["prefect.flow-run.heartbeat"],
-            "expect": ["prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in END_STATES)],
+            # a heartbeat can reach the server after the state change that ended its attempt: the run's
+            # next states (rescheduled) resolve the window it opens, and the action below is not forced,
+            # so it never changes a run that has already ended
+            "expect": [f"prefect.flow-run.{s}" for s in ("heartbeat", *END_STATES, "Scheduled", "Pending")],
             "for_each": ["prefect.resource.id"],
             "threshold": 1,
             "within": heartbeat_grace,
@@ -98,7 +102,7 @@ def automations(
             {
                 "type": "change-flow-run-state",
                 "state": "CRASHED",
-                "force": True,
+                "force": False,  # Prefect refuses Crashed for a run already in a final state
                 "message": f"{PREFIX}: no heartbeat for {heartbeat_grace} s: the flow run's process or machine is gone",
             }
         ],

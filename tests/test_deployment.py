@@ -738,9 +738,13 @@ def test_a_run_that_crashes_every_time_is_rescheduled_exactly_n_times_then_stays
     assert run["state"]["type"] == "CRASHED" and run["run_count"] == MAX_RESCHEDULES + 1
     assert f"crashed on {MAX_RESCHEDULES + 1} attempts in a row" in run["state"]["message"]
     history = _crashes_and_reschedules(base, crashing["id"])
-    expected = ["CRASHED", "SCHEDULED"] * MAX_RESCHEDULES + ["CRASHED", "CRASHED"]  # the last: the automation's
-    assert [t for t, _ in history] == expected, history
-    assert sum(m.startswith(RESCHEDULED) for _, m in history) == MAX_RESCHEDULES
+    shown = "\n".join(f"{t} {m[:120]}" for t, m in history)
+    # the last crash, then the automation's Crashed naming the attempts (the same again should another
+    # report of that crash arrive: the give-up is idempotent), and nothing else after
+    expected = ["CRASHED", "SCHEDULED"] * MAX_RESCHEDULES + ["CRASHED", "CRASHED"]
+    assert [t for t, _ in history][: len(expected)] == expected, shown
+    assert all(t == "CRASHED" and "gave up" in m for t, m in history[len(expected) - 1 :]), shown
+    assert sum(m.startswith(RESCHEDULED) for _, m in history) == MAX_RESCHEDULES, shown
 
 
 def test_a_cancelled_run_is_never_resumed(deployed, crash_scenarios, s3_server):

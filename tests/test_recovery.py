@@ -59,6 +59,10 @@ def test_each_automation_takes_the_runs_it_is_for_and_no_other():
     assert heartbeat.covers(_event("prefect.flow-run.heartbeat", 1))
     assert not heartbeat.covers(_event("prefect.flow-run.heartbeat", 1, tags=("nightly",)))
     assert heartbeat.starts_after("prefect.flow-run.heartbeat") and heartbeat.expects("prefect.flow-run.Completed")
+    # a heartbeat that arrives after its attempt crashed: the rescheduled run's states close its window,
+    # and the action is not forced (Prefect refuses Crashed for a run already in a final state)
+    assert heartbeat.expects("prefect.flow-run.Scheduled") and not heartbeat.expects("prefect.flow-run.Running")
+    assert recovery.automations()[0]["actions"][0]["force"] is False
     # reschedule: crashes of attempts 1..3, started by Crashed, resolved by any other state
     assert [reschedule.covers(_event(crashed, k)) for k in range(6)] == [False, True, True, True, False, False]
     assert not reschedule.covers(_event(crashed, 1, tags=("nightly",)))
